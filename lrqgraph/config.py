@@ -1,0 +1,109 @@
+"""Typed configuration: one frozen dataclass per concern, with the defaults users get."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LrqError
+from .numerics import QuantSpec
+
+METHODS = ("rtn", "svd", "lplr")
+LOWERINGS = ("ort", "std")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which layers are candidates for rewriting."""
+
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    include: tuple[str, ...] = ()       # regexes on node or weight names; empty = all
+    exclude: tuple[str, ...] = ()       # regexes on node or weight names
+    min_params: int = 4096              # smaller weights are not worth a rewrite
+    keep_output_layers: bool = True     # layers that write a graph output (lm_head, classifier)
+
+    def matches(self, patterns: tuple[str, ...], *names: str) -> bool:
+        return any(re.search(p, n) for p in patterns for n in names if n)
+
+
+@dataclass(frozen=True)
+class FactorizeConfig:
+    """How each selected weight is compressed."""
+
+    method: str = "rtn"
+    bits: int = 4                  # code bits (of every factor for low-rank methods)
+    block_size: int = 32
+    symmetric: bool = False
+    clip_search: bool = True       # MSE-optimal clipping per block
+    rank: int | None = None
+    rank_ratio: float | None = None
+    target_bpw: float | None = None
+    seed: int = 0
+    oversample: int = 8
+    power_iters: int = 1
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (regex, fields) per layer
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LrqError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if not 2 <= self.bits <= 8:
+            raise LrqError(f"bits must be in 2..8, got {self.bits}")
+        if not (self.block_size == 0 or 16 <= self.block_size <= 256):
+            raise LrqError(f"block size must be 0 (per-channel) or in 16..256, got {self.block_size}")
+        if sum(x is not None for x in (self.rank, self.rank_ratio, self.target_bpw)) > 1:
+            raise LrqError("give at most one of rank, rank_ratio and target_bpw")
+        if self.rank is not None and self.rank < 1:
+            raise LrqError(f"rank must be positive, got {self.rank}")
+        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
+            raise LrqError(f"rank ratio must be in (0, 1], got {self.rank_ratio}")
+        if self.target_bpw is not None and self.target_bpw <= 0:
+            raise LrqError(f"target bits per weight must be positive, got {self.target_bpw}")
+
+    def spec(self, scale_dtype: str = "float32") -> QuantSpec:
+        """The factor quantizer; scales take the weight's float type so that kernels accept them."""
+        return QuantSpec(bits=self.bits, block_size=self.block_size, symmetric=self.symmetric,
+                         clip_search=self.clip_search, scale_dtype=scale_dtype)
+
+    def for_layer(self, *names: str) -> "FactorizeConfig":
+        """This config with the per-layer overrides whose regex matches one of ``names`` applied."""
+        cfg = self
+        for pattern, fields in self.overrides:
+            if any(re.search(pattern, n) for n in names if n):
+                cfg = with_fields(cfg, dict(fields), overrides=())
+        return cfg
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    samples: int = 4
+    calib: str | None = None       # .npz of inputs, samples stacked on axis 0
+    max_error: float | None = None  # fail when max |Δ| / max |ref| over outputs exceeds this
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    select: SelectConfig = field(default_factory=SelectConfig)
+    factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    lowering: str = "ort"
+    check_each_pass: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lowering not in LOWERINGS:
+            raise LrqError(f"unknown lowering '{self.lowering}'; choose one of {', '.join(LOWERINGS)}")
+
+
+def with_fields(cfg: Any, fields: dict[str, Any], **extra: Any) -> Any:
+    """``dataclasses.replace`` with a clear error for unknown field names."""
+    known = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise LrqError(f"unknown option(s) {', '.join(unknown)} for {type(cfg).__name__}; "
+                       f"known: {', '.join(sorted(known))}")
+    return dataclasses.replace(cfg, **fields, **extra)
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

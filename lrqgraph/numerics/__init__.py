@@ -1,0 +1,14 @@
+"""Pure-numpy numerics: quantizers, packing, low-rank factorizations, storage accounting.
+
+Nothing in this package knows about ONNX; passes call into it.
+"""
+from .quant import QuantSpec, QuantizedTensor, quantize, dequantize
+from .pack import pack_bits, unpack_bits
+from .representation import Representation, relative_error
+from .lowrank import svd_factorize, lplr_factorize, rtn_factorize, rank_for_bpw, breakeven_rank
+
+__all__ = [
+    "QuantSpec", "QuantizedTensor", "quantize", "dequantize", "pack_bits", "unpack_bits",
+    "Representation", "relative_error", "svd_factorize", "lplr_factorize", "rtn_factorize",
+    "rank_for_bpw", "breakeven_rank",
+]

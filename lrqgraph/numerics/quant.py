@@ -1,0 +1,175 @@
+"""Block-wise uniform quantization of a matrix along its first axis.
+
+A weight W[K, N] (ONNX MatMul layout: K inputs, N outputs) is cut into blocks of ``block_size``
+consecutive rows for every column, the layout shared by MatMulNBits and blocked
+DequantizeLinear(axis=0). Codes are stored unsigned; symmetric tensors use the implicit zero
+point 2**(bits-1), asymmetric ones carry a zero point per block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .pack import packed_nbytes
+
+# Candidate clipping ratios for the MSE scale search: shrinking the range trades clipping error on
+# the few largest weights for finer steps on all the others.
+_CLIP_RATIOS = np.linspace(1.0, 0.55, 10)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor."""
+
+    bits: int = 4
+    block_size: int = 32          # 0 means one block per column (per-channel)
+    symmetric: bool = True
+    clip_search: bool = False     # pick per-block clipping that minimises squared error
+    scale_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        if self.block_size and not 16 <= self.block_size <= 256:
+            raise ValueError(f"block size must be 0 (per-channel) or in 16..256, got {self.block_size}")
+        if self.scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"scale dtype must be float32 or float16, got {self.scale_dtype}")
+
+    def block_for(self, rows: int) -> int:
+        return self.block_size or rows
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Unsigned codes, per-block scales and (asymmetric) zero points of a [K, N] matrix."""
+
+    codes: np.ndarray                 # uint8 [K, N], values < 2**bits
+    scales: np.ndarray                # [ceil(K/block), N], scale_dtype
+    zero_points: np.ndarray | None    # uint8 [ceil(K/block), N], or None for the implicit 2**(bits-1)
+    bits: int
+    block_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape  # type: ignore[return-value]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    def zero_point_array(self) -> np.ndarray:
+        if self.zero_points is not None:
+            return self.zero_points
+        return np.full(self.scales.shape, 1 << (self.bits - 1), dtype=np.uint8)
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self)
+
+    def storage_bits(self) -> int:
+        """Bits to store this tensor: see :func:`storage_bits`."""
+        k, n = self.shape
+        return storage_bits(k, n, self.bits, self.block_size, self.scales.dtype.itemsize * 8,
+                            self.zero_points is not None)
+
+
+def storage_bits(rows: int, cols: int, bits: int, block_size: int, scale_bits: int,
+                 has_zero_points: bool) -> int:
+    """Bits to store a [rows, cols] matrix quantized block-wise along rows, packed at ``bits``.
+
+    Counts codes (each column's blocks padded to whole blocks and bytes, as MatMulNBits stores
+    them), one scale per block and, when asymmetric, one packed zero point per block.
+    """
+    block = block_size or rows
+    blocks = -(-rows // block)
+    code_bits = cols * blocks * packed_nbytes(block, bits) * 8
+    zp_bits = cols * packed_nbytes(blocks, bits) * 8 if has_zero_points else 0
+    return code_bits + cols * blocks * scale_bits + zp_bits
+
+
+def spec_storage_bits(rows: int, cols: int, spec: "QuantSpec") -> int:
+    """:func:`storage_bits` for a matrix quantized with ``spec``, from its shape alone."""
+    return storage_bits(rows, cols, spec.bits, spec.block_for(rows),
+                        np.dtype(spec.scale_dtype).itemsize * 8, not spec.symmetric)
+
+
+def _blocked(w: np.ndarray, block: int) -> np.ndarray:
+    """[K, N] -> [blocks, block, N], zero-padding K up to a whole block."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    if blocks * block != k:
+        w = np.concatenate([w, np.zeros((blocks * block - k, n), w.dtype)], axis=0)
+    return w.reshape(blocks, block, n)
+
+
+def _scales_for(wb: np.ndarray, bits: int, symmetric: bool, ratio: float, dtype: np.dtype):
+    """Scales and zero points for blocked weights at one clipping ratio (zero points None if symmetric)."""
+    if symmetric:
+        # Map the largest-magnitude value (with its sign) to the most negative code, so that all
+        # 2**bits levels are used, as onnxruntime's own quantizer does.
+        idx = np.abs(wb).argmax(axis=1)[:, None, :]
+        extreme = np.take_along_axis(wb, idx, axis=1)[:, 0, :]
+        scale = (extreme * ratio / -(1 << (bits - 1))).astype(dtype).astype(np.float32)
+        scale[scale == 0] = 1.0
+        return scale, None
+    lo = np.minimum(wb.min(axis=1), 0.0) * ratio
+    hi = np.maximum(wb.max(axis=1), 0.0) * ratio
+    scale = ((hi - lo) / ((1 << bits) - 1)).astype(dtype).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zp = np.clip(np.rint(-lo / scale), 0, (1 << bits) - 1).astype(np.float32)
+    return scale, zp
+
+
+def _codes_for(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
+    offset = (1 << (bits - 1)) if zp is None else zp[:, None, :]
+    return np.clip(np.rint(wb / scale[:, None, :]) + offset, 0, (1 << bits) - 1)
+
+
+def quantize(w: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
+    """Quantize a 2-D float matrix block-wise along axis 0."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    block = spec.block_for(k)
+    dtype = np.dtype(spec.scale_dtype)
+    wb = _blocked(w, block)
+    ratios = _CLIP_RATIOS if spec.clip_search else _CLIP_RATIOS[:1]
+    best = None
+    for ratio in ratios:
+        scale, zp = _scales_for(wb, spec.bits, spec.symmetric, ratio, dtype)
+        codes = _codes_for(wb, scale, zp, spec.bits)
+        if len(ratios) == 1:
+            best = (scale, zp, codes)
+            break
+        offset = (1 << (spec.bits - 1)) if zp is None else zp[:, None, :]
+        err = (((codes - offset) * scale[:, None, :] - wb) ** 2).sum(axis=1)
+        if best is None:
+            best, best_err = (scale, zp, codes), err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        b_scale, b_zp, b_codes = best
+        best = (
+            np.where(better, scale, b_scale),
+            None if zp is None else np.where(better, zp, b_zp),
+            np.where(better[:, None, :], codes, b_codes),
+        )
+    scale, zp, codes = best
+    codes = codes.reshape(-1, n)[:k].astype(np.uint8)
+    return QuantizedTensor(
+        codes=codes,
+        scales=scale.astype(dtype),
+        zero_points=None if zp is None else zp.astype(np.uint8),
+        bits=spec.bits,
+        block_size=block,
+    )
+
+
+def dequantize(q: QuantizedTensor) -> np.ndarray:
+    """The float32 matrix a quantized tensor stands for."""
+    k, n = q.shape
+    codes = _blocked(q.codes.astype(np.float32), q.block_size)
+    zp = q.zero_point_array().astype(np.float32)
+    w = (codes - zp[:, None, :]) * q.scales.astype(np.float32)[:, None, :]
+    return w.reshape(-1, n)[:k]

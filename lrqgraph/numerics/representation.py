@@ -1,0 +1,52 @@
+"""A weight's compressed form: a sum of products of quantized matrices.
+
+W[K, N] ≈ Σ_chains Π_i dequant(chain[i]). Dense quantization is one chain of one factor, low rank
+``L·R`` one chain of two, ``Q + L·R`` two chains. Lowerings turn each chain into a MatMul chain and
+the sum into Adds, so every method shares one rewrite and one storage formula.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+
+from .quant import QuantizedTensor
+
+
+@dataclass(frozen=True)
+class Representation:
+    chains: tuple[tuple[QuantizedTensor, ...], ...]
+    method: str
+    rank: int | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shapes = {(c[0].shape[0], c[-1].shape[1]) for c in self.chains}
+        if len(shapes) != 1:
+            raise ValueError(f"chains disagree on the weight shape: {sorted(shapes)}")
+        for chain in self.chains:
+            for a, b in zip(chain, chain[1:]):
+                if a.shape[1] != b.shape[0]:
+                    raise ValueError(f"chain factors do not compose: {a.shape} then {b.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.chains[0][0].shape[0], self.chains[0][-1].shape[1])
+
+    def dequantize(self) -> np.ndarray:
+        return sum(reduce(np.matmul, (q.dequantize() for q in chain)) for chain in self.chains)
+
+    def storage_bits(self) -> int:
+        return sum(q.storage_bits() for chain in self.chains for q in chain)
+
+    def bits_per_weight(self) -> float:
+        k, n = self.shape
+        return self.storage_bits() / (k * n)
+
+
+def relative_error(w: np.ndarray, approx: np.ndarray) -> float:
+    """||W - Ŵ||_F / ||W||_F (0 for an all-zero W approximated exactly)."""
+    norm = float(np.linalg.norm(w))
+    diff = float(np.linalg.norm(np.asarray(w, np.float64) - approx))
+    return diff / norm if norm > 0 else diff

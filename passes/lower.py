@@ -1,0 +1,236 @@
+"""lower: rewrite every planned MatMul / Gemm into the ops of a target runtime.
+
+Targets:
+ - ``ort``: ``com.microsoft::MatMulNBits`` per factor (onnxruntime's fast MLAS / CUDA kernels).
+ - ``std``: standard ONNX only: ``DequantizeLinear(axis=0, block_size)`` over int4/uint4 or
+   int8/uint8 initializers, then MatMul (opset 21; older models are converted first).
+Cases, per node multiplying X by a planned weight W ≈ Σ_chains Π factors:
+ 1. Each chain becomes a MatMul chain from X; several chains are summed with Add.
+ 2. Gemm: alpha becomes a Mul after the sum; beta·C becomes the MatMulNBits bias (constant 1-D C,
+    single chain, alpha = 1) or an Add.
+ 3. The last node writes the original output tensor, so names and graph outputs are unchanged.
+Factor initializers are created once per weight, so shared weights stay shared.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx import numpy_helper, version_converter
+
+from lrqgraph import __version__
+from lrqgraph.errors import LrqError
+from lrqgraph.model import IR_VERSION_INT4, ModelState
+from lrqgraph.numerics import QuantizedTensor, pack_bits
+from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
+
+from .discover import Layer, constant_values
+
+log = logging.getLogger(__name__)
+
+STD_OPSET = 21            # DequantizeLinear with block_size and int4 types
+ORT_BITS = (2, 4, 8)      # MatMulNBits code widths onnxruntime's CPU kernel accepts
+TARGETS = ("ort", "std")
+
+
+def _const(name: str, proto: onnx.TensorProto) -> gs.Constant:
+    proto.name = name
+    return gs.Constant(name, values=LazyValues(proto))
+
+
+def _stored_nbytes(const: gs.Constant) -> int:
+    # Read the proto we built; ``const.values`` would unpack int4 data into a numpy array.
+    return len(const._values.tensor.raw_data)
+
+
+def _array(name: str, array: np.ndarray) -> gs.Constant:
+    return _const(name, numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+
+def _packed_tensor(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
+    """A 4-bit tensor: values (< 16, any shape) packed two per byte in row-major order."""
+    flat = values.reshape(-1).astype(np.uint8) & 0xF
+    proto = onnx.TensorProto(name=name, data_type=data_type, dims=list(values.shape))
+    proto.raw_data = pack_bits(flat[None, :] if flat.size % 2 == 0 else np.append(flat, 0)[None, :], 4).tobytes()
+    return _const(name, proto)
+
+
+class Emitter:
+    """Creates the factor initializers of one weight once, and the nodes for each consumer."""
+
+    def __init__(self, graph: gs.Graph, target: str, prefix: str, dtype: np.dtype):
+        self.graph, self.target, self.prefix, self.dtype = graph, target, prefix, dtype
+        self._factors: dict[tuple[int, int], list[gs.Tensor]] = {}
+        self.stored_bytes = 0
+
+    def factor(self, key: tuple[int, int], q: QuantizedTensor) -> list[gs.Tensor]:
+        if key not in self._factors:
+            name = f"{self.prefix}.lrq{key[0]}_{key[1]}"
+            tensors = self._ort_factor(name, q) if self.target == "ort" else self._std_factor(name, q)
+            self.stored_bytes += sum(_stored_nbytes(t) for t in tensors)
+            self._factors[key] = tensors
+        return self._factors[key]
+
+    def _ort_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
+        k, n = q.shape
+        blocks = q.scales.shape[0]
+        padded = blocks * q.block_size
+        codes = q.codes.T  # MatMulNBits stores row n = column n of W, blocks along K
+        if padded != k:
+            fill = q.zero_point_array().T[:, -1:]
+            codes = np.concatenate([codes, np.broadcast_to(fill, (n, padded - k))], axis=1)
+        packed = pack_bits(codes.reshape(n, blocks, q.block_size), q.bits)
+        tensors = [_array(f"{name}.q", packed),
+                   _array(f"{name}.scales", q.scales.T.astype(self.dtype).reshape(-1))]
+        if q.zero_points is not None:
+            tensors.append(_array(f"{name}.zp", pack_bits(q.zero_points.T, q.bits)))
+        return tensors
+
+    def _std_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
+        half = 1 << (q.bits - 1)
+        scales = _array(f"{name}.scales", q.scales.astype(self.dtype))
+        if q.bits <= 4:
+            if q.symmetric:  # signed two's-complement nibbles, implicit zero point 0
+                return [_packed_tensor(f"{name}.q", q.codes.astype(np.int16) - half, onnx.TensorProto.INT4), scales]
+            return [_packed_tensor(f"{name}.q", q.codes, onnx.TensorProto.UINT4), scales,
+                    _packed_tensor(f"{name}.zp", q.zero_points, onnx.TensorProto.UINT4)]
+        if q.symmetric:
+            return [_array(f"{name}.q", (q.codes.astype(np.int16) - half).astype(np.int8)), scales]
+        return [_array(f"{name}.q", q.codes), scales, _array(f"{name}.zp", q.zero_points)]
+
+    def matmul(self, x: gs.Tensor, q: QuantizedTensor, key: tuple[int, int], tag: str,
+               bias: np.ndarray | None = None) -> gs.Variable:
+        """Emit X·dequant(q) (+ bias); returns the output variable."""
+        out = gs.Variable(f"{tag}/lrq{key[0]}_{key[1]}", dtype=self.dtype)
+        factors = self.factor(key, q)
+        if self.target == "ort":
+            inputs = [x, *factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
+            if bias is not None:
+                inputs += [gs.Variable.empty(), _array(f"{tag}.bias", bias.astype(self.dtype))]
+            k, n = q.shape
+            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
+                     # 8-bit codes only have a fast CPU path with int8 activations.
+                     "accuracy_level": 4 if q.bits == 8 else 0}
+            self.graph.nodes.append(gs.Node("MatMulNBits", f"{tag}/MatMulNBits{key[0]}_{key[1]}", attrs,
+                                            inputs, [out], domain="com.microsoft"))
+            return out
+        deq = gs.Variable(f"{tag}/lrq{key[0]}_{key[1]}_w", dtype=self.dtype)
+        attrs = {"axis": 0, "block_size": q.block_size}
+        self.graph.nodes.append(gs.Node("DequantizeLinear", f"{tag}/DequantizeLinear{key[0]}_{key[1]}",
+                                        attrs, list(factors), [deq]))
+        self.graph.nodes.append(gs.Node("MatMul", f"{tag}/MatMul{key[0]}_{key[1]}", {}, [x, deq], [out]))
+        return out
+
+    def op(self, op: str, tag: str, inputs: list[gs.Tensor]) -> gs.Variable:
+        out = gs.Variable(f"{tag}/{op}_out", dtype=self.dtype)
+        self.graph.nodes.append(gs.Node(op, f"{tag}/{op}", {}, inputs, [out]))
+        return out
+
+
+def check_ort_compatible(layer: Layer, rep) -> None:
+    for chain in rep.chains:
+        for q in chain:
+            if q.bits not in ORT_BITS:
+                raise LrqError(f"layer '{layer.name}': {q.bits}-bit codes have no MatMulNBits kernel "
+                               f"(bits {', '.join(map(str, ORT_BITS))}); use --lowering std or --bits 4")
+            if q.block_size & (q.block_size - 1) or not 16 <= q.block_size <= 256:
+                raise LrqError(f"layer '{layer.name}': MatMulNBits needs a power-of-two block size in "
+                               f"16..256, got {q.block_size}; use --block-size 32 or --lowering std")
+
+
+def _gemm_bias(node: gs.Node) -> tuple[gs.Tensor | None, np.ndarray | None, float]:
+    """(C tensor, constant C values or None, beta) of a Gemm; (None, None, 1) for MatMul."""
+    if node.op != "Gemm" or len(node.inputs) < 3 or not node.inputs[2].name:
+        return None, None, 1.0
+    c = node.inputs[2]
+    return c, constant_values(c), float(node.attrs.get("beta", 1.0))
+
+
+def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    c, c_values, beta = _gemm_bias(node)
+    alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+    vector_bias = None
+    if c_values is not None and c_values.size == rep.shape[1] and c_values.ndim <= 2 \
+            and alpha == 1.0 and len(rep.chains) == 1 and em.target == "ort":
+        vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
+    node.inputs.clear()
+    node.outputs.clear()
+    sums = []
+    for ci, chain in enumerate(rep.chains):
+        h = x
+        for fi, q in enumerate(chain):
+            last = fi == len(chain) - 1
+            h = em.matmul(h, q, (ci, fi), tag, bias=vector_bias if (last and ci == 0) else None)
+        sums.append(h)
+    h = sums[0]
+    for other in sums[1:]:
+        h = em.op("Add", tag, [h, other])
+    if alpha != 1.0:
+        h = em.op("Mul", f"{tag}/alpha", [h, _array(f"{tag}.alpha", np.array(alpha, em.dtype))])
+    if c is not None and vector_bias is None:
+        if beta != 1.0:
+            c = em.op("Mul", f"{tag}/beta", [c, _array(f"{tag}.beta", np.array(beta, em.dtype))])
+        h = em.op("Add", f"{tag}/bias", [h, c])
+    producer = h.inputs[0]
+    producer.outputs.clear()
+    producer.outputs.append(y)
+
+
+@register_pass
+class Lower(Pass):
+    """Rewrite planned layers for a target: ``lower(ort)`` or ``lower(std)``."""
+
+    name = "lower"
+    positional = ("target",)
+
+    def run(self, ctx: Context) -> PassResult:
+        target = self.params.get("target", ctx.config.lowering)
+        if target not in TARGETS:
+            raise LrqError(f"unknown lowering target '{target}'; choose one of {', '.join(TARGETS)}")
+        if not ctx.plans:
+            return PassResult(modified=False)
+        if target == "std":
+            _upgrade_opset(ctx)
+        graph = ctx.model.graph
+        rewritten = 0
+        for layer in ctx.analysis("layers"):
+            rep = ctx.plans.get(layer.weight) if layer.rewrite else None
+            if rep is None:
+                continue
+            if target == "ort":
+                check_ort_compatible(layer, rep)
+            em = Emitter(graph, target, layer.weight, np.dtype(layer.dtype))
+            for node in list(layer.nodes):
+                rewrite_node(em, node, rep, node.name or layer.name)
+            entry = ctx.report["layers"].setdefault(layer.name, {"name": layer.name})
+            entry["stored_bytes"] = em.stored_bytes
+            entry["stored_bpw"] = round(em.stored_bytes * 8 / layer.params, 4)
+            rewritten += 1
+        if target == "std":
+            ctx.model.min_ir_version = max(ctx.model.min_ir_version, IR_VERSION_INT4)
+        ctx.model.set_metadata("lrqgraph.version", __version__)
+        ctx.model.set_metadata("lrqgraph.lowering", target)
+        ctx.plans.clear()
+        log.info("lower(%s): rewrote %d layers", target, rewritten)
+        return PassResult(modified=True)
+
+
+def _upgrade_opset(ctx: Context) -> None:
+    """Blocked DequantizeLinear needs opset 21: convert older models first, keeping the plans."""
+    if ctx.model.opset >= STD_OPSET:
+        return
+    old = ctx.model.opset
+    try:
+        converted = version_converter.convert_version(ctx.model.to_onnx(), STD_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise LrqError(f"cannot convert the model from opset {old} to {STD_OPSET} for the std lowering "
+                       f"({str(exc).splitlines()[0]}); use --lowering ort") from None
+    state = ModelState(converted)
+    state.shell, state.min_ir_version = ctx.model.shell, ctx.model.min_ir_version
+    ctx.model = state
+    ctx.invalidate(None)
+    log.info("lower(std): converted opset %d -> %d", old, STD_OPSET)

@@ -1,0 +1,38 @@
+"""onnxruntime sessions for lrqgraph models."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import onnxruntime as ort
+
+# onnxruntime fuses DequantizeLinear->MatMul into MatMulNBits and, by default, quantizes the
+# activations to int8 there (accuracy level 4). lrqgraph's std lowering is meant to compute in
+# float, as the ort lowering does for 4-bit codes, so sessions default to level 0.
+QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+
+
+def session_options(threads: int | None = None, config: dict[str, str] | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    entries = {QDQ_ACCURACY_KEY: "0", **(config or {})}
+    for key, value in entries.items():
+        so.add_session_config_entry(key, str(value))
+    return so
+
+
+def session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = None,
+            threads: int | None = None, config: dict[str, str] | None = None,
+            **options: Any) -> ort.InferenceSession:
+    """An InferenceSession for ``model`` (a path or serialized bytes).
+
+    ``config`` adds session config entries; other keyword arguments set SessionOptions attributes
+    (e.g. ``graph_optimization_level``).
+    """
+    so = session_options(threads, config)
+    for key, value in options.items():
+        setattr(so, key, value)
+    source = os.fspath(model) if not isinstance(model, bytes) else model
+    return ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
