@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .config import OptimizeConfig, as_dict
+from .config import OptimizeConfig, VerifyConfig, as_dict
 from .io import load_model, tensor_bytes
 from .model import ModelState
 from .passmanager import Context, Pass, PassManager
@@ -58,6 +58,37 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig 
              passes: str | list[Pass] | None = None) -> onnx.ModelProto:
     """Rewrite ``model`` per ``config`` and return the new ModelProto (torchao's ``quantize_`` shape)."""
     return run(model, config, passes).model
+
+
+def inspect_layers(model: onnx.ModelProto | str | os.PathLike,
+                   config: OptimizeConfig | None = None) -> list[dict[str, Any]]:
+    """Per layer: name, op, shape, params, the action optimize would take and why (no rewriting)."""
+    from lrqgraph.passes.factorize import describe_plan
+
+    config = config or OptimizeConfig()
+    proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    ctx = Context(ModelState(proto), config, original=model)
+    rows = []
+    for layer in ctx.analysis("layers"):
+        rewrite, why = layer.rewrite, layer.reason
+        if rewrite:
+            cfg = config.factorize.for_layer(layer.name, layer.weight)
+            rewrite, why = describe_plan(cfg, *layer.shape, np.dtype(layer.dtype).itemsize * 8)
+            if len(layer.nodes) > 1:
+                why += f" (shared by {len(layer.nodes)} nodes)"
+        rows.append({"name": layer.name, "op": layer.op, "shape": list(layer.shape), "params": layer.params,
+                     "action": "rewrite" if rewrite else "keep", "why": why})
+    return rows
+
+
+def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike,
+                   config: VerifyConfig | None = None) -> dict[str, Any]:
+    """Run two models with the same signature on the same inputs and compare their outputs."""
+    from lrqgraph.passes.verify import compare_outputs
+
+    config = config or VerifyConfig()
+    ref, cand = load_model(reference), load_model(candidate)
+    return compare_outputs(os.fspath(reference), os.fspath(candidate), cand, ModelState(ref).graph, config)
 
 
 def _float_params(model: onnx.ModelProto) -> int:

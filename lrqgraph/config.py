@@ -34,7 +34,7 @@ class FactorizeConfig:
     method: str = "rtn"
     bits: int = 4                  # code bits (of every factor for low-rank methods)
     block_size: int = 32
-    symmetric: bool = False
+    symmetric: bool = True
     clip_search: bool = True       # MSE-optimal clipping per block
     rank: int | None = None
     rank_ratio: float | None = None

@@ -7,3 +7,7 @@ class LrqError(Exception):
 
 class PassError(LrqError):
     """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class VerificationError(LrqError):
+    """The rewritten model's outputs differ from the original's by more than allowed."""

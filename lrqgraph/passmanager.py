@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 import onnx
 
 from .config import OptimizeConfig
-from .errors import LrqError, PassError
+from .errors import LrqError, PassError, VerificationError
 from .model import ModelState
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class PassManager(Pass):
                 result = p.run(ctx)
                 if self.check_each and result.modified:
                     check_graph(ctx.model)
-            except PassError:
+            except (PassError, VerificationError):
                 raise
             except LrqError as exc:
                 raise PassError(f"{exc} [in pass '{p.name}'{_after(done)}]") from exc

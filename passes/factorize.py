@@ -19,6 +19,8 @@ from tqdm import tqdm
 from lrqgraph.config import FactorizeConfig, with_fields
 from lrqgraph.numerics import (Representation, lplr_factorize, rank_for_bpw, relative_error,
                                rtn_factorize, svd_factorize)
+from lrqgraph.numerics.lowrank import lowrank_storage_bits
+from lrqgraph.numerics.quant import spec_storage_bits
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,21 @@ def choose_rank(cfg: FactorizeConfig, k: int, n: int) -> tuple[int, str]:
     if rank == 0:
         return 0, f"no rank fits {target:g} bits per weight at {cfg.bits}-bit factors"
     return rank, ""
+
+
+def describe_plan(cfg: FactorizeConfig, k: int, n: int, stored_bits_per_weight: int) -> tuple[bool, str]:
+    """(rewrite?, what and why) for a K x N weight, from shapes alone (no factorization)."""
+    spec = cfg.spec()
+    if cfg.method == "rtn":
+        bpw = spec_storage_bits(k, n, spec) / (k * n)
+        return True, f"rtn {cfg.bits}-bit, block {cfg.block_size}: {bpw:.3f} bits per weight"
+    rank, why = choose_rank(cfg, k, n)
+    if not rank:
+        return False, why
+    bpw = lowrank_storage_bits(k, n, rank, spec, spec) / (k * n)
+    if bpw >= stored_bits_per_weight:
+        return False, f"{cfg.method} at rank {rank} takes {bpw:.2f} bits per weight, no saving"
+    return True, f"{cfg.method} rank {rank}, {cfg.bits}-bit factors: {bpw:.3f} bits per weight"
 
 
 def factorize_weight(w: np.ndarray, cfg: FactorizeConfig,

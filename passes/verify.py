@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from lrqgraph import calib
-from lrqgraph.config import with_fields
-from lrqgraph.errors import LrqError
+from lrqgraph.config import VerifyConfig, with_fields
+from lrqgraph.errors import LrqError, VerificationError
 from lrqgraph.io import save_model, tensor_bytes
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.runtime import session
@@ -58,6 +59,39 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
+def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg: VerifyConfig) -> dict[str, Any]:
+    """Run both models (paths or ModelProtos) on the same inputs; metrics per output.
+
+    Raises VerificationError when ``cfg.max_error`` is set and exceeded.
+    """
+    if cfg.calib:
+        feeds, source = calib.load_npz(cfg.calib, signature), f"calibration file {cfg.calib}"
+    else:
+        feeds, source = calib.synthesize(signature, graph, cfg.samples, cfg.seed), "synthetic inputs"
+    reference = run_model(original, feeds, signature)
+    candidate = run_model(rewritten, feeds, signature)
+    names = [o.name for o in signature.graph.output]
+    if len(reference) != len(candidate):
+        raise LrqError(f"the models have different outputs ({len(reference)} vs {len(candidate)})")
+    outputs = {}
+    for name, ref, cand in zip(names, reference, candidate):
+        if ref.shape != cand.shape:
+            raise LrqError(f"output '{name}' differs in shape: {ref.shape} vs {cand.shape}")
+        if ref.dtype.kind == "f":
+            outputs[name] = compare(ref, cand)
+        else:
+            outputs[name] = {"mismatches": int((ref != cand).sum())}
+    worst = max((o.get("max_rel", 0.0) for o in outputs.values()), default=0.0)
+    report = {"inputs": source, "samples": int(next(iter(feeds.values())).shape[0]) if feeds else 0,
+              "outputs": outputs, "max_rel": worst}
+    log.info("verify: max relative error %.3g over %d output(s) (%s)", worst, len(outputs), source)
+    if cfg.max_error is not None and worst > cfg.max_error:
+        bad = max(outputs, key=lambda n: outputs[n].get("max_rel", 0.0))
+        raise VerificationError(f"verification failed: max relative error {worst:.4g} on output '{bad}' "
+                                f"exceeds --max-error {cfg.max_error:g}")
+    return report
+
+
 @register_pass
 class Verify(Pass):
     """Compare original and rewritten outputs; options override VerifyConfig (samples, calib, max_error)."""
@@ -67,30 +101,8 @@ class Verify(Pass):
     def run(self, ctx: Context) -> PassResult:
         cfg = with_fields(ctx.config.verify, self.params)
         if ctx.original is None:
-            raise LrqError("verify needs the original model (run it through lrqgraph.optimize)")
+            raise LrqError("verify needs the original model (run it through lrqgraph.run or optimize)")
         # The rewrite keeps the graph's inputs, so the rewritten model describes the signature.
         rewritten = ctx.model.to_onnx()
-        if cfg.calib:
-            feeds, source = calib.load_npz(cfg.calib, rewritten), f"calibration file {cfg.calib}"
-        else:
-            feeds, source = calib.synthesize(rewritten, ctx.model.graph, cfg.samples, cfg.seed), "synthetic inputs"
-        reference = run_model(ctx.original, feeds, rewritten)
-        candidate = run_model(rewritten, feeds, rewritten)
-        names = [o.name for o in rewritten.graph.output]
-        outputs = {}
-        for name, ref, cand in zip(names, reference, candidate):
-            if ref.shape != cand.shape:
-                raise LrqError(f"output '{name}' changed shape: {ref.shape} -> {cand.shape}")
-            if ref.dtype.kind == "f":
-                outputs[name] = compare(ref, cand)
-            else:
-                outputs[name] = {"mismatches": int((ref != cand).sum())}
-        worst = max((o.get("max_rel", 0.0) for o in outputs.values()), default=0.0)
-        ctx.report["verify"] = {"inputs": source, "samples": int(next(iter(feeds.values())).shape[0]),
-                                "outputs": outputs, "max_rel": worst}
-        log.info("verify: max relative error %.3g over %d output(s) (%s)", worst, len(outputs), source)
-        if cfg.max_error is not None and worst > cfg.max_error:
-            bad = max(outputs, key=lambda n: outputs[n].get("max_rel", 0.0))
-            raise LrqError(f"verification failed: max relative error {worst:.4g} on output '{bad}' "
-                           f"exceeds --max-error {cfg.max_error:g}")
+        ctx.report["verify"] = compare_outputs(ctx.original, rewritten, rewritten, ctx.model.graph, cfg)
         return PassResult(modified=False)

@@ -1,0 +1,187 @@
+"""The ``lrqgraph`` command: optimize, inspect, verify.
+
+Errors the user can act on print one line and exit 2; a failed verification exits 1; a bug prints
+one line too (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .config import (LOWERINGS, METHODS, FactorizeConfig, OptimizeConfig, SelectConfig, VerifyConfig)
+from .errors import LrqError, VerificationError
+
+log = logging.getLogger("lrqgraph")
+
+DEFAULTS = FactorizeConfig()
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("representation")
+    g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
+                   help=f"rtn: dense block quantization; svd: truncated SVD with quantized factors; "
+                        f"lplr: randomized low-rank low-precision factors (default {DEFAULTS.method})")
+    g.add_argument("--bits", type=int, default=DEFAULTS.bits, help=f"code bits, 2..8 (default {DEFAULTS.bits})")
+    g.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
+                   help=f"quantization block along K, 16..256, 0 = per channel (default {DEFAULTS.block_size})")
+    sym = g.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=DEFAULTS.symmetric,
+                     help="symmetric codes, no zero points (default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-block zero points")
+    g.add_argument("--no-clip-search", dest="clip_search", action="store_false", default=DEFAULTS.clip_search,
+                   help="plain min/max scales instead of the per-block MSE-optimal clipping")
+    rank = g.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help="rank of low-rank factors")
+    rank.add_argument("--rank-ratio", type=float, help="rank as a fraction of min(K, N)")
+    rank.add_argument("--target-bpw", type=float, help="per-layer rank from a bits-per-weight budget")
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of randomized methods (default 0)")
+    s = p.add_argument_group("layer selection")
+    s.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="only rewrite layers whose node or weight name matches (repeatable)")
+    s.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="never rewrite layers whose node or weight name matches (repeatable)")
+    s.add_argument("--op-types", default="MatMul,Gemm", help="op types to rewrite (default MatMul,Gemm)")
+    s.add_argument("--min-params", type=int, default=SelectConfig.min_params,
+                   help=f"skip weights with fewer parameters (default {SelectConfig.min_params})")
+    s.add_argument("--include-output-layers", action="store_true",
+                   help="also rewrite layers that write a graph output (lm_head, classifier)")
+
+
+def _add_verify_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verification")
+    g.add_argument("--calib", help=".npz of model inputs (keys = input names, samples on axis 0)")
+    g.add_argument("--samples", type=int, default=VerifyConfig.samples,
+                   help=f"synthetic samples when no --calib is given (default {VerifyConfig.samples})")
+    g.add_argument("--max-error", type=float,
+                   help="fail when max |Δ| / max |reference| of any output exceeds this")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser = argparse.ArgumentParser(prog="lrqgraph", parents=[common], description="Rewrite ONNX models "
+                                     "into quantized low-rank subgraphs that onnxruntime runs.")
+    parser.add_argument("--version", action="version", version=f"lrqgraph {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    opt = sub.add_parser("optimize", parents=[common], help="rewrite a model")
+    opt.add_argument("model", help="input .onnx (external data beside it is read too)")
+    opt.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    opt.add_argument("--lowering", choices=LOWERINGS, default="ort",
+                     help="ort: com.microsoft MatMulNBits (default); std: DequantizeLinear + MatMul, opset 21")
+    opt.add_argument("--passes", help="pipeline, e.g. 'discover,factorize(method=lplr,rank=64),lower(ort),cleanup,verify'")
+    opt.add_argument("--report", help="write the JSON report here")
+    opt.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
+    opt.add_argument("--check-each-pass", action="store_true", help="run onnx.checker and shape inference after every pass")
+    _add_method_options(opt)
+    _add_verify_options(opt)
+
+    ins = sub.add_parser("inspect", parents=[common], help="per-layer table: what optimize would do and why")
+    ins.add_argument("model")
+    _add_method_options(ins)
+
+    ver = sub.add_parser("verify", parents=[common], help="compare two models' outputs in onnxruntime")
+    ver.add_argument("reference")
+    ver.add_argument("candidate")
+    _add_verify_options(ver)
+    return parser
+
+
+def verify_config(args: argparse.Namespace) -> VerifyConfig:
+    return VerifyConfig(samples=args.samples, calib=args.calib, max_error=args.max_error)
+
+
+def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
+    select = SelectConfig(op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()),
+                          include=tuple(args.include), exclude=tuple(args.exclude),
+                          min_params=args.min_params, keep_output_layers=not args.include_output_layers)
+    factorize = FactorizeConfig(method=args.method, bits=args.bits, block_size=args.block_size,
+                                symmetric=args.symmetric, clip_search=args.clip_search, rank=args.rank,
+                                rank_ratio=args.rank_ratio, target_bpw=args.target_bpw, seed=args.seed)
+    verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
+    return OptimizeConfig(select=select, factorize=factorize, verify=verify,
+                          lowering=getattr(args, "lowering", "ort"),
+                          check_each_pass=getattr(args, "check_each_pass", False))
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from .api import run
+    from .io import save_model
+    from .report import layer_table, summary, write_json
+
+    src, dst = Path(args.model), Path(args.output)
+    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+        raise LrqError(f"{dst}: output path is the input model; choose another output path")
+    if not dst.parent.exists():
+        raise LrqError(f"{dst.parent}: output folder does not exist")
+    config = config_from_args(args)
+    result = run(src, config, passes=args.passes)
+    save_model(result.model, dst, external_data=True if args.external_data else None, source=src)
+    result.report["model"]["file_bytes_before"] = _file_bytes(src)
+    result.report["model"]["file_bytes_after"] = _file_bytes(dst)
+    if args.report:
+        write_json(result.report, args.report)
+    if not args.quiet:
+        print(layer_table(result.report["layers"]))
+        print(summary(result.report))
+        print(f"wrote {dst}")
+    return 0
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .api import inspect_layers
+    from .report import table
+
+    rows = inspect_layers(args.model, config_from_args(args))
+    print(table(["layer", "op", "shape", "params", "action", "why"],
+                [[r["name"], r["op"], "x".join(map(str, r["shape"])) or "-", r["params"] or "",
+                  r["action"], r["why"]] for r in rows]))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .api import compare_models
+    from .report import summary
+
+    report = compare_models(args.reference, args.candidate, verify_config(args))
+    print(summary({"verify": report}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    handler = {"optimize": cmd_optimize, "inspect": cmd_inspect, "verify": cmd_verify}[args.command]
+    try:
+        return handler(args)
+    except VerificationError as exc:
+        print(f"lrqgraph: {exc}", file=sys.stderr)
+        return 1
+    except LrqError as exc:
+        print(f"lrqgraph: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrqgraph: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback for users unless asked
+        if args.debug:
+            raise
+        print(f"lrqgraph: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
