@@ -61,8 +61,10 @@ def _packed_tensor(name: str, values: np.ndarray, data_type: int) -> gs.Constant
 class Emitter:
     """Creates the factor initializers of one weight once, and the nodes for each consumer."""
 
-    def __init__(self, graph: gs.Graph, target: str, prefix: str, dtype: np.dtype):
+    def __init__(self, graph: gs.Graph, target: str, prefix: str, dtype: np.dtype,
+                 accuracy_level: int | None = None):
         self.graph, self.target, self.prefix, self.dtype = graph, target, prefix, dtype
+        self.accuracy_level = accuracy_level
         self._factors: dict[tuple[int, int], list[gs.Tensor]] = {}
         self.stored_bytes = 0
 
@@ -111,9 +113,10 @@ class Emitter:
             if bias is not None:
                 inputs += [gs.Variable.empty(), _array(f"{tag}.bias", bias.astype(self.dtype))]
             k, n = q.shape
-            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
-                     # 8-bit codes only have a fast CPU path with int8 activations.
-                     "accuracy_level": 4 if q.bits == 8 else 0}
+            level = self.accuracy_level
+            if level is None:  # 8-bit codes only have a fast CPU path with int8 activations
+                level = 4 if q.bits == 8 else 0
+            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": level}
             self.graph.nodes.append(gs.Node("MatMulNBits", f"{tag}/MatMulNBits{key[0]}_{key[1]}", attrs,
                                             inputs, [out], domain="com.microsoft"))
             return out
@@ -182,7 +185,12 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
 
 @register_pass
 class Lower(Pass):
-    """Rewrite planned layers for a target: ``lower(ort)`` or ``lower(std)``."""
+    """Rewrite planned layers for a target: ``lower(ort)`` or ``lower(std)``.
+
+    ``accuracy_level`` (ort only) sets MatMulNBits' compute type for every node; by default 0
+    (float activations) for 2/4-bit codes and 4 (int8 activations) for 8-bit codes, whose only
+    fast onnxruntime CPU kernel quantizes activations.
+    """
 
     name = "lower"
     positional = ("target",)
@@ -203,13 +211,16 @@ class Lower(Pass):
                 continue
             if target == "ort":
                 check_ort_compatible(layer, rep)
-            em = Emitter(graph, target, layer.weight, np.dtype(layer.dtype))
-            for node in list(layer.nodes):
+            em = Emitter(graph, target, layer.weight, np.dtype(layer.dtype), self.params.get("accuracy_level"))
+            for node in layer.nodes:
                 rewrite_node(em, node, rep, node.name or layer.name)
+            replaced = {id(node) for node in layer.nodes}
+            graph.nodes = [n for n in graph.nodes if id(n) not in replaced]
             entry = ctx.report["layers"].setdefault(layer.name, {"name": layer.name})
             entry["stored_bytes"] = em.stored_bytes
             entry["stored_bpw"] = round(em.stored_bytes * 8 / layer.params, 4)
             rewritten += 1
+        graph.toposort()  # new nodes were appended at the end
         if target == "std":
             ctx.model.min_ir_version = max(ctx.model.min_ir_version, IR_VERSION_INT4)
         ctx.model.set_metadata("lrqgraph.version", __version__)

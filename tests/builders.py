@@ -1,0 +1,77 @@
+"""Tiny hand-built ONNX graphs for pass tests (random weights: structure only, never quality)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 10  # onnxruntime 1.31 refuses onnx 1.23's default IR version 14
+
+
+def weight(k: int, n: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((k, n)).astype(dtype)
+
+
+def model(nodes, inputs, outputs, initializers, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = IR_VERSION
+    return m
+
+
+def io(name: str, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def matmul_model(k: int = 128, n: int = 64, batch_dims=("b",), seed: int = 0, dtype=np.float32,
+                 opset: int = 17) -> onnx.ModelProto:
+    """x[..., K] @ W[K, N] -> Relu -> y (the Relu keeps the MatMul off the graph output)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return model(nodes, [io("x", [*batch_dims, k], elem)], [io("y", [*batch_dims, n], elem)],
+                 {"W": weight(k, n, seed, dtype)}, opset)
+
+
+def gemm_model(k: int = 128, n: int = 64, trans_b: int = 1, alpha: float = 1.0, beta: float = 1.0,
+               bias: str | None = "vector", seed: int = 0) -> onnx.ModelProto:
+    """Gemm(x[M, K], B, C) -> Relu; B is [N, K] when transB=1; C a [N] vector, [M, N] input, or none."""
+    w = weight(k, n, seed)
+    inits = {"B": np.ascontiguousarray(w.T) if trans_b else w}
+    inputs = [io("x", ["m", k])]
+    gemm_inputs = ["x", "B"]
+    if bias == "vector":
+        inits["C"] = np.random.default_rng(seed + 1).standard_normal(n).astype(np.float32)
+        gemm_inputs.append("C")
+    elif bias == "input":
+        inputs.append(io("c", ["m", n]))
+        gemm_inputs.append("c")
+    nodes = [helper.make_node("Gemm", gemm_inputs, ["h"], name="gemm", transB=trans_b, alpha=alpha, beta=beta),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return model(nodes, inputs, [io("y", ["m", n])], inits)
+
+
+def shared_weight_model(k: int = 96, n: int = 96) -> onnx.ModelProto:
+    """Two MatMuls read the same weight: y = relu(x@W) @ W."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r"], name="relu1"),
+             helper.make_node("MatMul", ["r", "W"], ["h2"], name="mm2"),
+             helper.make_node("Relu", ["h2"], ["y"], name="relu2")]
+    return model(nodes, [io("x", ["b", k])], [io("y", ["b", n])], {"W": weight(k, n)})
+
+
+def tied_weight_model(dim: int = 64) -> onnx.ModelProto:
+    """An embedding Gather and a MatMul read the same square table (tied weights)."""
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "E"], ["h"], name="tied_mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return model(nodes, [io("ids", ["b"], TensorProto.INT64)], [io("y", ["b", dim])], {"E": weight(dim, dim)})
+
+
+def activation_matmul_model(k: int = 32) -> onnx.ModelProto:
+    """x @ xᵀ-like product of two activations: nothing to rewrite."""
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "xt"], ["h"], name="act_mm"),
+             helper.make_node("Relu", ["h"], ["y"])]
+    return model(nodes, [io("x", ["b", k])], [io("y", ["b", "b"])], {})

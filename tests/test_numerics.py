@@ -1,0 +1,122 @@
+"""Quantization, packing and bits accounting: properties over shapes, bits and block sizes."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lrqgraph.numerics import (QuantSpec, lplr_factorize, pack_bits, quantize, rank_for_bpw,
+                               relative_error, svd_factorize, unpack_bits)
+from lrqgraph.numerics.lowrank import lowrank_storage_bits
+from lrqgraph.numerics.pack import packed_nbytes
+from lrqgraph.numerics.quant import spec_storage_bits
+
+FAST = settings(max_examples=60, deadline=None)
+specs = st.builds(QuantSpec, bits=st.integers(2, 8), block_size=st.sampled_from([0, 16, 32, 48, 64, 128]),
+                  symmetric=st.booleans(), clip_search=st.booleans())
+
+
+@FAST
+@given(bits=st.integers(1, 8), rows=st.integers(1, 4), count=st.integers(1, 70), seed=st.integers(0, 99))
+def test_pack_unpack_round_trip(bits, rows, count, seed):
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, (rows, count)).astype(np.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (rows, packed_nbytes(count, bits))
+    np.testing.assert_array_equal(unpack_bits(packed, bits, count), codes)
+
+
+def test_pack_4bit_low_nibble_first():
+    assert pack_bits(np.array([[1, 2, 15, 0]], np.uint8), 4).tolist() == [[0x21, 0x0F]]
+    assert pack_bits(np.array([[1, 2, 3]], np.uint8), 2).tolist() == [[0b111001]]
+
+
+@FAST
+@given(spec=specs, k=st.integers(1, 150), n=st.integers(1, 20), seed=st.integers(0, 99))
+def test_quantize_round_trip_error_is_bounded_by_half_a_step(spec, k, n, seed):
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) * 3
+    q = quantize(w, spec)
+    assert q.codes.shape == (k, n) and q.codes.max() < (1 << spec.bits)
+    blocks = -(-k // spec.block_for(k))
+    assert q.scales.shape == (blocks, n)
+    deq = q.dequantize()
+    # Values inside the clipped range are within half a step; clipping only happens with the
+    # search or on the symmetric side opposite the extreme, at most one step away plus clip.
+    step = np.abs(np.repeat(q.scales, spec.block_for(k), axis=0)[:k])
+    if not spec.clip_search:
+        inside = (q.codes > 0) & (q.codes < (1 << spec.bits) - 1)
+        assert np.all(np.abs(w - deq)[inside] <= step[inside] * 0.5 + 1e-5)
+        assert np.all(np.abs(w - deq) <= step * 1.0 + 1e-5)
+    # Requantizing the dequantized matrix is exact (the grid is a fixed point).
+    again = quantize(deq, QuantSpec(spec.bits, spec.block_size, spec.symmetric, False))
+    assert relative_error(deq, again.dequantize()) <= relative_error(w, deq) + 1e-6
+
+
+@FAST
+@given(spec=specs, k=st.integers(1, 300), n=st.integers(1, 40))
+def test_storage_bits_counts_every_stored_byte(spec, k, n):
+    q = quantize(np.ones((k, n), np.float32), spec)
+    block = spec.block_for(k)
+    blocks = -(-k // block)
+    codes = n * blocks * packed_nbytes(block, spec.bits) * 8
+    scales = n * blocks * 32
+    zps = 0 if spec.symmetric else n * packed_nbytes(blocks, spec.bits) * 8
+    assert q.storage_bits() == codes + scales + zps == spec_storage_bits(k, n, spec)
+
+
+def test_symmetric_matches_onnxruntime_convention():
+    # The largest-magnitude value maps to code 0 (value -8 * scale), like onnxruntime's quantizer.
+    w = np.array([[-2.0], [1.0], [0.5], [0.0]] * 4, np.float32)
+    q = quantize(w, QuantSpec(4, 16, True))
+    assert q.codes[0, 0] == 0 and q.scales[0, 0] == pytest.approx(0.25)
+    np.testing.assert_allclose(q.dequantize(), w)
+
+
+def test_clip_search_never_increases_error():
+    w = np.random.default_rng(1).standard_t(3, (512, 64)).astype(np.float32)
+    for sym in (True, False):
+        plain = relative_error(w, quantize(w, QuantSpec(4, 32, sym, False)).dequantize())
+        searched = relative_error(w, quantize(w, QuantSpec(4, 32, sym, True)).dequantize())
+        assert searched <= plain
+
+
+def _low_rank(k=256, n=192, r=16, noise=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((k, r)) @ rng.standard_normal((r, n)) + noise * rng.standard_normal((k, n))).astype(np.float32)
+
+
+def test_factorizations_have_the_requested_rank_and_storage():
+    w = _low_rank()
+    spec = QuantSpec(4, 16, False)
+    for rep in (svd_factorize(w, 32, spec, spec), lplr_factorize(w, 32, spec, spec, seed=3)):
+        left, right = rep.chains[0]
+        assert left.shape == (256, 32) and right.shape == (32, 192) and rep.rank == 32
+        assert rep.storage_bits() == lowrank_storage_bits(256, 192, 32, spec, spec)
+        assert relative_error(w, rep.dequantize()) < 0.1
+
+
+def test_lplr_is_deterministic_given_the_seed():
+    w = _low_rank()
+    spec = QuantSpec(3, 32)
+    a = lplr_factorize(w, 16, spec, spec, seed=7).dequantize()
+    b = lplr_factorize(w, 16, spec, spec, seed=7).dequantize()
+    c = lplr_factorize(w, 16, spec, spec, seed=8).dequantize()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_lplr_error_feedback_beats_dsvd_at_low_bits():
+    # The paper's claim: the least-squares second factor absorbs the first factor's
+    # quantization error, which DSVD cannot. Per-tensor-like coarse blocks, 2-bit factors.
+    w = _low_rank(noise=0.05)
+    spec = QuantSpec(2, 128, False)
+    dsvd = relative_error(w, svd_factorize(w, 16, spec, spec).dequantize())
+    lplr = relative_error(w, lplr_factorize(w, 16, spec, spec, seed=0).dequantize())
+    assert lplr < dsvd
+
+
+def test_rank_for_bpw_fits_the_budget():
+    spec = QuantSpec(4, 32)
+    rank = rank_for_bpw(384, 1536, 3.0, spec, spec)
+    assert rank % 16 == 0 and rank > 0
+    assert lowrank_storage_bits(384, 1536, rank, spec, spec) <= 3.0 * 384 * 1536
+    assert lowrank_storage_bits(384, 1536, rank + 16, spec, spec) > 3.0 * 384 * 1536
+    assert rank_for_bpw(64, 64, 0.1, spec, spec) == 0
