@@ -63,7 +63,7 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    common.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser = argparse.ArgumentParser(prog="lrqgraph", parents=[common], description="Rewrite ONNX models "
                                      "into quantized low-rank subgraphs that onnxruntime runs.")
@@ -162,7 +162,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
-    log.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    log.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     handler = {"optimize": cmd_optimize, "inspect": cmd_inspect, "verify": cmd_verify}[args.command]
     try:
         return handler(args)

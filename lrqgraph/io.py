@@ -45,9 +45,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise LrqError(f"{path}: not an ONNX model (no graph nodes found); is the file truncated?")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
-    except (FileNotFoundError, OSError) as exc:
-        raise LrqError(f"{path}: cannot read its external data ({exc.strerror or exc}: "
-                       f"{getattr(exc, 'filename', '')}); keep the data file beside the model") from None
+    except (OSError, onnx.checker.ValidationError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrqError(f"{path}: cannot read its external data ({detail}); "
+                       f"keep the data file beside the model") from None
     check_opset(model, path)
     try:
         # Structural check only: catches truncation that protobuf parsing lets through.

@@ -184,6 +184,8 @@ class Discover(Pass):
             entry.update(name=layer.name, op=layer.op, weight=layer.weight, shape=list(layer.shape),
                          params=layer.params, nodes=len(layer.nodes),
                          action="rewrite" if layer.rewrite else "keep", reason=layer.reason)
+            if "NaN" in layer.reason:
+                log.warning("layer '%s' refused: its weight '%s' contains NaN or Inf", layer.name, layer.weight)
         count = sum(layer.rewrite for layer in layers)
         log.info("discover: %d of %d layers selected for rewriting", count, len(layers))
         return PassResult(modified=False)
