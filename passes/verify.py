@@ -46,17 +46,19 @@ def run_model(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray],
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    ref = reference.astype(np.float64)
-    cand = candidate.astype(np.float64)
+    """Max |Δ|, max |Δ| / max |ref| and per-sample cosine, over the elements finite in both."""
+    ref = reference.astype(np.float64).reshape(reference.shape[0] if reference.ndim > 1 else 1, -1)
+    cand = candidate.astype(np.float64).reshape(ref.shape)
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
     diff = np.abs(ref - cand)
     scale = float(np.abs(ref).max()) if ref.size else 0.0
-    rows_ref = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 else ref.reshape(1, -1)
-    rows_cand = cand.reshape(rows_ref.shape)
-    norms = np.linalg.norm(rows_ref, axis=1) * np.linalg.norm(rows_cand, axis=1)
-    cos = np.where(norms > 0, (rows_ref * rows_cand).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
-    return {"max_abs": float(diff.max()) if diff.size else 0.0,
-            "max_rel": float(diff.max() / scale) if scale > 0 else float(diff.max() if diff.size else 0.0),
-            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+    max_abs = float(diff.max()) if diff.size else 0.0
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cos = np.where(norms > 0, (ref * cand).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+    return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs,
+            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "non_finite": int((~finite).sum())}
 
 
 def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg: VerifyConfig) -> dict[str, Any]:

@@ -1,0 +1,48 @@
+"""Shared helpers for benchmarks: timing onnxruntime sessions and counting stored weight bytes."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import onnx
+
+from lrqgraph.io import tensor_bytes
+from lrqgraph.runtime import session
+
+
+def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int, threads: int = 2,
+                           rounds: int = 5, warmup: int = 3) -> list[float]:
+    """Median wall time (ms) of one ``run`` call per model.
+
+    The models take turns, ``runs / rounds`` calls each per round, so that noise from other load
+    on the machine falls on all of them alike and their ratios stay meaningful.
+    """
+    # Idle sessions' worker threads would spin and steal the cores from the one being timed.
+    sessions = [session(str(p), threads=threads, config={"session.intra_op.allow_spinning": "0"})
+                for p in paths]
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for sess, bucket in zip(sessions, times):
+            for _ in range(per_round):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def rewritten_bpw(model_path, fp32_path, weight_names: list[str]) -> float:
+    """Bits per weight of the layers a tool rewrote, counting every byte they now store.
+
+    Everything else in the model is untouched, so the layers' bytes are the model's initializer
+    bytes minus those of the fp32 model without the rewritten weights.
+    """
+    fp32 = onnx.load(str(fp32_path))
+    sizes = {t.name: int(np.prod(t.dims)) for t in fp32.graph.initializer}
+    params = sum(sizes[n] for n in weight_names)
+    untouched = tensor_bytes(fp32) - 4 * params
+    return (tensor_bytes(onnx.load(str(model_path))) - untouched) * 8 / params
