@@ -205,12 +205,18 @@ class Lower(Pass):
             _upgrade_opset(ctx)
         graph = ctx.model.graph
         rewritten = 0
+        warned_2bit = False
         for layer in ctx.analysis("layers"):
             rep = ctx.plans.get(layer.weight) if layer.rewrite else None
             if rep is None:
                 continue
             if target == "ort":
                 check_ort_compatible(layer, rep)
+                if any(q.bits == 2 for chain in rep.chains for q in chain) and not warned_2bit:
+                    warned_2bit = True
+                    log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
+                                "dequantizes the weight on every call; --lowering std runs 2-bit codes "
+                                "(stored as int4) through the fast 4-bit kernel")
             em = Emitter(graph, target, layer.weight, np.dtype(layer.dtype), self.params.get("accuracy_level"))
             for node in layer.nodes:
                 rewrite_node(em, node, rep, node.name or layer.name)
