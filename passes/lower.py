@@ -54,7 +54,7 @@ def _packed_tensor(name: str, values: np.ndarray, data_type: int) -> gs.Constant
     """A 4-bit tensor: values (< 16, any shape) packed two per byte in row-major order."""
     flat = values.reshape(-1).astype(np.uint8) & 0xF
     proto = onnx.TensorProto(name=name, data_type=data_type, dims=list(values.shape))
-    proto.raw_data = pack_bits(flat[None, :] if flat.size % 2 == 0 else np.append(flat, 0)[None, :], 4).tobytes()
+    proto.raw_data = pack_bits(flat[None, :], 4).tobytes()  # an odd count leaves a zero high nibble
     return _const(name, proto)
 
 
