@@ -41,7 +41,7 @@ class FactorizeConfig:
     target_bpw: float | None = None
     seed: int = 0
     oversample: int = 8
-    power_iters: int = 1
+    power_iters: int = 0
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (regex, fields) per layer
 
     def __post_init__(self) -> None:

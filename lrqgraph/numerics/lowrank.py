@@ -1,34 +1,99 @@
-"""Dense and low-rank quantized factorizations of one weight matrix W[K, N].
+"""Dense and low-rank quantized factorizations of one weight matrix W[K, N] (Y = X·W).
 
 - ``rtn``: W ≈ Q(W), block round-to-nearest (the baseline every method must beat).
-- ``svd``: W ≈ Q(U√Σ)·Q(√ΣVᵀ), truncated SVD with both factors quantized independently (DSVD).
-- ``lplr``: LPLR (Saha, Srivastava, Pilanci 2023): a seeded Gaussian sketch of W's range is
-  quantized as the first factor L, then the second factor is the least-squares fit
-  R = argmin ||Q(L)·R - W||, which absorbs L's quantization error, and is quantized in turn.
+- ``svd``: W ≈ Q(U√Σ)·Q(√ΣVᵀ), truncated SVD with each factor quantized on its own (DSVD).
+- ``lplr``: LPLR (Saha, Srivastava, Pilanci 2023): a seeded Gaussian sketch of W's range, quantized,
+  is the first factor L; the second is the least-squares fit R = argmin ||Q(L)·R − W||, which
+  absorbs L's quantization error, quantized in turn. Variants: an SVD basis instead of the sketch
+  (LPLR-SVD) and alternating refits L ← W·R⁺, R ← fit, keeping the best iterate.
+
+Activation-aware (when H = XᵀX is given): the output error is ||X·ΔW||² = ||Sᵀ ΔW||² with
+H = S·Sᵀ, so bases come from the whitened A = Sᵀ W (SVD-LLM), R is the H-weighted least-squares
+fit, and factors are quantized with GPTQ on their own input statistics (H for L, Lᵀ H L for R).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .quant import QuantSpec, quantize, spec_storage_bits
-from .representation import Representation
+from .gptq import HessianInfo, activation_error, gptq_quantize
+from .quant import QuantSpec, QuantizedTensor, quantize, spec_storage_bits
+from .representation import Representation, relative_error
 
 
 def rtn_factorize(w: np.ndarray, spec: QuantSpec) -> Representation:
     return Representation(chains=((quantize(w, spec),),), method="rtn")
 
 
-def _balanced_factors(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int):
-    root = np.sqrt(s[:rank])
-    return u[:, :rank] * root, root[:, None] * vt[:rank]
+def gptq_factorize(w: np.ndarray, spec: QuantSpec, h: np.ndarray | HessianInfo) -> Representation:
+    return Representation(chains=((gptq_quantize(w, h, spec),),), method="gptq")
+
+
+@dataclass(frozen=True)
+class Whitener:
+    """S with H = S·Sᵀ (identity when there is no H)."""
+
+    s: np.ndarray | None
+
+    @classmethod
+    def of(cls, h: HessianInfo | None) -> "Whitener":
+        return cls(None if h is None else h.cholesky)
+
+    def apply(self, w: np.ndarray) -> np.ndarray:
+        return w if self.s is None else self.s.T @ w
+
+    def unapply(self, a: np.ndarray) -> np.ndarray:
+        return a if self.s is None else np.linalg.solve(self.s.T, a)
+
+
+def truncated_svd(a: np.ndarray, rank: int, seed: int = 0, oversample: int = 16, power_iters: int = 2):
+    """Top-``rank`` SVD; randomized (Halko et al.) when the rank is small against the matrix."""
+    small = min(a.shape)
+    if small <= 512 or rank + oversample >= small // 2:
+        u, s, vt = np.linalg.svd(a, full_matrices=False)
+        return u[:, :rank], s[:rank], vt[:rank]
+    rng = np.random.default_rng(seed)
+    y = a @ rng.standard_normal((a.shape[1], rank + oversample)).astype(a.dtype)
+    for _ in range(power_iters):
+        y, _ = np.linalg.qr(y)
+        y = a @ (a.T @ y)
+    q, _ = np.linalg.qr(y)
+    u, s, vt = np.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ u)[:, :rank], s[:rank], vt[:rank]
+
+
+def fit_block(spec: QuantSpec, rows: int) -> QuantSpec:
+    """``spec`` with its block no longer than ``rows`` (a power of two, at least 16), so a factor
+    with few rows (R of a small rank) is not padded to a whole block."""
+    if not spec.block_size or spec.block_size <= rows:
+        return spec
+    block = 1 << max(4, int(np.floor(np.log2(max(rows, 16)))))
+    return QuantSpec(spec.bits, block, spec.symmetric, spec.clip_search, spec.scale_dtype)
+
+
+def _quantize(m: np.ndarray, spec: QuantSpec, h: HessianInfo | np.ndarray | None) -> QuantizedTensor:
+    return quantize(m, spec) if h is None else gptq_quantize(m, h, spec)
+
+
+def _error(w: np.ndarray, approx: np.ndarray, h: HessianInfo | None) -> float:
+    return relative_error(w, approx) if h is None else activation_error(w, approx, h.h)
+
+
+def fit_right(left: np.ndarray, w: np.ndarray, h: HessianInfo | None) -> np.ndarray:
+    """argmin_R ||Sᵀ(L·R − W)||: solves (Lᵀ H L) R = Lᵀ H W (H = I without statistics)."""
+    hl = left if h is None else h.h @ left
+    gram = left.T @ hl
+    gram[np.diag_indices_from(gram)] += 1e-7 * max(float(np.trace(gram)) / len(gram), 1e-30)
+    return np.linalg.solve(gram, hl.T @ w)
 
 
 def svd_factorize(w: np.ndarray, rank: int, spec_l: QuantSpec, spec_r: QuantSpec) -> Representation:
     """DSVD: truncated SVD, singular values split evenly, each factor quantized on its own."""
     _check_rank(w, rank)
-    u, s, vt = np.linalg.svd(np.asarray(w, np.float32), full_matrices=False)
-    left, right = _balanced_factors(u, s, vt, rank)
-    return Representation(chains=((quantize(left, spec_l), quantize(right, spec_r)),),
+    u, s, vt = truncated_svd(np.asarray(w, np.float32), rank)
+    root = np.sqrt(s)
+    return Representation(chains=((quantize(u * root, spec_l), quantize(root[:, None] * vt, fit_block(spec_r, rank))),),
                           method="svd", rank=rank)
 
 
@@ -38,36 +103,57 @@ def lplr_factorize(
     spec_l: QuantSpec,
     spec_r: QuantSpec,
     *,
+    h: np.ndarray | HessianInfo | None = None,
+    init: str = "sketch",
+    refits: int = 0,
     seed: int = 0,
     oversample: int = 8,
-    power_iters: int = 1,
+    power_iters: int = 0,
 ) -> Representation:
-    """LPLR: quantized sketch as the first factor, quantized least-squares second factor.
+    """Quantized L[K, r]·R[r, N] ≈ W with error feedback into R (see the module docstring).
 
-    ``oversample=0, power_iters=0`` is the paper's Algorithm 1 exactly (L = Q(W·S) with a K×rank
-    sketch). With oversampling, a sketch of rank+oversample columns (sharpened by power iterations)
-    is reduced to its best rank-``rank`` subspace before quantization: the error bound of the
-    paper needs more sketch columns than the target rank.
+    ``init="sketch", oversample=0, power_iters=0, refits=0`` is the paper's Algorithm 1 exactly
+    (L = Q(W·S) with a K×rank Gaussian sketch). With oversampling, a sketch of rank+oversample
+    columns (sharpened by power iterations) is reduced to its best rank-``rank`` subspace first:
+    the paper's error bound needs more sketch columns than the target rank.
     """
     _check_rank(w, rank)
     w = np.asarray(w, np.float32)
-    k, n = w.shape
-    rng = np.random.default_rng(seed)
-    width = min(rank + oversample, n)
-    sketch = w @ (rng.standard_normal((n, width)).astype(np.float32) / np.sqrt(width))
-    for _ in range(power_iters):
-        basis, _ = np.linalg.qr(sketch)
-        sketch = w @ (w.T @ basis)
-    if width > rank:
-        basis, _ = np.linalg.qr(sketch)
-        u, s, vt = np.linalg.svd(basis.T @ w, full_matrices=False)
-        sketch = (basis @ u[:, :rank]) * np.sqrt(s[:rank])
-    left = quantize(sketch, spec_l)
-    left_deq = left.dequantize()
-    right_fit, *_ = np.linalg.lstsq(left_deq, w, rcond=None)
-    right = quantize(right_fit, spec_r)
-    return Representation(chains=((left, right),), method="lplr", rank=rank,
-                          info={"seed": seed, "oversample": oversample, "power_iters": power_iters})
+    hinfo = HessianInfo.of(h)
+    white = Whitener.of(hinfo)
+    a = white.apply(w)
+    if init == "svd":
+        u, s, _ = truncated_svd(a, rank, seed)
+        left = u * np.sqrt(s)
+    elif init == "sketch":
+        rng = np.random.default_rng(seed)
+        width = min(rank + oversample, a.shape[1])
+        left = a @ (rng.standard_normal((a.shape[1], width)).astype(np.float32) / np.sqrt(width))
+        for _ in range(power_iters):
+            basis, _ = np.linalg.qr(left)
+            left = a @ (a.T @ basis)
+        if width > rank:
+            basis, _ = np.linalg.qr(left)
+            u, s, _ = np.linalg.svd(basis.T @ a, full_matrices=False)
+            left = (basis @ u[:, :rank]) * np.sqrt(s[:rank])
+    else:
+        raise ValueError(f"unknown init '{init}' (sketch or svd)")
+    left = white.unapply(left)
+    spec_r = fit_block(spec_r, rank)
+    best, best_err = None, np.inf
+    for step in range(refits + 1):
+        if step:  # refit L to the quantized R (optimal for any H), then R again below
+            right_d = right.dequantize()
+            left = np.linalg.solve(right_d @ right_d.T + 1e-7 * np.eye(rank, dtype=np.float32), right_d @ w.T).T
+        lq = _quantize(left, spec_l, hinfo)
+        ld = lq.dequantize()
+        right = _quantize(fit_right(ld, w, hinfo), spec_r, None if hinfo is None else ld.T @ hinfo.h @ ld)
+        err = _error(w, ld @ right.dequantize(), hinfo) if refits else 0.0
+        if err < best_err:
+            best, best_err = (lq, right), err
+    return Representation(chains=(best,), method="lplr", rank=rank,
+                          info={"init": init, "refits": refits, "seed": seed, "oversample": oversample,
+                                "power_iters": power_iters, "activation_aware": hinfo is not None})
 
 
 def _check_rank(w: np.ndarray, rank: int) -> None:
@@ -76,16 +162,14 @@ def _check_rank(w: np.ndarray, rank: int) -> None:
 
 
 def lowrank_storage_bits(k: int, n: int, rank: int, spec_l: QuantSpec, spec_r: QuantSpec) -> int:
-    return spec_storage_bits(k, rank, spec_l) + spec_storage_bits(rank, n, spec_r)
+    return spec_storage_bits(k, rank, spec_l) + spec_storage_bits(rank, n, fit_block(spec_r, rank))
 
 
 def rank_for_bpw(k: int, n: int, target_bpw: float, spec_l: QuantSpec, spec_r: QuantSpec,
-                 multiple: int = 16) -> int:
-    """Largest rank (a multiple of ``multiple``, at most min(k, n)) whose factors fit the budget.
-
-    Returns 0 when not even the smallest rank fits.
-    """
-    budget = target_bpw * k * n
+                 multiple: int = 16, fixed_bits: int = 0) -> int:
+    """Largest rank (a multiple of ``multiple``, at most min(k, n)) whose factors, plus
+    ``fixed_bits`` of other storage, fit the budget. 0 when not even the smallest rank fits."""
+    budget = target_bpw * k * n - fixed_bits
     best = 0
     for rank in range(multiple, min(k, n) + 1, multiple):
         if lowrank_storage_bits(k, n, rank, spec_l, spec_r) > budget:

@@ -1,0 +1,34 @@
+"""W ≈ Q + L·R (CALDERA / LoftQ style): a quantized full-size Q plus quantized low-rank factors.
+
+Alternate Q = quantize(W − L·R) (GPTQ when H = XᵀX is known, RTN otherwise) and
+L·R = LPLR-SVD factors of W − Q (activation-aware with H); keep the best iterate by the
+(activation-aware) error. The low-rank part mops up what the coarse grid of Q misses most.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .gptq import HessianInfo
+from .lowrank import _error, _quantize, lplr_factorize
+from .quant import QuantSpec
+from .representation import Representation
+
+
+def qlr_factorize(w: np.ndarray, rank: int, spec_q: QuantSpec, spec_lr: QuantSpec, *,
+                  h: np.ndarray | HessianInfo | None = None, iters: int = 5, refits: int = 1,
+                  seed: int = 0) -> Representation:
+    w = np.asarray(w, np.float32)
+    hinfo = HessianInfo.of(h)
+    lowrank = np.zeros_like(w)
+    best, best_err, errors = None, np.inf, []
+    for _ in range(iters):
+        q = _quantize(w - lowrank, spec_q, hinfo)
+        qd = q.dequantize()
+        lr = lplr_factorize(w - qd, rank, spec_lr, spec_lr, h=hinfo, init="svd", refits=refits, seed=seed)
+        lowrank = lr.dequantize()
+        err = _error(w, qd + lowrank, hinfo)
+        errors.append(round(err, 6))
+        if err < best_err:
+            best, best_err = ((q,), lr.chains[0]), err
+    return Representation(chains=best, method="qlr", rank=rank,
+                          info={"iters": iters, "errors": errors, "activation_aware": hinfo is not None})
