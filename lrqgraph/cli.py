@@ -23,8 +23,10 @@ DEFAULTS = FactorizeConfig()
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("representation")
     g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
-                   help=f"rtn: dense block quantization; svd: truncated SVD with quantized factors; "
-                        f"lplr: randomized low-rank low-precision factors (default {DEFAULTS.method})")
+                   help=f"rtn: dense block quantization; gptq: with error feedback (needs calibration, "
+                        f"else = rtn); svd: truncated SVD, quantized factors; lplr: randomized low-rank "
+                        f"low-precision factors; qlr: Q + L·R; kmeans, kashin: codebooks, no lowering yet "
+                        f"(default {DEFAULTS.method})")
     g.add_argument("--bits", type=int, default=DEFAULTS.bits, help=f"code bits, 2..8 (default {DEFAULTS.bits})")
     g.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
                    help=f"quantization block along K, 16..256, 0 = per channel (default {DEFAULTS.block_size})")
@@ -38,6 +40,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     rank.add_argument("--rank", type=int, help="rank of low-rank factors")
     rank.add_argument("--rank-ratio", type=float, help="rank as a fraction of min(K, N)")
     rank.add_argument("--target-bpw", type=float, help="per-layer rank from a bits-per-weight budget")
+    g.add_argument("--lr-bits", type=int, default=DEFAULTS.lr_bits,
+                   help=f"qlr: bits of the low-rank factors (default {DEFAULTS.lr_bits})")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of randomized methods (default 0)")
     s = p.add_argument_group("layer selection")
     s.add_argument("--include", action="append", default=[], metavar="REGEX",
@@ -103,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
                           min_params=args.min_params, keep_output_layers=not args.include_output_layers)
     factorize = FactorizeConfig(method=args.method, bits=args.bits, block_size=args.block_size,
                                 symmetric=args.symmetric, clip_search=args.clip_search, rank=args.rank,
-                                rank_ratio=args.rank_ratio, target_bpw=args.target_bpw, seed=args.seed)
+                                rank_ratio=args.rank_ratio, target_bpw=args.target_bpw, seed=args.seed,
+                                lr_bits=args.lr_bits)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
     return OptimizeConfig(select=select, factorize=factorize, verify=verify,
                           lowering=getattr(args, "lowering", "ort"),

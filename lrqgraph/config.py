@@ -9,7 +9,9 @@ from typing import Any
 from .errors import LrqError
 from .numerics import QuantSpec
 
-METHODS = ("rtn", "svd", "lplr")
+METHODS = ("rtn", "gptq", "svd", "lplr", "qlr", "kmeans", "kashin")
+# Methods whose representation the lowerings can emit today (the others: numerics and benchmarks).
+LOWERABLE_METHODS = ("rtn", "gptq", "svd", "lplr", "qlr")
 LOWERINGS = ("ort", "std")
 
 
@@ -40,15 +42,26 @@ class FactorizeConfig:
     rank_ratio: float | None = None
     target_bpw: float | None = None
     seed: int = 0
-    oversample: int = 8
-    power_iters: int = 0
+    oversample: int = 8            # lplr: extra sketch columns
+    power_iters: int = 0           # lplr: power iterations on the sketch
+    init: str = "sketch"           # lplr: first factor from a Gaussian sketch or the SVD
+    refits: int = 0                # lplr/qlr: alternating refits of L and R (best iterate kept)
+    lr_bits: int = 8               # qlr: bits of the low-rank factors (Q takes ``bits``)
+    iters: int = 5                 # qlr: outer Q / L·R alternations
+    transform: str = "hadamard"    # kashin: dct, hadamard or qr
+    tol: float = 1e-3              # kashin: relative residual that ends the decomposition
+    max_iter: int = 200            # kashin: decomposition steps before falling back to kmeans
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (regex, fields) per layer
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise LrqError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if not 2 <= self.bits <= 8:
-            raise LrqError(f"bits must be in 2..8, got {self.bits}")
+        if not 2 <= self.bits <= 8 or not 2 <= self.lr_bits <= 8:
+            raise LrqError(f"bits must be in 2..8, got {self.bits} (lr_bits {self.lr_bits})")
+        if self.init not in ("sketch", "svd"):
+            raise LrqError(f"init must be sketch or svd, got '{self.init}'")
+        if self.transform not in ("dct", "hadamard", "qr"):
+            raise LrqError(f"transform must be dct, hadamard or qr, got '{self.transform}'")
         if not (self.block_size == 0 or 16 <= self.block_size <= 256):
             raise LrqError(f"block size must be 0 (per-channel) or in 16..256, got {self.block_size}")
         if sum(x is not None for x in (self.rank, self.rank_ratio, self.target_bpw)) > 1:
@@ -60,9 +73,9 @@ class FactorizeConfig:
         if self.target_bpw is not None and self.target_bpw <= 0:
             raise LrqError(f"target bits per weight must be positive, got {self.target_bpw}")
 
-    def spec(self, scale_dtype: str = "float32") -> QuantSpec:
+    def spec(self, scale_dtype: str = "float32", bits: int | None = None) -> QuantSpec:
         """The factor quantizer; scales take the weight's float type so that kernels accept them."""
-        return QuantSpec(bits=self.bits, block_size=self.block_size, symmetric=self.symmetric,
+        return QuantSpec(bits=bits or self.bits, block_size=self.block_size, symmetric=self.symmetric,
                          clip_search=self.clip_search, scale_dtype=scale_dtype)
 
     def for_layer(self, *names: str) -> "FactorizeConfig":

@@ -1,10 +1,14 @@
 """factorize: compute each selected weight's compressed representation (the graph is not touched).
 
 Cases:
- 1. ``rtn``: dense block quantization at ``bits``.
- 2. ``svd`` / ``lplr``: a rank from ``rank``, ``rank_ratio`` or ``target_bpw`` (in that order of
-    precedence; with none given, ``target_bpw = bits``), then quantized factors.
- 3. A layer whose representation would not take fewer bytes than the stored weight is kept, and
+ 1. ``rtn``: dense block quantization at ``bits``; ``gptq``: the same grid with GPTQ error
+    feedback through the layer's input statistics H (without calibration data H = I, which is
+    plain RTN: the report says "data-free").
+ 2. ``svd`` / ``lplr``: quantized low-rank factors; ``qlr``: Q at ``bits`` plus low-rank factors
+    at ``lr_bits``. The rank comes from ``rank``, ``rank_ratio`` or ``target_bpw`` (in that order;
+    with none given, ``target_bpw = bits``, or ``bits + 1`` for qlr).
+ 3. ``kmeans``: per-tensor codebook; ``kashin``: Kashin decomposition with 2-D codebook.
+ 4. A layer whose representation would not take fewer bytes than the stored weight is kept, and
     the report says so.
 Per-layer overrides (``FactorizeConfig.overrides``) apply before any of this.
 """
@@ -17,13 +21,24 @@ import numpy as np
 from tqdm import tqdm
 
 from lrqgraph.config import FactorizeConfig, with_fields
-from lrqgraph.numerics import (Representation, lplr_factorize, rank_for_bpw, relative_error,
-                               rtn_factorize, svd_factorize)
+from lrqgraph.numerics import (Representation, codebook_quantize, gptq_factorize, lplr_factorize,
+                               qlr_factorize, rank_for_bpw, relative_error, rtn_factorize, svd_factorize)
+from lrqgraph.numerics.codebook import CODEBOOK_BITS
+from lrqgraph.numerics.kashin import kashin_quantize
 from lrqgraph.numerics.lowrank import lowrank_storage_bits
+from lrqgraph.numerics.pack import packed_nbytes
 from lrqgraph.numerics.quant import spec_storage_bits
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
+LOWRANK = ("svd", "lplr", "qlr")
+
+
+def _lr_specs(cfg: FactorizeConfig, scale_dtype: str = "float32"):
+    """(dense Q spec or None, factor spec) of a low-rank method."""
+    if cfg.method == "qlr":
+        return cfg.spec(scale_dtype), cfg.spec(scale_dtype, cfg.lr_bits)
+    return None, cfg.spec(scale_dtype)
 
 
 def choose_rank(cfg: FactorizeConfig, k: int, n: int) -> tuple[int, str]:
@@ -33,42 +48,66 @@ def choose_rank(cfg: FactorizeConfig, k: int, n: int) -> tuple[int, str]:
         return min(cfg.rank, full), ""
     if cfg.rank_ratio is not None:
         return max(1, int(round(cfg.rank_ratio * full))), ""
-    target = cfg.target_bpw if cfg.target_bpw is not None else float(cfg.bits)
-    spec = cfg.spec()
-    rank = rank_for_bpw(k, n, target, spec, spec, multiple=16)
+    dense, factor = _lr_specs(cfg)
+    target = cfg.target_bpw if cfg.target_bpw is not None else float(cfg.bits + (cfg.method == "qlr"))
+    fixed = spec_storage_bits(k, n, dense) if dense else 0
+    rank = rank_for_bpw(k, n, target, factor, factor, multiple=16, fixed_bits=fixed)
     if rank == 0:
-        return 0, f"no rank fits {target:g} bits per weight at {cfg.bits}-bit factors"
+        return 0, f"no rank fits {target:g} bits per weight with {factor.bits}-bit factors"
     return rank, ""
+
+
+def planned_bpw(cfg: FactorizeConfig, k: int, n: int, rank: int | None) -> float:
+    """Bits per weight of the plan, from shapes alone (Kashin adds its 2-D codebook)."""
+    if cfg.method in ("rtn", "gptq"):
+        bits = spec_storage_bits(k, n, cfg.spec())
+    elif cfg.method in ("kmeans", "kashin"):
+        entries = (1 << cfg.bits) * (2 if cfg.method == "kashin" else 1)
+        bits = packed_nbytes(k * n, cfg.bits) * 8 + entries * CODEBOOK_BITS
+    else:
+        dense, factor = _lr_specs(cfg)
+        bits = lowrank_storage_bits(k, n, rank, factor, factor) + (spec_storage_bits(k, n, dense) if dense else 0)
+    return bits / (k * n)
 
 
 def describe_plan(cfg: FactorizeConfig, k: int, n: int, stored_bits_per_weight: int) -> tuple[bool, str]:
     """(rewrite?, what and why) for a K x N weight, from shapes alone (no factorization)."""
-    spec = cfg.spec()
-    if cfg.method == "rtn":
-        bpw = spec_storage_bits(k, n, spec) / (k * n)
-        return True, f"rtn {cfg.bits}-bit, block {cfg.block_size}: {bpw:.3f} bits per weight"
-    rank, why = choose_rank(cfg, k, n)
-    if not rank:
-        return False, why
-    bpw = lowrank_storage_bits(k, n, rank, spec, spec) / (k * n)
+    rank = None
+    if cfg.method in LOWRANK:
+        rank, why = choose_rank(cfg, k, n)
+        if not rank:
+            return False, why
+    bpw = planned_bpw(cfg, k, n, rank)
+    what = f"{cfg.method}{f' rank {rank}' if rank else ''}, {cfg.bits}-bit"
     if bpw >= stored_bits_per_weight:
-        return False, f"{cfg.method} at rank {rank} takes {bpw:.2f} bits per weight, no saving"
-    return True, f"{cfg.method} rank {rank}, {cfg.bits}-bit factors: {bpw:.3f} bits per weight"
+        return False, f"{what} takes {bpw:.2f} bits per weight, no saving"
+    return True, f"{what}: {bpw:.3f} bits per weight"
 
 
-def factorize_weight(w: np.ndarray, cfg: FactorizeConfig,
-                     scale_dtype: str = "float32") -> tuple[Representation | None, str]:
-    """The representation ``cfg`` asks for, or (None, why not)."""
+def factorize_weight(w: np.ndarray, cfg: FactorizeConfig, scale_dtype: str = "float32",
+                     h: np.ndarray | None = None) -> tuple[Representation | None, str]:
+    """The representation ``cfg`` asks for, or (None, why not). ``h``: the layer's XᵀX, if known."""
     spec = cfg.spec(scale_dtype)
-    if cfg.method == "rtn":
-        return rtn_factorize(w, spec), ""
+    if cfg.method == "rtn" or (cfg.method == "gptq" and h is None):
+        rep = rtn_factorize(w, spec)
+        return (rep if cfg.method == "rtn" else
+                Representation(rep.chains, "gptq", info={"data_free": True})), ""
+    if cfg.method == "gptq":
+        return gptq_factorize(w, spec, h), ""
+    if cfg.method == "kmeans":
+        return Representation(((codebook_quantize(w, cfg.bits),),), "kmeans"), ""
+    if cfg.method == "kashin":
+        return kashin_quantize(w, cfg.bits, cfg.transform, cfg.seed, cfg.tol, cfg.max_iter), ""
     rank, why = choose_rank(cfg, *w.shape)
     if not rank:
         return None, why
+    dense, factor = _lr_specs(cfg, scale_dtype)
     if cfg.method == "svd":
-        return svd_factorize(w, rank, spec, spec), ""
-    return lplr_factorize(w, rank, spec, spec, seed=cfg.seed, oversample=cfg.oversample,
-                          power_iters=cfg.power_iters), ""
+        return svd_factorize(w, rank, factor, factor), ""
+    if cfg.method == "qlr":
+        return qlr_factorize(w, rank, dense, factor, h=h, iters=cfg.iters, refits=cfg.refits, seed=cfg.seed), ""
+    return lplr_factorize(w, rank, factor, factor, h=h, init=cfg.init, refits=cfg.refits, seed=cfg.seed,
+                          oversample=cfg.oversample, power_iters=cfg.power_iters), ""
 
 
 @register_pass
@@ -96,8 +135,11 @@ class Factorize(Pass):
                 ctx.plans.pop(layer.weight, None)
                 continue
             ctx.plans[layer.weight] = rep
+            if rep.info.get("fallback"):
+                log.warning("layer '%s': %s", layer.name, rep.info["fallback"])
             entry.update(action="rewrite", reason="", method=rep.method, rank=rep.rank, bits=cfg.bits,
                          block=cfg.block_size, symmetric=cfg.symmetric,
+                         info={k: v for k, v in rep.info.items() if k != "errors"},
                          bpw=round(rep.bits_per_weight(), 4),
                          rel_error=round(relative_error(w, rep.dequantize()), 6),
                          seconds=round(time.perf_counter() - start, 4))

@@ -133,6 +133,12 @@ class Emitter:
         return out
 
 
+def check_lowerable(layer: Layer, rep) -> None:
+    if not all(isinstance(q, QuantizedTensor) for chain in rep.chains for q in chain):
+        raise LrqError(f"layer '{layer.name}': method {rep.method} has no ONNX lowering yet (its codebooks "
+                       f"need the native custom ops); choose rtn, gptq, svd, lplr or qlr")
+
+
 def check_ort_compatible(layer: Layer, rep) -> None:
     for chain in rep.chains:
         for q in chain:
@@ -210,6 +216,7 @@ class Lower(Pass):
             rep = ctx.plans.get(layer.weight) if layer.rewrite else None
             if rep is None:
                 continue
+            check_lowerable(layer, rep)
             if target == "ort":
                 check_ort_compatible(layer, rep)
                 if any(q.bits == 2 for chain in rep.chains for q in chain) and not warned_2bit:

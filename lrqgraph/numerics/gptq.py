@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quant import QuantSpec, QuantizedTensor, _codes_for, _scales_for
+from .quant import QuantSpec, QuantizedTensor, _codes_for, _scales_for, quantize
 
 
 def damped(h: np.ndarray, damp: float = 0.01) -> np.ndarray:
@@ -59,36 +59,51 @@ class HessianInfo:
 
 
 def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
-                  batch: int = 64) -> QuantizedTensor:
-    """GPTQ-quantize W[K, N] given H[K, K] = XᵀX (any positive scale; 1% damping)."""
+                  act_order: bool = True, batch: int = 64) -> QuantizedTensor:
+    """GPTQ-quantize W[K, N] given H[K, K] = XᵀX (any positive scale; 1% damping).
+
+    With ``act_order`` (default) rows are visited by decreasing H diagonal (the inputs with the
+    most energy first, so later rows can absorb their error) on grids fixed up front by the
+    MSE-optimal block scales of W ("static groups"); without it, rows go in order and each
+    block's grid is set from its rows as updated when the block is reached (reference GPTQ).
+    """
     k, n = w.shape
     info = HessianInfo.of(h)
     if info.h.shape != (k, k):
         raise ValueError(f"H must be {k}x{k} for a weight with {k} rows, got {info.h.shape}")
-    u = info.inverse_cholesky
-    w = np.array(w, dtype=np.float32)
     block = spec.block_for(k)
-    blocks = -(-k // block)
     dtype = np.dtype(spec.scale_dtype)
-    scales = np.zeros((blocks, n), np.float32)
-    zps = None if spec.symmetric else np.zeros((blocks, n), np.float32)
+    blocks = -(-k // block)
+    if act_order:
+        grid = quantize(w, spec)
+        scales = grid.scales.astype(np.float32)
+        zps = None if grid.zero_points is None else grid.zero_points.astype(np.float32)
+        order = np.argsort(-np.diag(info.h), kind="stable")
+        u = inverse_cholesky_upper(info._damped[np.ix_(order, order)]).astype(np.float32)
+    else:
+        scales = np.zeros((blocks, n), np.float32)
+        zps = None if spec.symmetric else np.zeros((blocks, n), np.float32)
+        order = np.arange(k)
+        u = info.inverse_cholesky
+    w = np.array(w, dtype=np.float32)[order]
     codes = np.zeros((k, n), np.uint8)
     for start in range(0, k, batch):
         stop = min(start + batch, k)
         rows = w[start:stop]  # a view: in-batch feedback updates w in place
         errors = np.zeros_like(rows)
         for i in range(stop - start):
-            row, b = start + i, (start + i) // block
-            if row % block == 0:
-                # As in the reference GPTQ, a block's grid comes from its rows as updated so
-                # far (rows past this batch have not yet received this batch's feedback).
+            row = start + i
+            b = order[row] // block
+            if not act_order and row % block == 0:
+                # a block's grid comes from its rows as updated so far (rows past this batch
+                # have not yet received this batch's feedback, as in the reference GPTQ)
                 scale, zp = _scales_for(w[None, row:row + block], spec.bits, spec.symmetric, 1.0, dtype)
                 scales[b] = scale[0]
                 if zps is not None:
                     zps[b] = zp[0]
             zp_b = None if zps is None else zps[b][None]
             code = _codes_for(rows[None, i:i + 1], scales[b][None], zp_b, spec.bits)[0, 0]
-            codes[row] = code
+            codes[order[row]] = code
             offset = (1 << (spec.bits - 1)) if zps is None else zps[b]
             err = (rows[i] - (code - offset) * scales[b]) / u[row, row]
             rows[i + 1:] -= np.outer(u[row, row + 1:stop], err)
