@@ -19,7 +19,9 @@ PIPE = "discover,factorize,lower({}),cleanup"
 EXACT_PIPE = {"ort": "discover,factorize,lower(ort,accuracy_level=0),cleanup", "std": PIPE.format("std")}
 METHODS = [dict(method="rtn"), dict(method="rtn", symmetric=False, block_size=64),
            dict(method="svd", rank=16), dict(method="lplr", rank=32, bits=8, symmetric=False),
-           dict(method="lplr", rank=16, bits=2, block_size=16)]
+           dict(method="lplr", rank=16, bits=2, block_size=16),
+           dict(method="lplr", rank=16, init="svd", refits=2, symmetric=False),
+           dict(method="qlr", rank=16, bits=2, lr_bits=8, iters=2), dict(method="gptq", bits=4)]
 
 
 def run(model, lowering, **factorize):
@@ -113,6 +115,17 @@ def test_8bit_codes_default_to_int8_activations_on_ort():
     model = lrqgraph.optimize(builders.matmul_model(), cfg, passes="discover,factorize,lower(ort),cleanup")
     (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in node.attribute}["accuracy_level"] == 4
+
+
+@pytest.mark.parametrize("method", ["kashin", "kmeans"])
+def test_codebook_methods_are_planned_but_not_lowered(method):
+    cfg = OptimizeConfig(factorize=FactorizeConfig(method=method))
+    ctx = lrqgraph.Context(lrqgraph.model.ModelState(builders.matmul_model()), cfg)
+    lrqgraph.PassManager("discover,factorize").run(ctx)
+    entry = ctx.report["layers"]["mm"]
+    assert entry["method"] == method and entry["bpw"] < 4.1 and entry["rel_error"] < 0.2
+    with pytest.raises(lrqgraph.LrqError, match=f"method {method} has no ONNX lowering yet"):
+        lrqgraph.PassManager("lower").run(ctx)
 
 
 def test_ort_lowering_rejects_bits_without_a_kernel():
