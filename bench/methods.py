@@ -1,4 +1,5 @@
-"""Every method on every MiniLM weight matrix, with H from real sentences, at fixed bit budgets.
+"""Every method on every MiniLM and EfficientNet-Lite0 weight matrix, with H from real inputs
+(sentences; bundled photos), at fixed bit budgets.
 
 For each budget (2.5, 3, 3.5, 4, 5 bits per weight, counting codes, scales, zero points and
 codebooks) and each method, the best setting of that method within the budget is chosen per
@@ -7,7 +8,7 @@ relative Frobenius error, the activation-aware error sqrt(tr(ΔWᵀHΔW)/tr(Wᵀ
 RTN frontier is the best RTN setting within each budget. A synthetic suite with known spectra
 follows; the last lines are one SUMMARY line per budget.
 
-    python bench/methods.py [--layers N] [--budgets 3,4] [--skip-synthetic] [--skip-e2e]
+    python bench/methods.py [--layers N] [--budgets 3,4] [--skip-synthetic] [--skip-efficientnet] [--skip-e2e]
 """
 from __future__ import annotations
 
@@ -42,15 +43,16 @@ def rtn_specs():
                 yield QuantSpec(bits, block, sym, clip_search=True, scale_dtype="float16")
 
 
-def best_spec_within(k: int, n: int, budget: float, specs) -> list[QuantSpec]:
-    fits = [s for s in specs if spec_storage_bits(k, n, s) <= budget * k * n]
-    return fits
+def dense_specs_within(shapes: list[tuple[int, int]], budget: float) -> list[QuantSpec]:
+    """Uniform grids whose storage over all the layers fits ``budget`` bits per weight."""
+    total = sum(k * n for k, n in shapes)
+    return [s for s in rtn_specs() if sum(spec_storage_bits(k, n, s) for k, n in shapes) <= budget * total]
 
 
-def candidates(budget: float, k: int, n: int):
-    """(method label, factorize callable) settings that fit ``budget`` for a K×N weight."""
+def candidates(budget: float, k: int, n: int, dense: list[QuantSpec]):
+    """(family, label, factorize callable) settings for a K×N weight: the dense grids that fit the
+    budget over the whole model, and low-rank settings whose rank fills the budget per layer."""
     out = []
-    dense = best_spec_within(k, n, budget, rtn_specs())
     # RTN frontier: every fitting grid (the table keeps the best); GPTQ on the widest-bits fits
     for s in dense:
         out.append(("rtn", f"rtn {s.bits}b g{s.block_size or 'ch'} {'sym' if s.symmetric else 'asym'}",
@@ -61,7 +63,7 @@ def candidates(budget: float, k: int, n: int):
                     lambda w, h, s=s: gptq_factorize(w, s, h)))
     # Q + L·R: a coarser Q (GPTQ with H) and the rest of the budget as low-rank factors
     for qbits in sorted({min(max(int(budget) - 1, 2), 4), min(int(budget), 4)}):
-        for block in (64, 128):
+        for block in (64,):
             qspec = QuantSpec(qbits, block, True, True, "float16")
             for lr_bits in (8,):
                 lr = QuantSpec(lr_bits, 64, False, False, "float16")
@@ -100,14 +102,48 @@ def minilm_layers(limit: int | None):
     return fp32, [(e["name"], weights[e["weight"]], hs[e["weight"]], e["weight"]) for e in layers]
 
 
+def efficientnet_layers(limit: int | None):
+    """Pointwise (1x1, group 1) convolutions and the classifier Gemm of EfficientNet-Lite0, as
+    MatMul-layout matrices [C_in, C_out], with H from real photos (8 crops of 5 photos)."""
+    from lrqgraph.testing import efficientnet
+
+    path = efficientnet.onnx_path()
+    model = onnx.load(str(path))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers, inputs = [], {}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = weights.get(node.input[1]) if len(node.input) > 1 else None
+        if w is None:
+            continue
+        if node.op_type == "Conv" and attrs.get("group", 1) == 1 and w.shape[2:] == (1, 1):
+            matrix = w[:, :, 0, 0].T
+        elif node.op_type == "Gemm":
+            matrix = w.T if attrs.get("transB", 0) else w
+        else:
+            continue
+        if matrix.size >= 4096:
+            layers.append((node.name, np.ascontiguousarray(matrix, np.float32), node.input[1]))
+            inputs[node.input[1]] = node.input[0]
+    layers = layers[:limit] if limit else layers
+    photos = efficientnet.photo_batch(crops_per_photo=8)
+    hs = collect_hessians(path, {w: inputs[w] for _, _, w in layers},
+                          ({"image": photos[i:i + 8]} for i in range(0, len(photos), 8)))
+    return [(name, m, hs[w], w) for name, m, w in layers]
+
+
 def run_suite(name: str, layers, budgets, record=None):
-    """Prints one table per budget; returns {budget: {method: (mean aerr, mean rerr, label)}}."""
+    """Prints one table per budget; returns {budget: {method: (mean aerr, mean rerr, label, bpw, s)}}.
+
+    bpw is the mean over layers; dense grids fit the budget over the model as a whole.
+    """
     results = {}
     for budget in budgets:
         stats = {}  # label -> lists
+        dense = dense_specs_within([w.shape for _, w, _, _ in layers], budget)
         for lname, w, h, _ in layers:
             info = HessianInfo(h)
-            for family, label, fn in candidates(budget, *w.shape):
+            for family, label, fn in candidates(budget, *w.shape, dense):
                 start = time.perf_counter()
                 rep = fn(w, info)
                 seconds = time.perf_counter() - start
@@ -168,11 +204,14 @@ def main() -> None:
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-efficientnet", action="store_true")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     if not args.skip_synthetic:
         for layer in synthetic_layers():
             run_suite(f"synthetic 512x512, {layer[0]}", [layer], budgets)
+    if not args.skip_efficientnet:
+        run_suite("EfficientNet-Lite0 (1x1 convs + classifier)", efficientnet_layers(args.layers), budgets)
     fp32, layers = minilm_layers(args.layers)
     record: dict = {}
     results = run_suite("MiniLM", layers, budgets, record)

@@ -2,7 +2,9 @@
 
 The model is run in onnxruntime with the layers' input tensors exposed as extra outputs; each
 batch's activations are folded into the running sums right away, so only H (K×K per layer) is
-kept, never the activations. Rows where ``row_mask`` is 0 (padding tokens) are left out.
+kept, never the activations. Features are the last axis, except for 4-D (NCHW) inputs of
+convolutions, whose channels are the features and whose pixels are the rows. Rows where the mask
+input is 0 (padding tokens) are left out.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def collect_hessians(model_path: str | os.PathLike, inputs: dict[str, str],
         acts = dict(zip(names, sess.run(names, feed)))
         keep = None if mask_input is None else feed[mask_input].reshape(-1).astype(bool)
         for tensor, x in acts.items():
+            if x.ndim == 4:  # NCHW: pixels are samples of a C-dimensional input
+                x = x.transpose(0, 2, 3, 1)
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
             if keep is not None and len(keep) == len(rows):
                 rows = rows[keep]

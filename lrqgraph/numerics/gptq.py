@@ -25,9 +25,20 @@ def damped(h: np.ndarray, damp: float = 0.01) -> np.ndarray:
 
 
 def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
-    """Upper-triangular U with H⁻¹ = UᵀU."""
-    inv = np.linalg.inv(h)
-    return np.linalg.cholesky(inv).T  # chol gives lower L with inv = L Lᵀ; U = Lᵀ
+    """Upper-triangular U with H⁻¹ = UᵀU.
+
+    A nearly singular H (e.g. Lᵀ H L of a low-rank factor) can lose definiteness to rounding:
+    the damping is then raised tenfold, up to four times.
+    """
+    h = np.asarray(h, np.float64)
+    extra = 0.0
+    for _ in range(5):
+        try:
+            inv = np.linalg.inv(h + extra * np.eye(len(h)))
+            return np.linalg.cholesky(inv).T  # chol gives lower L with inv = L Lᵀ; U = Lᵀ
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-2 * float(np.mean(np.diag(h))) or 1e-6)
+    raise np.linalg.LinAlgError("H is not positive definite even after damping")
 
 
 class HessianInfo:
@@ -54,7 +65,7 @@ class HessianInfo:
     def cholesky(self) -> np.ndarray:
         """Lower S with damped H = S·Sᵀ."""
         if self._s is None:
-            self._s = np.linalg.cholesky(self._damped).astype(np.float32)
+            self._s = np.linalg.cholesky(damped(self._damped, 1e-6)).astype(np.float32)
         return self._s
 
 

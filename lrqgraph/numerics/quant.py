@@ -37,7 +37,8 @@ class QuantSpec:
             raise ValueError(f"scale dtype must be float32 or float16, got {self.scale_dtype}")
 
     def block_for(self, rows: int) -> int:
-        return self.block_size or rows
+        """The block length used for a matrix with ``rows`` rows: a block never exceeds the rows."""
+        return min(self.block_size, rows) if self.block_size else rows
 
 
 @dataclass(frozen=True)

