@@ -1,0 +1,47 @@
+"""Input statistics H = XᵀX collected through onnxruntime match numpy on the same activations."""
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lrqgraph.hessian import collect_hessians
+
+import builders
+
+
+def test_hessian_of_a_matmul_input_is_xtx(tmp_path):
+    m = builders.matmul_model(32, 16, batch_dims=("b", "s"))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((2, 5, 32)).astype(np.float32)} for _ in range(3)]
+    h = collect_hessians(path, {"W": "x"}, batches)["W"]
+    rows = np.concatenate([b["x"].reshape(-1, 32) for b in batches]).astype(np.float64)
+    np.testing.assert_allclose(h, rows.T @ rows, rtol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary left behind
+
+
+def test_masked_rows_are_left_out(tmp_path):
+    m = builders.matmul_model(8, 8, batch_dims=("b", "s"))
+    m.graph.input.append(builders.io("mask", ["b", "s"], TensorProto.INT64))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    x = np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], np.int64)
+    h = collect_hessians(path, {"W": "x"}, [{"x": x, "mask": mask}], mask_input="mask")["W"]
+    kept = x.reshape(-1, 8)[mask.reshape(-1).astype(bool)].astype(np.float64)
+    np.testing.assert_allclose(h, kept.T @ kept, rtol=1e-6)
+
+
+def test_conv_inputs_use_channels_as_features(tmp_path):
+    w = np.random.default_rng(2).standard_normal((6, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="pw")]
+    graph = helper.make_graph(nodes, "g", [builders.io("x", ["n", 4, 5, 5])], [builders.io("y", ["n", 6, 5, 5])],
+                              [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = builders.IR_VERSION
+    path = tmp_path / "c.onnx"
+    onnx.save(m, path)
+    x = np.random.default_rng(3).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    h = collect_hessians(path, {"W": "x"}, [{"x": x}])["W"]
+    pixels = x.transpose(0, 2, 3, 1).reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(h, pixels.T @ pixels, rtol=1e-6)
