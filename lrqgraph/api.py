@@ -17,7 +17,8 @@ from .passmanager import Context, Pass, PassManager
 
 
 def default_pipeline(config: OptimizeConfig) -> str:
-    return f"discover,factorize,lower({config.lowering}),cleanup,verify"
+    calibrate = "calibrate," if config.calib else ""
+    return f"discover,{calibrate}factorize,lower({config.lowering}),cleanup,verify"
 
 
 @dataclass
@@ -48,8 +49,8 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
     ctx.report["model"] = summarize(proto, result, ctx.report["layers"])
     ctx.report["version"] = __version__
     ctx.report["pipeline"] = repr(manager)
-    # No pass reads calibration statistics yet: every method runs data-free.
-    ctx.report["calibration"] = "none: all methods ran data-free"
+    ctx.report.setdefault("calibration", f"H = XᵀX from {config.calib}" if config.calib
+                          else "none: all methods ran data-free")
     ctx.report["layers"] = list(ctx.report["layers"].values())
     return Result(result, ctx.report)
 

@@ -57,7 +57,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 def _add_verify_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification")
-    g.add_argument("--calib", help=".npz of model inputs (keys = input names, samples on axis 0)")
+    g.add_argument("--calib", help=".npz of real model inputs (keys = input names, samples on axis 0): "
+                   "calibration statistics for gptq/lplr/qlr, and the verification inputs")
     g.add_argument("--samples", type=int, default=VerifyConfig.samples,
                    help=f"synthetic samples when no --calib is given (default {VerifyConfig.samples})")
     g.add_argument("--max-error", type=float,
@@ -111,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
                                 lr_bits=args.lr_bits)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
     return OptimizeConfig(select=select, factorize=factorize, verify=verify,
-                          lowering=getattr(args, "lowering", "ort"),
+                          lowering=getattr(args, "lowering", "ort"), calib=getattr(args, "calib", None),
                           check_each_pass=getattr(args, "check_each_pass", False))
 
 

@@ -33,7 +33,7 @@ class SelectConfig:
 class FactorizeConfig:
     """How each selected weight is compressed."""
 
-    method: str = "rtn"
+    method: str = "gptq"           # = rtn when no calibration data is given
     bits: int = 4                  # code bits (of every factor for low-rank methods)
     block_size: int = 32
     symmetric: bool = True
@@ -101,6 +101,7 @@ class OptimizeConfig:
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     lowering: str = "ort"
+    calib: str | None = None       # .npz of real inputs for the calibrate analysis (H per layer)
     check_each_pass: bool = False
 
     def __post_init__(self) -> None:

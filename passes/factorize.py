@@ -1,9 +1,9 @@
 """factorize: compute each selected weight's compressed representation (the graph is not touched).
 
 Cases:
- 1. ``rtn``: dense block quantization at ``bits``; ``gptq``: the same grid with GPTQ error
-    feedback through the layer's input statistics H (without calibration data H = I, which is
-    plain RTN: the report says "data-free").
+ 1. ``rtn``: dense block quantization at ``bits``; ``gptq`` (the default): the same grid with
+    GPTQ error feedback through the layer's input statistics H from ``calibrate``; without
+    calibration data it is plain RTN, and the report says "data-free".
  2. ``svd`` / ``lplr``: quantized low-rank factors; ``qlr``: Q at ``bits`` plus low-rank factors
     at ``lr_bits``. The rank comes from ``rank``, ``rank_ratio`` or ``target_bpw`` (in that order;
     with none given, ``target_bpw = bits``, or ``bits + 1`` for qlr).
@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lrqgraph.config import FactorizeConfig, with_fields
-from lrqgraph.numerics import (Representation, codebook_quantize, gptq_factorize, lplr_factorize,
+from lrqgraph.numerics import (Representation, activation_error, codebook_quantize, gptq_factorize, lplr_factorize,
                                qlr_factorize, rank_for_bpw, relative_error, rtn_factorize, svd_factorize)
 from lrqgraph.numerics.codebook import CODEBOOK_BITS
 from lrqgraph.numerics.kashin import kashin_quantize
@@ -90,8 +90,9 @@ def factorize_weight(w: np.ndarray, cfg: FactorizeConfig, scale_dtype: str = "fl
     spec = cfg.spec(scale_dtype)
     if cfg.method == "rtn" or (cfg.method == "gptq" and h is None):
         rep = rtn_factorize(w, spec)
-        return (rep if cfg.method == "rtn" else
-                Representation(rep.chains, "gptq", info={"data_free": True})), ""
+        if cfg.method == "gptq":  # without statistics GPTQ's feedback has nothing to weigh: RTN
+            rep = Representation(rep.chains, "rtn", info={"requested": "gptq", "data_free": True})
+        return rep, ""
     if cfg.method == "gptq":
         return gptq_factorize(w, spec, h), ""
     if cfg.method == "kmeans":
@@ -119,11 +120,12 @@ class Factorize(Pass):
     def run(self, ctx: Context) -> PassResult:
         base = with_fields(ctx.config.factorize, self.params)
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
+        hessians = ctx.analysis("hessians")
         for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
             cfg = base.for_layer(layer.name, layer.weight)
             start = time.perf_counter()
             w = layer.weight_matrix()
-            rep, why = factorize_weight(w, cfg, layer.dtype)
+            rep, why = factorize_weight(w, cfg, layer.dtype, hessians.get(layer.weight))
             entry = ctx.report["layers"].setdefault(layer.name, {"name": layer.name})
             stored_bits = np.dtype(layer.dtype).itemsize * 8 * w.size
             if rep is not None and rep.storage_bits() >= stored_bits:
@@ -141,7 +143,9 @@ class Factorize(Pass):
                          block=cfg.block_size, symmetric=cfg.symmetric,
                          info={k: v for k, v in rep.info.items() if k != "errors"},
                          bpw=round(rep.bits_per_weight(), 4),
-                         rel_error=round(relative_error(w, rep.dequantize()), 6),
+                         rel_error=round(relative_error(w, approx := rep.dequantize()), 6),
+                         act_error=(round(activation_error(w, approx, hessians[layer.weight]), 6)
+                                    if layer.weight in hessians else None),
                          seconds=round(time.perf_counter() - start, 4))
         log.info("factorize: planned %d layers", len(ctx.plans))
         return PassResult(modified=False)

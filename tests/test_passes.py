@@ -81,3 +81,57 @@ def test_verify_of_an_unchanged_model_is_exact():
     ctx = context(builders.gemm_model())
     PassManager("verify").run(ctx)
     assert ctx.report["verify"]["max_rel"] == 0.0
+
+
+def _calib_file(tmp_path, model, samples=64, seed=0):
+    rng = np.random.default_rng(seed)
+    k = model.graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    mix = np.eye(k) + rng.standard_normal((k, k)) / np.sqrt(k)  # correlated inputs: GPTQ has work to do
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=(rng.standard_normal((samples, k)) @ mix).astype(np.float32))
+    return str(path)
+
+
+def test_calibrate_caches_hessians_by_model_and_data(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+    model = builders.matmul_model()
+    cfg = OptimizeConfig(calib=_calib_file(tmp_path, model))
+    first = lrqgraph.run(model, cfg, passes="discover,calibrate")
+    assert "H = XᵀX for 1 layers" in first.report["calibration"]
+    caplog.set_level("INFO", logger="lrqgraph")
+    lrqgraph.run(model, cfg, passes="discover,calibrate")
+    assert "read from cache" in caplog.text
+    other = builders.matmul_model(seed=1)  # different weights: a different key, computed anew
+    caplog.clear()
+    lrqgraph.run(other, cfg, passes="discover,calibrate")
+    assert "read from cache" not in caplog.text
+
+
+def test_without_calibration_data_the_report_says_data_free():
+    result = lrqgraph.run(builders.matmul_model(), passes="discover,calibrate,factorize")
+    assert result.report["calibration"].startswith("none")
+    (entry,) = [e for e in result.report["layers"] if e.get("action") == "rewrite"]
+    assert entry["method"] == "rtn" and entry["info"]["data_free"]
+
+
+def test_gptq_with_calibration_lowers_the_output_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+    model = builders.matmul_model()
+    data = _calib_file(tmp_path, model)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        cfg = OptimizeConfig(calib=data, factorize=FactorizeConfig(method=method, bits=3, block_size=32),
+                             verify=VerifyConfig(calib=data), lowering="std")
+        report = lrqgraph.run(model, cfg).report
+        errors[method] = next(e for e in report["layers"] if e.get("action") == "rewrite")["act_error"]
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_bad_calibration_data_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((0, 128), np.float32))
+    with pytest.raises(lrqgraph.LrqError, match="holds no samples"):
+        lrqgraph.run(builders.matmul_model(), OptimizeConfig(calib=str(bad)), passes="discover,calibrate")
+    np.savez(bad, x=np.zeros((4, 7), np.float32))
+    with pytest.raises(lrqgraph.LrqError, match="expects"):
+        lrqgraph.run(builders.matmul_model(), OptimizeConfig(calib=str(bad)), passes="discover,calibrate")

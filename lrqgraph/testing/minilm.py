@@ -86,7 +86,9 @@ def tokenizer(max_length: int = 128):
 
 
 def encode(sentences: list[str], max_length: int = 128, pad_to: int | None = None) -> dict[str, np.ndarray]:
-    tok = tokenizer(max_length)
+    """Token ids, attention mask and type ids; padded to the longest sentence or to ``pad_to``
+    (which also truncates there)."""
+    tok = tokenizer(min(max_length, pad_to) if pad_to else max_length)
     if pad_to:
         tok.enable_padding(pad_id=0, pad_token="[PAD]", length=pad_to)
     enc = tok.encode_batch(sentences)
