@@ -3,7 +3,8 @@
     python examples/minilm.py [--out out/minilm] [lrqgraph optimize options...]
 
 1. Export MiniLM (BERT + mean pooling + L2 norm) to ONNX; the export is cached.
-2. Write 16 real sentences as verification inputs (an .npz keyed by input name).
+2. Write 128 real sentences as calibration inputs (an .npz keyed by input name): lrqgraph
+   collects each layer's input statistics from them for GPTQ, and verifies on them.
 3. Run ``lrqgraph optimize`` on it, which prints the per-layer table and a summary.
 4. Compare sentence embeddings of 200 other real sentences with the fp32 model's.
 """
@@ -30,7 +31,7 @@ def main() -> int:
     fp32 = minilm.onnx_path()
     print(f"MiniLM exported to {fp32}")
     calib = out / "calib.npz"
-    np.savez(calib, **minilm.encode(data.kjv_sentences(16, start=1), pad_to=64))
+    np.savez(calib, **minilm.encode(data.kjv_sentences(128, start=1), pad_to=64))
 
     optimized, report = out / "minilm.lrq.onnx", out / "report.json"
     argv = ["optimize", str(fp32), "-o", str(optimized), "--calib", str(calib), "--report", str(report), *extra]
