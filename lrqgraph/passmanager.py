@@ -60,9 +60,6 @@ class Context:
             if preserved is None or name not in preserved:
                 del self._cache[name]
 
-    def is_cached(self, name: str) -> bool:
-        return name in self._cache
-
 
 class Pass:
     """Base class: subclasses set ``name`` (and ``positional`` parameter names) and implement ``run``."""

@@ -6,7 +6,7 @@ from .quant import QuantSpec, QuantizedTensor, quantize, dequantize
 from .pack import pack_bits, unpack_bits
 from .representation import Representation, relative_error
 from .lowrank import (svd_factorize, lplr_factorize, rtn_factorize, gptq_factorize, rank_for_bpw,
-                      breakeven_rank, truncated_svd)
+                      truncated_svd)
 from .gptq import HessianInfo, gptq_quantize, activation_error
 from .qlr import qlr_factorize
 from .codebook import CodebookTensor, codebook_quantize
@@ -14,6 +14,6 @@ from .codebook import CodebookTensor, codebook_quantize
 __all__ = [
     "QuantSpec", "QuantizedTensor", "quantize", "dequantize", "pack_bits", "unpack_bits",
     "Representation", "relative_error", "svd_factorize", "lplr_factorize", "rtn_factorize",
-    "rank_for_bpw", "breakeven_rank", "truncated_svd", "gptq_factorize", "HessianInfo", "gptq_quantize",
+    "rank_for_bpw", "truncated_svd", "gptq_factorize", "HessianInfo", "gptq_quantize",
     "activation_error", "qlr_factorize", "CodebookTensor", "codebook_quantize",
 ]

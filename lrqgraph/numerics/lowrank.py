@@ -176,8 +176,3 @@ def rank_for_bpw(k: int, n: int, target_bpw: float, spec_l: QuantSpec, spec_r: Q
             break
         best = rank
     return best
-
-
-def breakeven_rank(k: int, n: int, spec_l: QuantSpec, spec_r: QuantSpec, dense_bits: int = 32) -> int:
-    """Largest rank whose factors still take fewer bits than the dense matrix at ``dense_bits``."""
-    return rank_for_bpw(k, n, dense_bits * (1 - 1e-9), spec_l, spec_r, multiple=1)
