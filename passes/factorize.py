@@ -141,7 +141,7 @@ class Factorize(Pass):
                 log.warning("layer '%s': %s", layer.name, rep.info["fallback"])
             entry.update(action="rewrite", reason="", method=rep.method, rank=rep.rank, bits=cfg.bits,
                          block=cfg.block_size, symmetric=cfg.symmetric,
-                         info={k: v for k, v in rep.info.items() if k != "errors"},
+                         info=rep.info,
                          bpw=round(rep.bits_per_weight(), 4),
                          rel_error=round(relative_error(w, approx := rep.dequantize()), 6),
                          act_error=(round(activation_error(w, approx, hessians[layer.weight]), 6)

@@ -50,6 +50,7 @@ class HessianInfo:
         self._damped = damped(h, damp)
         self._u: np.ndarray | None = None
         self._s: np.ndarray | None = None
+        self._ordered: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def of(cls, h: "np.ndarray | HessianInfo | None") -> "HessianInfo | None":
@@ -60,6 +61,14 @@ class HessianInfo:
         if self._u is None:
             self._u = inverse_cholesky_upper(self._damped).astype(np.float32)
         return self._u
+
+    def act_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row order by decreasing diag H, upper inverse Cholesky factor of H in that order)."""
+        if self._ordered is None:
+            order = np.argsort(-np.diag(self.h), kind="stable")
+            u = inverse_cholesky_upper(self._damped[np.ix_(order, order)]).astype(np.float32)
+            self._ordered = (order, u)
+        return self._ordered
 
     @property
     def cholesky(self) -> np.ndarray:
@@ -89,8 +98,7 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
         grid = quantize(w, spec)
         scales = grid.scales.astype(np.float32)
         zps = None if grid.zero_points is None else grid.zero_points.astype(np.float32)
-        order = np.argsort(-np.diag(info.h), kind="stable")
-        u = inverse_cholesky_upper(info._damped[np.ix_(order, order)]).astype(np.float32)
+        order, u = info.act_order()
     else:
         scales = np.zeros((blocks, n), np.float32)
         zps = None if spec.symmetric else np.zeros((blocks, n), np.float32)
@@ -127,8 +135,10 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
 
 def activation_error(w: np.ndarray, approx: np.ndarray, h: np.ndarray) -> float:
     """sqrt(tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)): relative output error of Y = X·W for inputs with H = XᵀX."""
-    w = np.asarray(w, np.float64)
-    delta = w - approx
-    num = np.einsum("ij,ij->", delta, h @ delta)
-    den = np.einsum("ij,ij->", w, h @ w)
+    # float32 products (the K²N cost dominates), float64 sums
+    h = np.asarray(h, np.float32)
+    w = np.asarray(w, np.float32)
+    delta = w - np.asarray(approx, np.float32)
+    num = float(np.einsum("ij,ij->", delta, h @ delta, dtype=np.float64))
+    den = float(np.einsum("ij,ij->", w, h @ w, dtype=np.float64))
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gptq import HessianInfo, activation_error, gptq_quantize
+from .gptq import HessianInfo, gptq_quantize
 from .quant import QuantSpec, QuantizedTensor, quantize, spec_storage_bits
-from .representation import Representation, relative_error
+from .representation import Representation
 
 
 def rtn_factorize(w: np.ndarray, spec: QuantSpec) -> Representation:
@@ -54,7 +54,7 @@ def truncated_svd(a: np.ndarray, rank: int, seed: int = 0, oversample: int = 16,
         u, s, vt = np.linalg.svd(a, full_matrices=False)
         return u[:, :rank], s[:rank], vt[:rank]
     rng = np.random.default_rng(seed)
-    y = a @ rng.standard_normal((a.shape[1], rank + oversample)).astype(a.dtype)
+    y = a @ rng.standard_normal((a.shape[1], rank + oversample), dtype=np.float32).astype(a.dtype)
     for _ in range(power_iters):
         y, _ = np.linalg.qr(y)
         y = a @ (a.T @ y)
@@ -76,8 +76,12 @@ def _quantize(m: np.ndarray, spec: QuantSpec, h: HessianInfo | np.ndarray | None
     return quantize(m, spec) if h is None else gptq_quantize(m, h, spec)
 
 
-def _error(w: np.ndarray, approx: np.ndarray, h: HessianInfo | None) -> float:
-    return relative_error(w, approx) if h is None else activation_error(w, approx, h.h)
+def _score(w: np.ndarray, approx: np.ndarray, h: HessianInfo | None) -> float:
+    """What best-iterate choices minimise: ||ΔW||² or tr(ΔWᵀ H ΔW) (unnormalised, one product)."""
+    delta = np.asarray(w, np.float32) - np.asarray(approx, np.float32)
+    if h is None:
+        return float(np.einsum("ij,ij->", delta, delta, dtype=np.float64))
+    return float(np.einsum("ij,ij->", delta, h.h @ delta, dtype=np.float64))
 
 
 def fit_right(left: np.ndarray, w: np.ndarray, h: HessianInfo | None) -> np.ndarray:
@@ -128,7 +132,7 @@ def lplr_factorize(
     elif init == "sketch":
         rng = np.random.default_rng(seed)
         width = min(rank + oversample, a.shape[1])
-        left = a @ (rng.standard_normal((a.shape[1], width)).astype(np.float32) / np.sqrt(width))
+        left = a @ (rng.standard_normal((a.shape[1], width), dtype=np.float32) / np.float32(np.sqrt(width)))
         for _ in range(power_iters):
             basis, _ = np.linalg.qr(left)
             left = a @ (a.T @ basis)
@@ -148,7 +152,7 @@ def lplr_factorize(
         lq = _quantize(left, spec_l, hinfo)
         ld = lq.dequantize()
         right = _quantize(fit_right(ld, w, hinfo), spec_r, None if hinfo is None else ld.T @ hinfo.h @ ld)
-        err = _error(w, ld @ right.dequantize(), hinfo) if refits else 0.0
+        err = _score(w, ld @ right.dequantize(), hinfo) if refits else 0.0
         if err < best_err:
             best, best_err = (lq, right), err
     return Representation(chains=(best,), method="lplr", rank=rank,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .gptq import HessianInfo
-from .lowrank import _error, _quantize, lplr_factorize
+from .lowrank import _quantize, _score, lplr_factorize
 from .quant import QuantSpec
 from .representation import Representation
 
@@ -20,15 +20,14 @@ def qlr_factorize(w: np.ndarray, rank: int, spec_q: QuantSpec, spec_lr: QuantSpe
     w = np.asarray(w, np.float32)
     hinfo = HessianInfo.of(h)
     lowrank = np.zeros_like(w)
-    best, best_err, errors = None, np.inf, []
+    best, best_err = None, np.inf
     for _ in range(iters):
         q = _quantize(w - lowrank, spec_q, hinfo)
         qd = q.dequantize()
         lr = lplr_factorize(w - qd, rank, spec_lr, spec_lr, h=hinfo, init="svd", refits=refits, seed=seed)
         lowrank = lr.dequantize()
-        err = _error(w, qd + lowrank, hinfo)
-        errors.append(round(err, 6))
+        err = _score(w, qd + lowrank, hinfo)
         if err < best_err:
             best, best_err = ((q,), lr.chains[0]), err
     return Representation(chains=best, method="qlr", rank=rank,
-                          info={"iters": iters, "errors": errors, "activation_aware": hinfo is not None})
+                          info={"iters": iters, "activation_aware": hinfo is not None})
