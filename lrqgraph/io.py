@@ -22,6 +22,13 @@ MIN_OPSET = 7
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 
 
+def cache_dir(*parts: str) -> Path:
+    """lrqgraph's on-disk cache (``$LRQGRAPH_CACHE``, default ``~/.cache/lrqgraph``), created on use."""
+    root = Path(os.environ.get("LRQGRAPH_CACHE", Path.home() / ".cache" / "lrqgraph")).joinpath(*parts)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):

@@ -18,16 +18,10 @@ import onnx
 
 from lrqgraph import calib
 from lrqgraph.hessian import collect_hessians
-from lrqgraph.io import save_model
+from lrqgraph.io import cache_dir, save_model
 from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, register_pass
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("LRQGRAPH_CACHE", Path.home() / ".cache" / "lrqgraph")) / "hessians"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _digest(model: onnx.ModelProto, data_path: str, weights: list[str]) -> str:
@@ -57,7 +51,7 @@ def layer_hessians(ctx: Context) -> dict[str, np.ndarray]:
     model = ctx.model.to_onnx()
     feeds = calib.load_npz(data, model)
     key = _digest(model, data, sorted(inputs))
-    cached = cache_root() / f"{key}.npz"
+    cached = cache_dir("hessians") / f"{key}.npz"
     if cached.exists():
         with np.load(cached) as stored:
             log.info("calibrate: H for %d layers read from cache %s", len(stored.files), cached)

@@ -1,6 +1,5 @@
 """discover: which layers are selected, and the reason given for every layer left alone."""
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import lrqgraph

