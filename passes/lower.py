@@ -163,7 +163,8 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
     c, c_values, beta = _gemm_bias(node)
     alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
     vector_bias = None
-    if c_values is not None and c_values.size == rep.shape[1] and c_values.ndim <= 2 \
+    # a [N] or [1, N] constant C rides in MatMulNBits' bias input; any other C gets an Add
+    if c_values is not None and c_values.size == rep.shape[1] and c_values.shape[-1:] == (rep.shape[1],) \
             and alpha == 1.0 and len(rep.chains) == 1 and em.target == "ort":
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
