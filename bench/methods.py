@@ -59,18 +59,21 @@ def candidates(budget: float, k: int, n: int, dense: list[QuantSpec]):
                     lambda w, h, s=s: rtn_factorize(w, s)))
     top = sorted(dense, key=lambda s: (s.bits, -s.block_size if s.block_size else -10**6))[-4:]
     for s in top:
-        out.append(("gptq", f"gptq {s.bits}b g{s.block_size or 'ch'} {'sym' if s.symmetric else 'asym'}",
-                    lambda w, h, s=s: gptq_factorize(w, s, h)))
+        for sweeps in (0, 4):
+            out.append(("gptq", f"gptq {s.bits}b g{s.block_size or 'ch'} {'sym' if s.symmetric else 'asym'}"
+                                f"{f' +{sweeps} cd' if sweeps else ''}",
+                        lambda w, h, s=s, sw=sweeps: gptq_factorize(w, s, h, sw)))
     # Q + L·R: a coarser Q (GPTQ with H) and the rest of the budget as low-rank factors
     for qbits in sorted({min(max(int(budget) - 1, 2), 4), min(int(budget), 4)}):
-        for block in (64,):
+        for block in (32, 64):
             qspec = QuantSpec(qbits, block, True, True, "float16")
-            for lr_bits in (8,):
+            for lr_bits in (4, 8):
                 lr = QuantSpec(lr_bits, 64, False, False, "float16")
                 rank = rank_for_bpw(k, n, budget, lr, lr, fixed_bits=spec_storage_bits(k, n, qspec))
                 if rank:
-                    out.append(("qlr", f"qlr q{qbits}b g{block} + {lr_bits}b factors",
-                                lambda w, h, q=qspec, r=rank, lr=lr: qlr_factorize(w, r, q, lr, h=h, iters=3)))
+                    out.append(("qlr", f"qlr q{qbits}b g{block} +4 cd + {lr_bits}b factors",
+                                lambda w, h, q=qspec, r=rank, lr=lr: qlr_factorize(w, r, q, lr, h=h, iters=3,
+                                                                                     sweeps=4)))
     for bits in (4, 8):
         spec = QuantSpec(bits, 64, False, False, "float16")
         rank = rank_for_bpw(k, n, budget, spec, spec)

@@ -48,6 +48,7 @@ class FactorizeConfig:
     refits: int = 0                # lplr/qlr: alternating refits of L and R (best iterate kept)
     lr_bits: int = 8               # qlr: bits of the low-rank factors (Q takes ``bits``)
     iters: int = 5                 # qlr: outer Q / L·R alternations
+    sweeps: int = 2                # gptq/qlr with H: coordinate-descent passes over codes and scales
     transform: str = "hadamard"    # kashin: dct, hadamard or qr
     tol: float = 1e-3              # kashin: relative residual that ends the decomposition
     max_iter: int = 200            # kashin: decomposition steps before falling back to kmeans
@@ -58,6 +59,8 @@ class FactorizeConfig:
             raise LrqError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if not 2 <= self.bits <= 8 or not 2 <= self.lr_bits <= 8:
             raise LrqError(f"bits must be in 2..8, got {self.bits} (lr_bits {self.lr_bits})")
+        if not 0 <= self.sweeps <= 100:
+            raise LrqError(f"sweeps must be in 0..100, got {self.sweeps}")
         if self.init not in ("sketch", "svd"):
             raise LrqError(f"init must be sketch or svd, got '{self.init}'")
         if self.transform not in ("dct", "hadamard", "qr"):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lrqgraph.config import FactorizeConfig, with_fields
 from lrqgraph.numerics import (Representation, activation_error, codebook_quantize, gptq_factorize, lplr_factorize,
                                qlr_factorize, rank_for_bpw, relative_error, rtn_factorize, svd_factorize)
-from lrqgraph.numerics.codebook import CODEBOOK_BITS
+from lrqgraph.numerics.quant import CODEBOOK_BITS
 from lrqgraph.numerics.kashin import kashin_quantize
 from lrqgraph.numerics.lowrank import lowrank_storage_bits
 from lrqgraph.numerics.pack import packed_nbytes
@@ -94,7 +94,7 @@ def factorize_weight(w: np.ndarray, cfg: FactorizeConfig, scale_dtype: str = "fl
             rep = Representation(rep.chains, "rtn", info={"requested": "gptq", "data_free": True})
         return rep, ""
     if cfg.method == "gptq":
-        return gptq_factorize(w, spec, h), ""
+        return gptq_factorize(w, spec, h, cfg.sweeps), ""
     if cfg.method == "kmeans":
         return Representation(((codebook_quantize(w, cfg.bits),),), "kmeans"), ""
     if cfg.method == "kashin":
@@ -106,7 +106,8 @@ def factorize_weight(w: np.ndarray, cfg: FactorizeConfig, scale_dtype: str = "fl
     if cfg.method == "svd":
         return svd_factorize(w, rank, factor, factor), ""
     if cfg.method == "qlr":
-        return qlr_factorize(w, rank, dense, factor, h=h, iters=cfg.iters, refits=cfg.refits, seed=cfg.seed), ""
+        return qlr_factorize(w, rank, dense, factor, h=h, iters=cfg.iters, refits=cfg.refits, seed=cfg.seed,
+                             sweeps=cfg.sweeps), ""
     return lplr_factorize(w, rank, factor, factor, h=h, init=cfg.init, refits=cfg.refits, seed=cfg.seed,
                           oversample=cfg.oversample, power_iters=cfg.power_iters), ""
 

@@ -134,7 +134,9 @@ class Emitter:
 
 
 def check_lowerable(layer: Layer, rep) -> None:
-    if not all(isinstance(q, QuantizedTensor) for chain in rep.chains for q in chain):
+    # the ort and std kernels take uniform grids blocked down K; codebooks need the native ops
+    if not all(isinstance(q, QuantizedTensor) and q.codebook is None and q.axis == 0
+               for chain in rep.chains for q in chain):
         raise LrqError(f"layer '{layer.name}': method {rep.method} has no ONNX lowering yet (its codebooks "
                        f"need the native custom ops); choose rtn, gptq, svd, lplr or qlr")
 

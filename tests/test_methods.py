@@ -10,6 +10,7 @@ from lrqgraph.numerics import (QuantSpec, activation_error, codebook_quantize, g
 from lrqgraph.numerics.kashin import kashin_quantize
 from lrqgraph.numerics.lowrank import lowrank_storage_bits, rank_for_bpw
 from lrqgraph.numerics.quant import spec_storage_bits
+from lrqgraph.numerics.refine import refine
 from lrqgraph.numerics.transforms import MatrixTransform, dct_ortho
 
 
@@ -59,6 +60,31 @@ def test_gptq_output_error_is_below_rtn_at_equal_bits(spec):
         gptq = gptq_quantize(w, h, spec, act_order=act_order)
         assert gptq.storage_bits() == rtn.storage_bits()
         assert activation_error(w, gptq.dequantize(), h) < activation_error(w, rtn.dequantize(), h)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3, 16, True, True, "float16"), QuantSpec(4, 0, False),
+                                  QuantSpec(2, 48, True)])
+def test_coordinate_descent_lowers_gptq_error_and_keeps_the_format(spec):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((150, 70)).astype(np.float32)  # K not a multiple of any block
+    h = correlated_inputs(150)
+    gptq = gptq_quantize(w, h, spec)
+    errors = [activation_error(w, refine(w, gptq, h, sweeps).dequantize(), h) for sweeps in (0, 1, 3)]
+    assert errors[0] == activation_error(w, gptq.dequantize(), h)
+    # every step is an exact line minimum, so sweeps never raise the error (float32 slack)
+    assert errors[2] <= errors[1] * (1 + 1e-5) and errors[1] < errors[0] * 0.99
+    refined = refine(w, gptq, h, 3)
+    assert refined.codes.max() < (1 << spec.bits) and refined.storage_bits() == gptq.storage_bits()
+    assert refined.scales.dtype == np.dtype(spec.scale_dtype)
+    np.testing.assert_array_equal(refined.zero_point_array(), gptq.zero_point_array())
+
+
+def test_coordinate_descent_leaves_dead_inputs_alone():
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    h = correlated_inputs(64)
+    h[5, :] = h[:, 5] = 0
+    q = quantize(w, QuantSpec(3, 16))
+    assert np.array_equal(refine(w, q, h, 2).codes[5], q.codes[5])
 
 
 @pytest.mark.parametrize("with_h", [False, True])

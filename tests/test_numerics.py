@@ -8,7 +8,7 @@ from lrqgraph.numerics import (QuantSpec, lplr_factorize, pack_bits, quantize, r
                                relative_error, svd_factorize, unpack_bits)
 from lrqgraph.numerics.lowrank import lowrank_storage_bits
 from lrqgraph.numerics.pack import packed_nbytes
-from lrqgraph.numerics.quant import spec_storage_bits
+from lrqgraph.numerics.quant import QuantizedTensor, spec_storage_bits
 
 FAST = settings(max_examples=60, deadline=None)
 specs = st.builds(QuantSpec, bits=st.integers(2, 8), block_size=st.sampled_from([0, 16, 32, 48, 64, 128]),
@@ -60,6 +60,35 @@ def test_storage_bits_counts_every_stored_byte(spec, k, n):
     scales = n * blocks * 32
     zps = 0 if spec.symmetric else n * packed_nbytes(blocks, spec.bits) * 8
     assert q.storage_bits() == codes + scales + zps == spec_storage_bits(k, n, spec)
+
+
+@FAST
+@given(spec=specs, k=st.integers(1, 80), n=st.integers(1, 80), seed=st.integers(0, 99))
+def test_blocks_along_axis_1_are_the_transposed_problem(spec, k, n, seed):
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    along_cols = quantize(w, spec, axis=1)
+    along_rows_of_t = quantize(w.T, spec)
+    assert along_cols.axis == 1 and along_cols.shape == (k, n)
+    assert along_cols.scales.shape == (k, -(-n // spec.block_for(n)))
+    np.testing.assert_array_equal(along_cols.dequantize(), along_rows_of_t.dequantize().T)
+    assert along_cols.storage_bits() == along_rows_of_t.storage_bits() == spec_storage_bits(n, k, spec)
+
+
+def test_codebook_and_vector_codebook_tensors():
+    codes = np.array([[0, 1], [3, 2], [1, 1]], np.uint8)
+    scalar = QuantizedTensor(codes, None, None, bits=2, block_size=3, codebook=np.array([-1, 0, .5, 2], np.float32))
+    np.testing.assert_array_equal(scalar.dequantize(), [[-1, 0], [2, .5], [0, 0]])
+    assert scalar.storage_bits() == packed_nbytes(6, 2) * 8 + 4 * 16
+    pairs = QuantizedTensor(codes, None, None, bits=2, block_size=3,
+                            codebook=np.arange(8, dtype=np.float32).reshape(4, 2))
+    assert pairs.dequantize().shape == (3, 2, 2) and pairs.dequantize()[1, 0].tolist() == [6, 7]
+    assert pairs.storage_bits() == packed_nbytes(6, 2) * 8 + 8 * 16
+    # scales apply on top of codebook levels, block by block
+    scaled = QuantizedTensor(codes, np.array([[2, 3]], np.float32), None, bits=2, block_size=3,
+                             codebook=scalar.codebook)
+    np.testing.assert_array_equal(scaled.dequantize(), scalar.dequantize() * [[2, 3]])
+    with pytest.raises(ValueError):
+        QuantizedTensor(codes, None, None, bits=2, block_size=3)
 
 
 def test_symmetric_matches_onnxruntime_convention():

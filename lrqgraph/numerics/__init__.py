@@ -9,11 +9,11 @@ from .lowrank import (svd_factorize, lplr_factorize, rtn_factorize, gptq_factori
                       truncated_svd)
 from .gptq import HessianInfo, gptq_quantize, activation_error
 from .qlr import qlr_factorize
-from .codebook import CodebookTensor, codebook_quantize
+from .codebook import codebook_quantize
 
 __all__ = [
     "QuantSpec", "QuantizedTensor", "quantize", "dequantize", "pack_bits", "unpack_bits",
     "Representation", "relative_error", "svd_factorize", "lplr_factorize", "rtn_factorize",
     "rank_for_bpw", "truncated_svd", "gptq_factorize", "HessianInfo", "gptq_quantize",
-    "activation_error", "qlr_factorize", "CodebookTensor", "codebook_quantize",
+    "activation_error", "qlr_factorize", "codebook_quantize",
 ]

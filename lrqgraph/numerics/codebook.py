@@ -5,34 +5,9 @@ dimension the nearest centroid is found by binary search among the midpoints.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from .pack import packed_nbytes
-
-CODEBOOK_BITS = 16  # centroids are stored as float16
-
-
-@dataclass(frozen=True)
-class CodebookTensor:
-    """A matrix coded as ``codebook[codes]`` (codes < 2**bits, one codebook for the tensor)."""
-
-    codes: np.ndarray        # uint8/uint16 [K, N]
-    codebook: np.ndarray     # float32 [2**bits] (stored as float16)
-    bits: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.codes.shape  # type: ignore[return-value]
-
-    def dequantize(self) -> np.ndarray:
-        return self.codebook[self.codes]
-
-    def storage_bits(self) -> int:
-        k, n = self.shape
-        return packed_nbytes(k * n, self.bits) * 8 + self.codebook.size * CODEBOOK_BITS
-
+from .quant import QuantizedTensor
 
 def kmeans_1d(values: np.ndarray, clusters: int, iters: int = 30) -> np.ndarray:
     """Sorted centroids of a 1-D k-means (Lloyd) started from evenly spaced quantiles."""
@@ -57,9 +32,9 @@ def nearest(values: np.ndarray, sorted_centroids: np.ndarray) -> np.ndarray:
     return np.searchsorted(mids, values)
 
 
-def codebook_quantize(w: np.ndarray, bits: int, iters: int = 30) -> CodebookTensor:
-    """Per-tensor 1-D k-means with 2**bits levels (centroids rounded to float16)."""
+def codebook_quantize(w: np.ndarray, bits: int, iters: int = 30) -> QuantizedTensor:
+    """Per-tensor 1-D k-means with 2**bits levels (centroids rounded to float16), no scales."""
     centroids = kmeans_1d(w, 1 << bits, iters).astype(np.float16).astype(np.float32)
     centroids = np.sort(centroids)
-    dtype = np.uint8 if bits <= 8 else np.uint16
-    return CodebookTensor(nearest(w, centroids).astype(dtype), centroids, bits)
+    return QuantizedTensor(codes=nearest(w, centroids).astype(np.uint8), scales=None, zero_points=None,
+                           bits=bits, block_size=w.shape[0], codebook=centroids)

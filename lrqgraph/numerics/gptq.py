@@ -79,7 +79,8 @@ class HessianInfo:
 
 
 def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
-                  act_order: bool = True, batch: int = 64) -> QuantizedTensor:
+                  act_order: bool = True, batch: int = 64,
+                  grid: QuantizedTensor | None = None) -> QuantizedTensor:
     """GPTQ-quantize W[K, N] given H[K, K] = XᵀX (any positive scale; 1% damping).
 
     With ``act_order`` (default) rows are visited by decreasing H diagonal (the inputs with the
@@ -95,7 +96,7 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
     dtype = np.dtype(spec.scale_dtype)
     blocks = -(-k // block)
     if act_order:
-        grid = quantize(w, spec)
+        grid = grid if grid is not None else quantize(w, spec)
         scales = grid.scales.astype(np.float32)
         zps = None if grid.zero_points is None else grid.zero_points.astype(np.float32)
         order, u = info.act_order()

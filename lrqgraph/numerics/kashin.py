@@ -17,33 +17,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codebook import CODEBOOK_BITS, codebook_quantize
-from .pack import packed_nbytes
+from .codebook import codebook_quantize
+from .quant import QuantizedTensor
 from .representation import Representation, relative_error
 from .transforms import MatrixTransform
 
 
 @dataclass(frozen=True)
 class KashinTensor:
-    codes: np.ndarray            # uint8 [m, n], index of the (U, Ṽ) centroid pair
-    centroids: np.ndarray        # float32 [2**bits, 2], stored as float16
+    """norm · (U + Q1·Ṽ·Q2ᵀ) with the (U, Ṽ) pairs in one QuantizedTensor with a 2-D codebook."""
+
+    pairs: QuantizedTensor       # codes [m, n], codebook [2**bits, 2] of (U, Ṽ) centroids
     norm: float                  # ‖X‖_F, stored as float32
-    bits: int
     transform: MatrixTransform = field(repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.codes.shape  # type: ignore[return-value]
+        return self.pairs.shape
 
     def dequantize(self) -> np.ndarray:
-        u = self.centroids[self.codes, 0]
-        v = self.centroids[self.codes, 1]
-        return self.norm * (u + self.transform.inverse(v))
+        uv = self.pairs.dequantize()
+        return self.norm * (uv[..., 0] + self.transform.inverse(uv[..., 1]))
 
     def storage_bits(self) -> int:
-        m, n = self.shape
-        return (packed_nbytes(m * n, self.bits) * 8 + self.centroids.size * CODEBOOK_BITS + 32
-                + self.transform.stored_bits())
+        return self.pairs.storage_bits() + 32 + self.transform.stored_bits()
 
 
 def kashin_decompose(x: np.ndarray, transform: MatrixTransform, tol: float = 1e-3, max_iter: int = 200):
@@ -120,6 +117,7 @@ def kashin_quantize(w: np.ndarray, bits: int = 4, transform: str = "hadamard", s
     pairs = np.stack([u.ravel(), v.ravel()], axis=1)
     centroids = kmeans_2d(pairs, 1 << bits, seed=seed).astype(np.float16).astype(np.float32)
     codes = assign(pairs, centroids.astype(np.float64)).astype(np.uint8).reshape(w.shape)
-    tensor = KashinTensor(codes, centroids, norm, bits, t)
+    tensor = KashinTensor(QuantizedTensor(codes=codes, scales=None, zero_points=None, bits=bits,
+                                          block_size=w.shape[0], codebook=centroids), norm, t)
     info["rel_error"] = relative_error(w, tensor.dequantize())
     return Representation(chains=((tensor,),), method="kashin", info=info)

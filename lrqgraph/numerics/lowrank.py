@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gptq import HessianInfo, gptq_quantize
+from .refine import refine
 from .quant import QuantSpec, QuantizedTensor, quantize, spec_storage_bits
 from .representation import Representation
 
@@ -26,8 +27,10 @@ def rtn_factorize(w: np.ndarray, spec: QuantSpec) -> Representation:
     return Representation(chains=((quantize(w, spec),),), method="rtn")
 
 
-def gptq_factorize(w: np.ndarray, spec: QuantSpec, h: np.ndarray | HessianInfo) -> Representation:
-    return Representation(chains=((gptq_quantize(w, h, spec),),), method="gptq")
+def gptq_factorize(w: np.ndarray, spec: QuantSpec, h: np.ndarray | HessianInfo, sweeps: int = 2) -> Representation:
+    """GPTQ, then ``sweeps`` coordinate-descent passes over codes and scales (see refine.py)."""
+    return Representation(chains=((_quantize(w, spec, HessianInfo.of(h), sweeps),),), method="gptq",
+                          info={"sweeps": sweeps})
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,12 @@ def fit_block(spec: QuantSpec, rows: int) -> QuantSpec:
     return QuantSpec(spec.bits, block, spec.symmetric, spec.clip_search, spec.scale_dtype)
 
 
-def _quantize(m: np.ndarray, spec: QuantSpec, h: HessianInfo | np.ndarray | None) -> QuantizedTensor:
-    return quantize(m, spec) if h is None else gptq_quantize(m, h, spec)
+def _quantize(m: np.ndarray, spec: QuantSpec, h: HessianInfo | np.ndarray | None, sweeps: int = 0) -> QuantizedTensor:
+    """RTN without H; with H, GPTQ followed by ``sweeps`` rounds of coordinate descent."""
+    if h is None:
+        return quantize(m, spec)
+    q = gptq_quantize(m, h, spec)
+    return refine(m, q, h.h if isinstance(h, HessianInfo) else h, sweeps) if sweeps else q
 
 
 def _score(w: np.ndarray, approx: np.ndarray, h: HessianInfo | None) -> float:

@@ -16,13 +16,13 @@ from .representation import Representation
 
 def qlr_factorize(w: np.ndarray, rank: int, spec_q: QuantSpec, spec_lr: QuantSpec, *,
                   h: np.ndarray | HessianInfo | None = None, iters: int = 5, refits: int = 1,
-                  seed: int = 0) -> Representation:
+                  seed: int = 0, sweeps: int = 2) -> Representation:
     w = np.asarray(w, np.float32)
     hinfo = HessianInfo.of(h)
     lowrank = np.zeros_like(w)
     best, best_err = None, np.inf
     for _ in range(iters):
-        q = _quantize(w - lowrank, spec_q, hinfo)
+        q = _quantize(w - lowrank, spec_q, hinfo, sweeps)
         qd = q.dequantize()
         lr = lplr_factorize(w - qd, rank, spec_lr, spec_lr, h=hinfo, init="svd", refits=refits, seed=seed)
         lowrank = lr.dequantize()

@@ -7,6 +7,7 @@ point 2**(bits-1), asymmetric ones carry a zero point per block.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from .pack import packed_nbytes
 # Candidate clipping ratios for the MSE scale search: shrinking the range trades clipping error on
 # the few largest weights for finer steps on all the others.
 _CLIP_RATIOS = np.linspace(1.0, 0.55, 10)
+CODEBOOK_BITS = 16  # codebook entries are stored as float16
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,29 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """Unsigned codes, per-block scales and (asymmetric) zero points of a [K, N] matrix."""
+    """The one stored form of a quantized 2-D matrix: codes, block scales, zero points, codebook.
+
+    Blocks of ``block_size`` consecutive entries run along ``axis`` (0: down the K rows of a [K, N]
+    MatMul weight, the MatMulNBits and DequantizeLinear(axis=0) layout; 1: along each row). A code
+    c stands for level(c) × its block's scale, where level(c) = c − zero point on a uniform grid
+    (implicit zero point 2**(bits-1) when symmetric) or codebook[c] with a codebook, whose entries
+    are scalars ([2**bits]) or vectors ([2**bits, d]: one code carries d values, as Kashin's pairs).
+    Codebook tensors may have no scales (unit scale).
+    """
 
     codes: np.ndarray                 # uint8 [K, N], values < 2**bits
-    scales: np.ndarray                # [ceil(K/block), N], scale_dtype
-    zero_points: np.ndarray | None    # uint8 [ceil(K/block), N], or None for the implicit 2**(bits-1)
+    scales: np.ndarray | None         # [ceil(K/block), N] for axis 0 ([K, ceil(N/block)] for axis 1)
+    zero_points: np.ndarray | None    # uint8, the scales' shape; None: symmetric (or codebook)
     bits: int
     block_size: int
+    axis: int = 0
+    codebook: np.ndarray | None = None  # float32 [2**bits] or [2**bits, d], stored as float16
+
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1):
+            raise ValueError(f"axis must be 0 or 1, got {self.axis}")
+        if self.scales is None and self.codebook is None:
+            raise ValueError("a uniform grid needs scales")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,14 +82,34 @@ class QuantizedTensor:
             return self.zero_points
         return np.full(self.scales.shape, 1 << (self.bits - 1), dtype=np.uint8)
 
+    def _per_entry(self, blocked: np.ndarray) -> np.ndarray:
+        """Expand a per-block array to one value per entry of the matrix."""
+        return np.repeat(blocked, self.block_size, axis=self.axis)[:self.shape[0], :self.shape[1]]
+
+    def levels(self) -> np.ndarray:
+        """Unscaled values: [K, N], or [K, N, d] for a vector codebook."""
+        if self.codebook is not None:
+            return self.codebook[self.codes]
+        return self.codes.astype(np.float32) - self._per_entry(self.zero_point_array().astype(np.float32))
+
     def dequantize(self) -> np.ndarray:
-        return dequantize(self)
+        """The float32 matrix this tensor stands for (vector codebooks: [K, N, d])."""
+        levels = self.levels().astype(np.float32)
+        if self.scales is None:
+            return levels
+        scale = self._per_entry(self.scales.astype(np.float32))
+        return levels * (scale if levels.ndim == 2 else scale[..., None])
 
     def storage_bits(self) -> int:
-        """Bits to store this tensor: see :func:`storage_bits`."""
+        """Every stored bit: codes (packed per block when there are scales, as MatMulNBits pads
+        them; over the whole tensor otherwise), scales, packed zero points, float16 codebook."""
         k, n = self.shape
-        return storage_bits(k, n, self.bits, self.block_size, self.scales.dtype.itemsize * 8,
-                            self.zero_points is not None)
+        book = 0 if self.codebook is None else self.codebook.size * CODEBOOK_BITS
+        if self.scales is None:
+            return packed_nbytes(k * n, self.bits) * 8 + book
+        rows, cols = (k, n) if self.axis == 0 else (n, k)
+        return storage_bits(rows, cols, self.bits, self.block_size, self.scales.dtype.itemsize * 8,
+                            self.zero_points is not None) + book
 
 
 def storage_bits(rows: int, cols: int, bits: int, block_size: int, scale_bits: int,
@@ -126,10 +164,14 @@ def _codes_for(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: i
     return np.clip(np.rint(wb / scale[:, None, :]) + offset, 0, (1 << bits) - 1)
 
 
-def quantize(w: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
-    """Quantize a 2-D float matrix block-wise along axis 0."""
+def quantize(w: np.ndarray, spec: QuantSpec, axis: int = 0) -> QuantizedTensor:
+    """Quantize a 2-D float matrix with blocks along ``axis`` (0: down the rows, MatMul layout)."""
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    if axis == 1:
+        q = quantize(np.asarray(w).T, spec)
+        return dataclasses.replace(q, codes=q.codes.T, scales=q.scales.T, axis=1,
+                                   zero_points=None if q.zero_points is None else q.zero_points.T)
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
     block = spec.block_for(k)
@@ -169,8 +211,4 @@ def quantize(w: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
 
 def dequantize(q: QuantizedTensor) -> np.ndarray:
     """The float32 matrix a quantized tensor stands for."""
-    k, n = q.shape
-    codes = _blocked(q.codes.astype(np.float32), q.block_size)
-    zp = q.zero_point_array().astype(np.float32)
-    w = (codes - zp[:, None, :]) * q.scales.astype(np.float32)[:, None, :]
-    return w.reshape(-1, n)[:k]
+    return q.dequantize()
