@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from lrqgraph.numerics import HessianInfo, QuantSpec, gptq_quantize, lplr_factorize, qlr_factorize
+from lrqgraph.numerics import HessianInfo, QuantSpec, gptq_factorize, gptq_quantize, lplr_factorize, qlr_factorize
 from lrqgraph.numerics.kashin import kashin_quantize
 from lrqgraph.report import table
 
@@ -26,6 +26,8 @@ def main() -> None:
     jobs = [
         ("lplr rank 512, 4-bit factors", 2, lambda: lplr_factorize(w, 512, spec4, spec4)),
         ("gptq 4-bit g128 (H given, act-order)", 15, lambda: gptq_quantize(w, HessianInfo(h), QuantSpec(4, 128))),
+        ("gptq 4-bit g128 + 2 coordinate-descent sweeps (the default)", 15,
+         lambda: gptq_factorize(w, QuantSpec(4, 128), HessianInfo(h), sweeps=2)),
         ("kashin 4-bit, hadamard", 30, lambda: kashin_quantize(w, 4, "hadamard")),
         ("qlr 10 iters, Q 2-bit g64 + rank 64 8-bit, data-free", 60,
          lambda: qlr_factorize(w, 64, QuantSpec(2, 64), QuantSpec(8, 64, False), iters=10, refits=0)),

@@ -18,7 +18,8 @@ from .passmanager import Context, Pass, PassManager
 
 def default_pipeline(config: OptimizeConfig) -> str:
     calibrate = "calibrate," if config.calib else ""
-    return f"discover,{calibrate}factorize,lower({config.lowering}),cleanup,verify"
+    plan = "allocate" if config.allocate.active else "factorize"
+    return f"discover,{calibrate}{plan},lower({config.lowering}),cleanup,verify"
 
 
 @dataclass

@@ -1,8 +1,16 @@
-"""Model inputs for verification and calibration: loaded from .npz, or synthesised from the signature."""
+"""Model inputs for verification and calibration.
+
+Calibration data comes as an .npz (keys = the model's input names, samples stacked on axis 0), a
+folder of such .npz files (each may have its own sequence length), or a text file with one sample
+per line plus a tokenizer (a ``tokenizer.json`` or a folder holding one). Without data, inputs are
+synthesised from the signature (verification only).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -123,3 +131,89 @@ def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], max_batch: int
     total = next(iter(feeds.values())).shape[0] if feeds else 0
     for start in range(0, total, step):
         yield {k: v[start:start + step] for k, v in feeds.items()}
+
+
+@dataclass(frozen=True)
+class CalibData:
+    """Calibration samples as runs the model accepts, with a digest of their content."""
+
+    batches: tuple[dict[str, np.ndarray], ...]
+    samples: int
+    digest: str     # SHA-256 of names, dtypes, shapes and bytes: the cache key of derived statistics
+    source: str
+
+
+def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenizer: str | None = None,
+                     max_samples: int = 128, max_batch: int = 8, max_length: int = 128) -> CalibData:
+    """Read calibration data (see the module docstring), keeping the first ``max_samples`` samples."""
+    path = Path(source)
+    if not path.exists():
+        raise LrqError(f"{path}: no such calibration file or folder")
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise LrqError(f"{path}: the folder holds no .npz files")
+        groups = [load_npz(f, model) for f in files]
+    elif path.suffix == ".npz":
+        groups = [load_npz(path, model)]
+    else:
+        if tokenizer is None:
+            raise LrqError(f"{path}: text calibration data needs a tokenizer (--tokenizer tokenizer.json "
+                           f"or its folder), or give an .npz of model inputs")
+        groups = [_tokenize(path, model, tokenizer, max_samples, max_length)]
+    runs, taken = [], 0
+    for group in groups:
+        count = next(iter(group.values())).shape[0]
+        keep = min(count, max_samples - taken)
+        if keep <= 0:
+            break
+        runs.extend(batches(model, {k: v[:keep] for k, v in group.items()}, max_batch))
+        taken += keep
+    digest = hashlib.sha256()
+    for run in runs:
+        for name in sorted(run):
+            arr = np.ascontiguousarray(run[name])
+            digest.update(f"{name}|{arr.dtype}|{arr.shape}".encode())
+            digest.update(arr.tobytes())
+    return CalibData(tuple(runs), taken, digest.hexdigest()[:24], str(path))
+
+
+def _tokenize(path: Path, model: onnx.ModelProto, tokenizer: str, max_samples: int,
+              max_length: int) -> dict[str, np.ndarray]:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise LrqError("text calibration data needs the 'tokenizers' package: pip install tokenizers") from None
+    tok_path = Path(tokenizer)
+    if tok_path.is_dir():
+        tok_path = tok_path / "tokenizer.json"
+    try:
+        tok = Tokenizer.from_file(str(tok_path))
+    except Exception as exc:  # the Rust binding raises bare Exceptions
+        raise LrqError(f"{tok_path}: not a readable tokenizer.json ({exc})") from None
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise LrqError(f"{path}: not a UTF-8 text file (one calibration sample per line)") from None
+    if not lines:
+        raise LrqError(f"{path}: holds no text lines")
+    specs = input_specs(model)
+    fixed = {s.shape[1] for s in specs if len(s.shape) > 1 and isinstance(s.shape[1], int)}
+    length = fixed.pop() if len(fixed) == 1 else max_length
+    tok.enable_truncation(length)
+    pad_id = tok.token_to_id("[PAD]") or tok.token_to_id("<pad>") or 0
+    tok.enable_padding(pad_id=pad_id, length=length if fixed else None)
+    enc = tok.encode_batch(lines[:max_samples])
+    ids = np.array([e.ids for e in enc], np.int64)
+    columns = {"ids": ids, "mask": np.array([e.attention_mask for e in enc], np.int64),
+               "type": np.array([e.type_ids for e in enc], np.int64),
+               "position": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+    feeds = {}
+    for spec in specs:
+        name = spec.name.lower()
+        key = next((k for k in ("mask", "type", "position", "ids") if k in name), None)
+        if key is None or len(spec.shape) != 2:
+            raise LrqError(f"{path}: cannot derive model input '{spec.name}' from text; give an .npz of "
+                           f"model inputs instead")
+        feeds[spec.name] = columns[key].astype(spec.dtype)
+    return feeds

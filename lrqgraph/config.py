@@ -93,9 +93,51 @@ class FactorizeConfig:
 @dataclass(frozen=True)
 class VerifyConfig:
     samples: int = 4
-    calib: str | None = None       # .npz of inputs, samples stacked on axis 0
+    calib: str | None = None       # .npz, folder of .npz or text file (with tokenizer) of inputs
+    tokenizer: str | None = None
+    calib_samples: int = 128
     max_error: float | None = None  # fail when max |Δ| / max |ref| over outputs exceeds this
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class AllocateConfig:
+    """Per-layer choice of representation against a goal (the ``allocate`` pass).
+
+    ``quality``: the least predicted degradation within a size (``target_bpw`` over the selected
+    layers, or ``target_size`` bytes for the whole model). ``compact``: the smallest model whose
+    measured degradation meets ``min_cosine`` or ``max_kl`` on the calibration inputs.
+    """
+
+    target_bpw: float | None = None
+    target_size: int | None = None
+    min_cosine: float | None = None
+    max_kl: float | None = None
+    menu: tuple[tuple[int, int], ...] = ()  # (bits, block) candidates; () = the lowering's default
+    validate: bool = True        # also measure each layer at a second candidate (predicted vs measured)
+    measure_samples: int = 32    # calibration samples each end-to-end measurement runs
+    repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
+
+    def __post_init__(self) -> None:
+        goals = [g for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl) if g is not None]
+        if len(goals) > 1:
+            raise LrqError("give one goal: --target-bpw, --target-size, --min-cosine or --max-kl")
+        if self.target_bpw is not None and not 1 <= self.target_bpw <= 32:
+            raise LrqError(f"--target-bpw must be in 1..32, got {self.target_bpw}")
+        if self.target_size is not None and self.target_size <= 0:
+            raise LrqError(f"--target-size must be positive, got {self.target_size}")
+        if self.min_cosine is not None and not -1 < self.min_cosine < 1:
+            raise LrqError(f"--min-cosine must be in (-1, 1), got {self.min_cosine}")
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise LrqError(f"--max-kl must be positive, got {self.max_kl}")
+
+    @property
+    def active(self) -> bool:
+        return any(g is not None for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl))
+
+    @property
+    def mode(self) -> str:
+        return "compact" if self.min_cosine is not None or self.max_kl is not None else "quality"
 
 
 @dataclass(frozen=True)
@@ -103,8 +145,11 @@ class OptimizeConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    allocate: AllocateConfig = field(default_factory=AllocateConfig)
     lowering: str = "ort"
-    calib: str | None = None       # .npz of real inputs for the calibrate analysis (H per layer)
+    calib: str | None = None       # .npz, folder of .npz, or text file (with tokenizer) of real inputs
+    tokenizer: str | None = None   # tokenizer.json (or its folder) for text calibration data
+    calib_samples: int = 128       # at most this many calibration samples are used
     check_each_pass: bool = False
 
     def __post_init__(self) -> None:

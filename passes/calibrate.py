@@ -1,4 +1,4 @@
-"""calibrate: per-layer input statistics H = XᵀX from real inputs (``--calib data.npz``).
+"""calibrate: per-layer input statistics H = XᵀX from real inputs (``--calib``: see lrqgraph.calib).
 
 The model is run in onnxruntime on the calibration samples (in batches, streaming: only H is
 kept) and H is cached on disk, keyed by the model's and the data's SHA-256, so a second run with
@@ -24,11 +24,9 @@ from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, r
 log = logging.getLogger(__name__)
 
 
-def _digest(model: onnx.ModelProto, data_path: str, weights: list[str]) -> str:
+def _digest(model: onnx.ModelProto, data: calib.CalibData, weights: list[str]) -> str:
     h = hashlib.sha256(model.SerializeToString(deterministic=True))
-    with open(data_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    h.update(data.digest.encode())
     h.update("|".join(weights).encode())
     return h.hexdigest()[:24]
 
@@ -41,15 +39,23 @@ def _mask_input(model: onnx.ModelProto) -> str | None:
     return None
 
 
+@register_analysis("calib_data")
+def calibration_data(ctx: Context) -> calib.CalibData | None:
+    """The calibration inputs (``--calib``), read once per pipeline; None without them."""
+    cfg = ctx.config
+    if not cfg.calib:
+        return None
+    return calib.load_calibration(cfg.calib, ctx.model.to_onnx(), cfg.tokenizer, cfg.calib_samples)
+
+
 @register_analysis("hessians")
 def layer_hessians(ctx: Context) -> dict[str, np.ndarray]:
-    data = ctx.config.calib
-    if not data:
+    data = ctx.analysis("calib_data")
+    if data is None:
         return {}
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
     inputs = {layer.weight: layer.nodes[0].inputs[0].name for layer in layers}
     model = ctx.model.to_onnx()
-    feeds = calib.load_npz(data, model)
     key = _digest(model, data, sorted(inputs))
     cached = cache_dir("hessians") / f"{key}.npz"
     if cached.exists():
@@ -59,12 +65,12 @@ def layer_hessians(ctx: Context) -> dict[str, np.ndarray]:
     with tempfile.TemporaryDirectory(prefix="lrqgraph-calib-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path)
-        hs = collect_hessians(path, inputs, calib.batches(model, feeds), mask_input=_mask_input(model))
+        hs = collect_hessians(path, inputs, data.batches, mask_input=_mask_input(model))
     fd, tmp_file = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
     os.close(fd)
     np.savez(tmp_file, **{f"h{i}": hs[name] for i, name in enumerate(sorted(inputs))})
     os.replace(tmp_file, cached)
-    log.info("calibrate: H for %d layers from %d samples of %s", len(hs), len(next(iter(feeds.values()))), data)
+    log.info("calibrate: H for %d layers from %d samples of %s", len(hs), data.samples, data.source)
     return hs
 
 
@@ -76,6 +82,7 @@ class Calibrate(Pass):
 
     def run(self, ctx: Context) -> PassResult:
         hs = ctx.analysis("hessians")
-        ctx.report["calibration"] = (f"H = XᵀX for {len(hs)} layers from {ctx.config.calib}" if hs
-                                     else "none: all methods ran data-free")
+        data = ctx.analysis("calib_data")
+        ctx.report["calibration"] = (f"H = XᵀX for {len(hs)} layers from {data.samples} samples of {data.source}"
+                                     if hs else "none: all methods ran data-free")
         return PassResult(modified=False, preserved=None)

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lrqgraph.config import FactorizeConfig, with_fields
-from lrqgraph.numerics import (Representation, activation_error, codebook_quantize, gptq_factorize, lplr_factorize,
+from lrqgraph.numerics import (HessianInfo, Representation, activation_error, codebook_quantize, gptq_factorize, lplr_factorize,
                                qlr_factorize, rank_for_bpw, relative_error, rtn_factorize, svd_factorize)
 from lrqgraph.numerics.quant import CODEBOOK_BITS
 from lrqgraph.numerics.kashin import kashin_quantize
@@ -85,7 +85,7 @@ def describe_plan(cfg: FactorizeConfig, k: int, n: int, stored_bits_per_weight: 
 
 
 def factorize_weight(w: np.ndarray, cfg: FactorizeConfig, scale_dtype: str = "float32",
-                     h: np.ndarray | None = None) -> tuple[Representation | None, str]:
+                     h: "np.ndarray | HessianInfo | None" = None) -> tuple[Representation | None, str]:
     """The representation ``cfg`` asks for, or (None, why not). ``h``: the layer's XᵀX, if known."""
     spec = cfg.spec(scale_dtype)
     if cfg.method == "rtn" or (cfg.method == "gptq" and h is None):

@@ -1,14 +1,12 @@
 """verify: run the original and the rewritten model in onnxruntime and compare every output.
 
-Inputs come from ``--calib data.npz`` or are synthesised from the input signature. Reported per
+Inputs come from ``--calib`` (see lrqgraph.calib) or are synthesised from the input signature. Reported per
 output: max |Δ|, max |Δ| / max |reference| and per-sample cosine similarity. With ``max_error``
 set, a larger relative error fails the pipeline (and so no output file is written).
 """
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,74 +15,58 @@ import onnx
 from lrqgraph import calib
 from lrqgraph.config import VerifyConfig, with_fields
 from lrqgraph.errors import LrqError, VerificationError
-from lrqgraph.io import save_model, tensor_bytes
+from lrqgraph.evaluate import cosines, per_sample, run_batches
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
-from lrqgraph.runtime import session
 
 log = logging.getLogger(__name__)
 
-# Small models are handed to onnxruntime as bytes; larger ones go through a temporary file.
-_IN_MEMORY_LIMIT = 1 << 30
-
-
-def run_model(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray],
-              proto: onnx.ModelProto) -> list[np.ndarray]:
-    """Outputs of ``model`` over all samples in ``feeds`` (batched as the model allows)."""
-    with tempfile.TemporaryDirectory(prefix="lrqgraph-verify-") as tmp:
-        if isinstance(model, onnx.ModelProto):
-            if tensor_bytes(model) < _IN_MEMORY_LIMIT:
-                source = model.SerializeToString()
-            else:
-                source = save_model(model, Path(tmp) / "model.onnx", external_data=True)
-        else:
-            source = model
-        sess = session(source)
-        names = [o.name for o in sess.get_outputs()]
-        runs = [sess.run(names, feed) for feed in calib.batches(proto, feeds)]
-    return [np.concatenate([r[i] for r in runs], axis=0) if runs[0][i].ndim else runs[0][i]
-            for i in range(len(names))]
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max |Δ|, max |Δ| / max |ref| and per-sample cosine, over the elements finite in both."""
-    ref = reference.astype(np.float64).reshape(reference.shape[0] if reference.ndim > 1 else 1, -1)
-    cand = candidate.astype(np.float64).reshape(ref.shape)
-    finite = np.isfinite(ref) & np.isfinite(cand)
-    ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
-    diff = np.abs(ref - cand)
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    max_abs = float(diff.max()) if diff.size else 0.0
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    cos = np.where(norms > 0, (ref * cand).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+def compare(references: list[np.ndarray], candidates: list[np.ndarray]) -> dict[str, float]:
+    """Max |Δ|, max |Δ| / max |ref| and per-sample cosine over batches, on elements finite in both."""
+    max_abs = scale = 0.0
+    cos, non_finite = [], 0
+    for reference, candidate in zip(references, candidates):
+        ref, cand = per_sample(reference), per_sample(candidate)
+        finite = np.isfinite(ref) & np.isfinite(cand)
+        non_finite += int((~finite).sum())
+        ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
+        if ref.size:
+            max_abs = max(max_abs, float(np.abs(ref - cand).max()))
+            scale = max(scale, float(np.abs(ref).max()))
+        cos.append(cosines(ref, cand))
+    cos = np.concatenate(cos)
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs,
-            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "non_finite": int((~finite).sum())}
+            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "non_finite": non_finite}
 
 
-def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg: VerifyConfig) -> dict[str, Any]:
+def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg: VerifyConfig,
+                    data: calib.CalibData | None = None) -> dict[str, Any]:
     """Run both models (paths or ModelProtos) on the same inputs; metrics per output.
 
-    Raises VerificationError when ``cfg.max_error`` is set and exceeded.
+    Inputs: ``data`` if given, else ``cfg.calib``, else synthesised from the signature. Raises
+    VerificationError when ``cfg.max_error`` is set and exceeded.
     """
-    if cfg.calib:
-        feeds, source = calib.load_npz(cfg.calib, signature), f"calibration file {cfg.calib}"
+    if data is None and cfg.calib:
+        data = calib.load_calibration(cfg.calib, signature, cfg.tokenizer, cfg.calib_samples)
+    if data is not None:
+        runs, samples, source = list(data.batches), data.samples, f"calibration data {data.source}"
     else:
-        feeds, source = calib.synthesize(signature, graph, cfg.samples, cfg.seed), "synthetic inputs"
-    reference = run_model(original, feeds, signature)
-    candidate = run_model(rewritten, feeds, signature)
-    names = [o.name for o in signature.graph.output]
-    if len(reference) != len(candidate):
-        raise LrqError(f"the models have different outputs ({len(reference)} vs {len(candidate)})")
+        feeds = calib.synthesize(signature, graph, cfg.samples, cfg.seed)
+        runs, samples, source = list(calib.batches(signature, feeds)), cfg.samples, "synthetic inputs"
+    names, reference = run_batches(original, runs)
+    _, candidate = run_batches(rewritten, runs)
+    if len(reference[0]) != len(candidate[0]):
+        raise LrqError(f"the models have different outputs ({len(reference[0])} vs {len(candidate[0])})")
     outputs = {}
-    for name, ref, cand in zip(names, reference, candidate):
-        if ref.shape != cand.shape:
-            raise LrqError(f"output '{name}' differs in shape: {ref.shape} vs {cand.shape}")
-        if ref.dtype.kind == "f":
-            outputs[name] = compare(ref, cand)
+    for i, name in enumerate(names):
+        refs, cands = [r[i] for r in reference], [c[i] for c in candidate]
+        if any(r.shape != c.shape for r, c in zip(refs, cands)):
+            raise LrqError(f"output '{name}' differs in shape: {refs[0].shape} vs {cands[0].shape}")
+        if refs[0].dtype.kind == "f":
+            outputs[name] = compare(refs, cands)
         else:
-            outputs[name] = {"mismatches": int((ref != cand).sum())}
+            outputs[name] = {"mismatches": int(sum((r != c).sum() for r, c in zip(refs, cands)))}
     worst = max((o.get("max_rel", 0.0) for o in outputs.values()), default=0.0)
-    report = {"inputs": source, "samples": int(next(iter(feeds.values())).shape[0]) if feeds else 0,
+    report = {"inputs": source, "samples": samples,
               "outputs": outputs, "max_rel": worst}
     log.info("verify: max relative error %.3g over %d output(s) (%s)", worst, len(outputs), source)
     if cfg.max_error is not None and worst > cfg.max_error:
@@ -106,5 +88,6 @@ class Verify(Pass):
             raise LrqError("verify needs the original model (run it through lrqgraph.run or optimize)")
         # The rewrite keeps the graph's inputs, so the rewritten model describes the signature.
         rewritten = ctx.model.to_onnx()
-        ctx.report["verify"] = compare_outputs(ctx.original, rewritten, rewritten, ctx.model.graph, cfg)
+        data = ctx.analysis("calib_data") if cfg.calib in (None, ctx.config.calib) else None
+        ctx.report["verify"] = compare_outputs(ctx.original, rewritten, rewritten, ctx.model.graph, cfg, data)
         return PassResult(modified=False)

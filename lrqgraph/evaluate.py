@@ -1,0 +1,119 @@
+"""Running models in onnxruntime and measuring how far their outputs move.
+
+``run_batches`` runs a model (path or ModelProto) over input batches. ``Degradation`` measures the
+end-to-end effect of replacing some weights by approximations: the chosen weights become graph
+inputs of one session, so each measurement is a run, not a session build. Its metric is taken on
+the model's first output: ``cosine`` (1 − mean per-sample cosine of the flattened output) or
+``kl`` (mean KL(reference ‖ candidate) of softmax over the last axis, for logits). Both are small,
+non-negative and add up approximately over independent small perturbations, which is what the
+allocator assumes.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import LrqError
+from .io import save_model, tensor_bytes
+from .runtime import session
+
+METRICS = ("cosine", "kl")
+_IN_MEMORY_LIMIT = 1 << 30  # larger models reach onnxruntime through a temporary file
+
+
+def open_session(model: onnx.ModelProto | str | Path):
+    if not isinstance(model, onnx.ModelProto):
+        return session(str(model))
+    if tensor_bytes(model) < _IN_MEMORY_LIMIT:
+        return session(model.SerializeToString())
+    with tempfile.TemporaryDirectory(prefix="lrqgraph-eval-") as tmp:
+        return session(save_model(model, Path(tmp) / "model.onnx", external_data=True))
+
+
+def run_batches(model, batches: Sequence[dict[str, np.ndarray]]) -> tuple[list[str], list[list[np.ndarray]]]:
+    """(output names, outputs of every batch)."""
+    sess = model if hasattr(model, "run") else open_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return names, [sess.run(names, feed) for feed in batches]
+
+
+def per_sample(x: np.ndarray) -> np.ndarray:
+    """[samples, features] float64 view of a batch output (a scalar output is one sample)."""
+    x = np.asarray(x, np.float64)
+    return x.reshape(x.shape[0] if x.ndim > 1 else 1, -1)
+
+
+def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    ref, cand = per_sample(reference), per_sample(candidate)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    return np.where(norms > 0, (ref * cand).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+
+
+def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over all positions of KL(softmax(reference) ‖ softmax(candidate)) along the last axis."""
+    def log_softmax(z):
+        z = np.asarray(z, np.float64)
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    lp, lq = log_softmax(reference), log_softmax(candidate)
+    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
+
+
+class Degradation:
+    """End-to-end effect of replacing chosen weights, on fixed inputs, in one onnxruntime session."""
+
+    def __init__(self, model: onnx.ModelProto, weights: Sequence[str], batches: Sequence[dict[str, np.ndarray]],
+                 metric: str = "cosine", custom: Callable[[list, list], float] | None = None):
+        if metric not in METRICS and custom is None:
+            raise LrqError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+        self.metric, self.custom = metric, custom
+        self.batches = list(batches)
+        if not self.batches:
+            raise LrqError("measuring degradation needs at least one input batch")
+        graph_model = onnx.ModelProto()
+        graph_model.CopyFrom(model)
+        wanted = set(weights)
+        self.weights: dict[str, np.ndarray] = {}
+        kept = []
+        for init in graph_model.graph.initializer:
+            if init.name in wanted:
+                self.weights[init.name] = onnx.numpy_helper.to_array(init)
+            else:
+                kept.append(init)
+        missing = wanted - set(self.weights)
+        if missing:
+            raise LrqError(f"weights {sorted(missing)[:3]} are not initializers of the model")
+        del graph_model.graph.initializer[:]
+        graph_model.graph.initializer.extend(kept)
+        listed = {i.name for i in graph_model.graph.input}
+        for name, value in self.weights.items():
+            if name not in listed:
+                graph_model.graph.input.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+        self.session = open_session(graph_model)
+        self.output = self.session.get_outputs()[0].name
+        self.reference = self._outputs({})
+
+    def _outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        weights = {**self.weights, **{k: v.astype(self.weights[k].dtype) for k, v in replaced.items()}}
+        return [self.session.run(None, {**feed, **weights}) for feed in self.batches]
+
+    def measure(self, replaced: dict[str, np.ndarray]) -> float:
+        """The metric with ``replaced`` weights (name -> array) and all others as in the model."""
+        outputs = self._outputs(replaced)
+        if self.custom is not None:
+            return float(self.custom(self.reference, outputs))
+        if self.metric == "kl":
+            return float(np.mean([kl_divergence(r[0], c[0]) for r, c in zip(self.reference, outputs)]))
+        cos = np.concatenate([cosines(r[0], c[0]) for r, c in zip(self.reference, outputs)])
+        return float(1.0 - cos.mean())
+
+    def cosine_stats(self, replaced: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(mean, min) per-sample cosine of the first output."""
+        outputs = self._outputs(replaced)
+        cos = np.concatenate([cosines(r[0], c[0]) for r, c in zip(self.reference, outputs)])
+        return float(cos.mean()), float(cos.min())

@@ -1,0 +1,160 @@
+"""tolerance: per layer, the candidate representations and each one's predicted share of the
+end-to-end degradation.
+
+1. Candidates: the lowering's menu of dense grids (bits, block), each computed for real (GPTQ +
+   coordinate descent with calibration statistics, RTN without), with its exact storage bits and
+   its activation-aware error e = sqrt(tr(ΔWᵀHΔW) / tr(WᵀHW)) (relative Frobenius error when
+   data-free). Keeping the float weight is always a candidate (e = 0).
+2. Calibration of the proxy: each layer alone is replaced by its cheapest candidate (the probe)
+   and the model's degradation d is measured in onnxruntime on the calibration inputs (see
+   lrqgraph.evaluate). Small perturbations degrade the output quadratically, so a layer's
+   sensitivity is s = d_probe / e_probe² and a candidate is predicted to cost s · e².
+3. Check: with ``validate``, each layer is also measured alone at a second, finer candidate, and
+   the report gives predicted against measured (and their Spearman rank correlation over layers):
+   the prediction there comes from the probe, never from the value it is compared with.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from lrqgraph import calib
+from lrqgraph.config import with_fields
+from lrqgraph.evaluate import Degradation
+from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
+from lrqgraph.passmanager import Context, register_analysis
+
+from .discover import Layer
+from .factorize import factorize_weight
+
+log = logging.getLogger(__name__)
+
+# (bits, block) menus: MatMulNBits runs 2/4/8-bit codes; standard DequantizeLinear int4/int8.
+DEFAULT_MENUS = {
+    "ort": ((2, 128), (2, 64), (2, 32), (4, 128), (4, 64), (4, 32), (8, 128)),
+    "std": ((4, 128), (4, 64), (4, 32), (8, 128)),
+}
+
+
+@dataclass
+class Candidate:
+    label: str
+    rep: Representation | None     # None: keep the float weight
+    bits: int                      # storage of the layer's weight in this form
+    error: float                   # activation-aware (or relative Frobenius) error
+    predicted: float = float("nan")  # predicted end-to-end degradation when only this layer changes
+
+
+@dataclass
+class LayerTolerance:
+    layer: Layer
+    candidates: list[Candidate]
+    sensitivity: float = float("nan")
+    probe: tuple[str, float] | None = None      # (label, measured degradation)
+    check: tuple[str, float, float] | None = None  # (label, predicted, measured)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):  # ties share their mean rank
+            tie = x == value
+            r[tie] = r[tie].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def candidates_for(layer: Layer, menu, method_cfg, h: np.ndarray | None) -> list[Candidate]:
+    """Every menu entry for one layer (cheapest first), then keeping the float weight."""
+    w = layer.weight_matrix()
+    float_bits = np.dtype(layer.dtype).itemsize * 8 * w.size
+    info = HessianInfo.of(h)  # factorized once for every candidate
+    out = []
+    for bits, block in menu:
+        cfg = with_fields(method_cfg, {"bits": bits, "block_size": block, "method": "gptq"})
+        rep, _ = factorize_weight(w, cfg, layer.dtype, info)
+        if rep is None or rep.storage_bits() >= float_bits:
+            continue
+        label = f"{rep.method} {bits}b g{block}"
+        dense = rep.dequantize()
+        error = activation_error(w, dense, h) if h is not None else relative_error(w, dense)
+        out.append(Candidate(label, rep, rep.storage_bits(), error))
+    out.sort(key=lambda c: (c.bits, c.error))
+    out.append(Candidate("keep", None, float_bits, 0.0, predicted=0.0))
+    return out
+
+
+def measurement_batches(ctx: Context) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The first ``measure_samples`` calibration samples (synthetic inputs without --calib)."""
+    data = ctx.analysis("calib_data")
+    if data is not None:
+        runs, count = [], 0
+        for run in data.batches:
+            if count >= ctx.config.allocate.measure_samples:
+                break
+            runs.append(run)
+            count += len(next(iter(run.values())))
+        return runs, f"{count} samples of {data.source}"
+    model = ctx.model.to_onnx()
+    feeds = calib.synthesize(model, ctx.model.graph, ctx.config.verify.samples, ctx.config.verify.seed)
+    log.warning("tolerance: no --calib data; layer sensitivities are measured on synthetic inputs")
+    return list(calib.batches(model, feeds)), f"{ctx.config.verify.samples} synthetic samples"
+
+
+@register_analysis("degradation")
+def degradation_meter(ctx: Context) -> Degradation:
+    """The original model with every selected weight swappable, on the calibration inputs."""
+    cfg = ctx.config.allocate
+    weights = [layer.weight for layer in ctx.analysis("layers") if layer.rewrite]
+    batches, _ = measurement_batches(ctx)
+    return Degradation(ctx.model.to_onnx(), weights, batches, metric="kl" if cfg.max_kl is not None else "cosine")
+
+
+@register_analysis("tolerance")
+def layer_tolerance(ctx: Context) -> list[LayerTolerance]:
+    cfg = ctx.config.allocate
+    menu = cfg.menu or DEFAULT_MENUS[ctx.config.lowering]
+    hessians = ctx.analysis("hessians")
+    meter = ctx.analysis("degradation")
+    start = time.perf_counter()
+    result = []
+    layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
+    for layer in tqdm(layers, desc="tolerance", unit="layer", disable=None, leave=False):
+        method_cfg = ctx.config.factorize.for_layer(layer.name, layer.weight)
+        cands = candidates_for(layer, menu, method_cfg, hessians.get(layer.weight))
+        tol = LayerTolerance(layer, cands)
+        lossy = [c for c in cands if c.rep is not None]
+        if lossy:
+            probe = lossy[0]
+            measured = max(meter.measure({layer.weight: stored_layout(layer, probe.rep)}), 0.0)
+            tol.probe = (probe.label, measured)
+            tol.sensitivity = measured / probe.error ** 2 if probe.error > 0 else 0.0
+            for c in lossy:
+                c.predicted = tol.sensitivity * c.error ** 2
+            if cfg.validate and len(lossy) > 1:
+                # the finest lossy candidate below 8 bits (or the finest): where allocations land
+                finer = [c for c in lossy[1:] if "8b" not in c.label] or lossy[1:]
+                check = finer[len(finer) // 2]
+                got = meter.measure({layer.weight: stored_layout(layer, check.rep)})
+                tol.check = (check.label, check.predicted, max(got, 0.0))
+        result.append(tol)
+    log.info("tolerance: %d layers, %d candidates in %.1f s", len(result),
+             sum(len(t.candidates) for t in result), time.perf_counter() - start)
+    return result
+
+
+def stored_layout(layer: Layer, rep: Representation) -> np.ndarray:
+    """The dense approximation in the layout the model stores the weight (Gemm transB keeps Wᵀ)."""
+    w = rep.dequantize()
+    return np.ascontiguousarray(w.T) if layer.transposed else w
