@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .config import (LOWERINGS, METHODS, FactorizeConfig, OptimizeConfig, SelectConfig, VerifyConfig)
+from .config import (LOWERINGS, METHODS, AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig,
+                     VerifyConfig)
 from .errors import LrqError, VerificationError
 
 log = logging.getLogger("lrqgraph")
@@ -39,7 +40,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     rank = g.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="rank of low-rank factors")
     rank.add_argument("--rank-ratio", type=float, help="rank as a fraction of min(K, N)")
-    rank.add_argument("--target-bpw", type=float, help="per-layer rank from a bits-per-weight budget")
+    rank.add_argument("--rank-bpw", type=float, help="per-layer rank from a bits-per-weight budget")
     g.add_argument("--lr-bits", type=int, default=DEFAULTS.lr_bits,
                    help=f"qlr: bits of the low-rank factors (default {DEFAULTS.lr_bits})")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of randomized methods (default 0)")
@@ -55,10 +56,44 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    help="also rewrite layers that write a graph output (lm_head, classifier)")
 
 
+def _add_allocate_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-layer allocation (one goal; candidates from the lowering's menu, "
+                             "measured on the --calib inputs)")
+    goal = g.add_mutually_exclusive_group()
+    goal.add_argument("--target-bpw", type=float,
+                      help="best measured quality within B bits per weight over the selected layers")
+    goal.add_argument("--target-size", type=_size, metavar="SIZE",
+                      help="best quality within a whole-model size: bytes, or with KB/MB/GB (10^3) or KiB/MiB/GiB")
+    goal.add_argument("--min-cosine", type=float,
+                      help="smallest model whose first output keeps this mean per-sample cosine")
+    goal.add_argument("--max-kl", type=float,
+                      help="smallest model whose first output (logits) keeps mean KL divergence below this")
+    g.add_argument("--report-html", help="write a self-contained HTML report with plots here")
+
+
+def _size(text: str) -> int:
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            lowered, scale = lowered[:-len(suffix)], factor
+            break
+    else:
+        scale = 1
+    try:
+        return int(float(lowered) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 20MB, 1.5GiB, 1000000)") from None
+
+
 def _add_verify_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("verification")
-    g.add_argument("--calib", help=".npz of real model inputs (keys = input names, samples on axis 0): "
-                   "calibration statistics for gptq/lplr/qlr, and the verification inputs")
+    g = p.add_argument_group("calibration and verification")
+    g.add_argument("--calib", help="real model inputs: an .npz (keys = input names, samples on axis 0), a folder "
+                   "of .npz files, or a text file with one sample per line (needs --tokenizer); used for "
+                   "calibration statistics, allocation measurements and verification")
+    g.add_argument("--tokenizer", help="tokenizer.json (or its folder) for text --calib data")
+    g.add_argument("--calib-samples", type=int, default=OptimizeConfig.calib_samples,
+                   help=f"use at most this many calibration samples (default {OptimizeConfig.calib_samples})")
     g.add_argument("--samples", type=int, default=VerifyConfig.samples,
                    help=f"synthetic samples when no --calib is given (default {VerifyConfig.samples})")
     g.add_argument("--max-error", type=float,
@@ -85,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
     opt.add_argument("--check-each-pass", action="store_true", help="run onnx.checker and shape inference after every pass")
     _add_method_options(opt)
+    _add_allocate_options(opt)
     _add_verify_options(opt)
 
     ins = sub.add_parser("inspect", parents=[common], help="per-layer table: what optimize would do and why")
@@ -99,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def verify_config(args: argparse.Namespace) -> VerifyConfig:
-    return VerifyConfig(samples=args.samples, calib=args.calib, max_error=args.max_error)
+    return VerifyConfig(samples=args.samples, calib=args.calib, tokenizer=args.tokenizer,
+                        calib_samples=args.calib_samples, max_error=args.max_error)
 
 
 def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
@@ -108,11 +145,15 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
                           min_params=args.min_params, keep_output_layers=not args.include_output_layers)
     factorize = FactorizeConfig(method=args.method, bits=args.bits, block_size=args.block_size,
                                 symmetric=args.symmetric, clip_search=args.clip_search, rank=args.rank,
-                                rank_ratio=args.rank_ratio, target_bpw=args.target_bpw, seed=args.seed,
+                                rank_ratio=args.rank_ratio, target_bpw=args.rank_bpw, seed=args.seed,
                                 lr_bits=args.lr_bits)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
-    return OptimizeConfig(select=select, factorize=factorize, verify=verify,
+    allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
+                                                                      "max_kl")})
+    return OptimizeConfig(select=select, factorize=factorize, verify=verify, allocate=allocate,
                           lowering=getattr(args, "lowering", "ort"), calib=getattr(args, "calib", None),
+                          tokenizer=getattr(args, "tokenizer", None),
+                          calib_samples=getattr(args, "calib_samples", OptimizeConfig.calib_samples),
                           check_each_pass=getattr(args, "check_each_pass", False))
 
 
@@ -127,12 +168,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if not dst.parent.exists():
         raise LrqError(f"{dst.parent}: output folder does not exist")
     config = config_from_args(args)
+    if args.report_html:
+        from .html_report import require_matplotlib
+        require_matplotlib()  # before the work, not after
     result = run(src, config, passes=args.passes)
     save_model(result.model, dst, external_data=True if args.external_data else None, source=src)
     result.report["model"]["file_bytes_before"] = _file_bytes(src)
     result.report["model"]["file_bytes_after"] = _file_bytes(dst)
     if args.report:
         write_json(result.report, args.report)
+    if args.report_html:
+        from .html_report import write_html
+        write_html(result.report, args.report_html)
     if not args.quiet:
         print(layer_table(result.report["layers"]))
         print(summary(result.report))

@@ -74,6 +74,13 @@ def summary(report: dict) -> str:
                              f"({v['samples']} samples, {v['inputs']})")
             else:
                 lines.append(f"verify '{name}': {o['mismatches']} mismatching elements")
+    a = report.get("allocation")
+    if a:
+        goal = ", ".join(f"{k} {v}" for k, v in a["goal"].items())
+        lines.append(f"allocate ({a['mode']}, {goal}): {a['bpw']:.3f} bits per weight over the selected layers; "
+                     f"{a['metric']} degradation predicted {a['predicted']:.4g}, measured {a['measured']:.4g}"
+                     f"{'' if a['met'] else ' - GOAL MISSED'}; {a['repairs']} repairs; "
+                     f"Spearman predicted/measured {a['spearman'] if a['spearman'] is None else round(a['spearman'], 3)}")
     if report.get("calibration"):
         lines.append(f"calibration: {report['calibration']}")
     return "\n".join(lines)
@@ -81,12 +88,16 @@ def summary(report: dict) -> str:
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
     """Write the report atomically."""
+    write_text(json.dumps(report, indent=2, default=str) + "\n", path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a file atomically (a temporary file beside it, then a rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".lrqgraph-report-", dir=path.parent or ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

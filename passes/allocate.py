@@ -91,7 +91,8 @@ class Allocate(Pass):
             found = within_budget(costs, losses, target)
             if found is None:
                 cheapest = sum(c.min() for c in costs) / params
-                raise LrqError(f"the goal of {target / params:.3f} bits per weight is below the cheapest choice "
+                raise LrqError(f"the goal leaves {target / params:.3f} bits per weight for the selected layers, below "
+                               f"the cheapest choice "
                                f"({cheapest:.3f} bits per weight over the selected layers); raise the target")
         else:
             found = within_loss(costs, losses, target)

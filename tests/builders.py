@@ -75,3 +75,29 @@ def activation_matmul_model(k: int = 32) -> onnx.ModelProto:
              helper.make_node("MatMul", ["x", "xt"], ["h"], name="act_mm"),
              helper.make_node("Relu", ["h"], ["y"])]
     return model(nodes, [io("x", ["b", k])], [io("y", ["b", "b"])], {})
+
+
+def mlp_model(dims=(64, 128, 128, 48), seed: int = 0) -> onnx.ModelProto:
+    """x -> (MatMul -> Tanh) per layer -> y: several layers with different sensitivities."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], {}, "x"
+    for i, (k, n) in enumerate(zip(dims, dims[1:])):
+        inits[f"W{i}"] = (rng.standard_normal((k, n)) * (1.5 ** i) / np.sqrt(k)).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"], name=f"mm{i}"),
+                  helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"act{i}")]
+        prev = f"a{i}"
+    nodes[-1].output[0] = "y"
+    return model(nodes, [io("x", ["b", dims[0]])], [io("y", ["b", dims[-1]])], inits)
+
+
+def token_model(vocab: int = 50, dim: int = 64) -> onnx.ModelProto:
+    """input_ids, attention_mask -> embedding Gather -> MatMul -> Relu (a text model's interface)."""
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["e"], name="embed"),
+             helper.make_node("Cast", ["attention_mask"], ["m"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["m3"], name="unsq"),
+             helper.make_node("Mul", ["e", "m3"], ["em"], name="mask"),
+             helper.make_node("MatMul", ["em", "W"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return model(nodes, [io("input_ids", ["b", "s"], TensorProto.INT64), io("attention_mask", ["b", "s"], TensorProto.INT64)],
+                 [io("y", ["b", "s", dim])],
+                 {"E": weight(vocab, dim), "W": weight(dim, dim, 1), "axes": np.array([-1], np.int64)})

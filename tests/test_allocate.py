@@ -1,0 +1,169 @@
+"""Calibration sources, the tolerance analysis and the allocate pass on small graphs (random
+weights: these test structure and the goal logic, not quality; MiniLM's numbers are in test_minilm)."""
+import json
+
+import numpy as np
+import pytest
+
+import builders
+import lrqgraph
+from lrqgraph import calib
+from lrqgraph.cli import main
+from lrqgraph.config import AllocateConfig, OptimizeConfig
+from lrqgraph.io import save_model
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+
+
+def mlp_calib(tmp_path, samples=32, seed=0, name="calib.npz", k=64):
+    path = tmp_path / name
+    np.savez(path, x=np.random.default_rng(seed).standard_normal((samples, k)).astype(np.float32))
+    return str(path)
+
+
+def run(tmp_path, passes=None, **goal):
+    cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(**goal))
+    return lrqgraph.run(builders.mlp_model(), cfg, passes=passes)
+
+
+def test_quality_mode_fits_the_budget_and_lowers_what_it_chose(tmp_path):
+    result = run(tmp_path, target_bpw=3.5)
+    alloc = result.report["allocation"]
+    assert alloc["mode"] == "quality" and alloc["bpw"] <= 3.5
+    rewritten = [e for e in result.report["layers"] if e.get("action") == "rewrite"]
+    # the lowered bytes are the bytes the allocator counted
+    assert sum(e["stored_bytes"] * 8 for e in rewritten) <= 3.5 * sum(e["params"] for e in rewritten) + 1e-9 \
+        or any(e.get("choice") == "keep" for e in result.report["layers"])
+    assert {e["choice"] for e in rewritten} <= {c for c in (e.get("choice") for e in result.report["layers"]) if c}
+    # the measured degradation is the one verify sees on the same samples (32 = measure_samples)
+    verify_cos = result.report["verify"]["outputs"]["y"]["cosine_mean"]
+    assert 1 - verify_cos == pytest.approx(alloc["measured"], rel=1e-3, abs=1e-6)
+    # more budget, less predicted loss
+    assert run(tmp_path, target_bpw=6).report["allocation"]["predicted"] < alloc["predicted"]
+
+
+def test_compact_mode_meets_the_goal_by_measurement(tmp_path):
+    alloc = run(tmp_path, min_cosine=0.999).report["allocation"]
+    assert alloc["mode"] == "compact" and alloc["met"] and alloc["measured"] <= 0.001
+    looser = run(tmp_path, min_cosine=0.99).report["allocation"]
+    assert looser["bpw"] <= alloc["bpw"]
+
+
+def test_repair_upgrades_the_worst_layers_until_the_measurement_meets_the_goal(tmp_path, monkeypatch):
+    from lrqgraph.passmanager import ANALYSES
+
+    original = ANALYSES["tolerance"]
+
+    def optimistic(ctx):  # predictions 100x too small: the first solution must miss the goal
+        tols = original(ctx)
+        for t in tols:
+            for c in t.candidates:
+                c.predicted *= 0.01
+        return tols
+
+    monkeypatch.setitem(ANALYSES, "tolerance", optimistic)
+    alloc = run(tmp_path, min_cosine=0.999).report["allocation"]
+    assert alloc["repairs"] > 0 and alloc["met"] and alloc["measured"] <= 0.001
+
+
+def test_tolerance_predicts_from_the_probe_and_checks_another_candidate(tmp_path):
+    result = run(tmp_path, target_bpw=4)
+    layers = [e for e in result.report["layers"] if "choice" in e]
+    assert len(layers) == 3
+    for e in layers:
+        probe_label, probe_measured = e["probe"]
+        check_label, predicted, measured = e["check"]
+        assert probe_label != check_label and probe_measured > measured >= 0 and predicted > 0
+    assert -1 <= result.report["allocation"]["spearman"] <= 1
+
+
+def test_unreachable_goals_are_clear_errors(tmp_path):
+    with pytest.raises(lrqgraph.LrqError, match="below the cheapest choice"):
+        run(tmp_path, target_bpw=1.5)
+    with pytest.raises(lrqgraph.LrqError, match="one goal"):
+        AllocateConfig(target_bpw=3, min_cosine=0.9)
+    with pytest.raises(lrqgraph.LrqError, match="below the cheapest choice"):
+        run(tmp_path, target_size=100)
+    with pytest.raises(lrqgraph.LrqError, match="outside the selected layers"):  # the embedding table
+        lrqgraph.run(builders.token_model(), OptimizeConfig(allocate=AllocateConfig(target_size=1000)))
+
+
+def test_folder_of_npz_files_and_the_sample_cap(tmp_path):
+    model = builders.mlp_model()
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    mlp_calib(folder, samples=10, seed=1, name="a.npz")
+    mlp_calib(folder, samples=20, seed=2, name="b.npz")
+    data = calib.load_calibration(folder, model)
+    assert data.samples == 30 and sum(len(b["x"]) for b in data.batches) == 30
+    capped = calib.load_calibration(folder, model, max_samples=15)
+    assert capped.samples == 15 and capped.digest != data.digest
+    assert calib.load_calibration(folder, model).digest == data.digest  # content, not file times
+    with pytest.raises(lrqgraph.LrqError, match="holds no .npz"):
+        calib.load_calibration(tmp_path / "cache", model) if (tmp_path / "cache").mkdir() is None else None
+
+
+def test_hessian_cache_is_invalidated_by_other_data(tmp_path, caplog):
+    model = builders.mlp_model()
+    caplog.set_level("INFO", logger="lrqgraph")
+    for seed, expect_hit in ((0, False), (0, True), (1, False)):
+        caplog.clear()
+        cfg = OptimizeConfig(calib=mlp_calib(tmp_path, seed=seed, name=f"c{seed}.npz"))
+        lrqgraph.run(model, cfg, passes="discover,calibrate")
+        assert ("read from cache" in caplog.text) == expect_hit
+
+
+def test_text_calibration_through_a_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "in", "the", "beginning", "was", "word"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = tmp_path / "lines.txt"
+    text.write_text("in the beginning was the word\nthe word\n\nwas\n")
+    model = builders.token_model()
+    data = calib.load_calibration(text, model, tokenizer=str(tmp_path))
+    assert data.samples == 3
+    ids = np.concatenate([b["input_ids"] for b in data.batches])
+    assert ids.shape == (3, 6) and ids[1, :2].tolist() == [3, 6] and ids[1, 2:].tolist() == [0] * 4
+    masks = np.concatenate([b["attention_mask"] for b in data.batches])
+    assert masks.sum(axis=1).tolist() == [6, 2, 1]
+    with pytest.raises(lrqgraph.LrqError, match="needs a tokenizer"):
+        calib.load_calibration(text, model)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(lrqgraph.LrqError, match="not a readable tokenizer"):
+        calib.load_calibration(text, model, tokenizer=str(tmp_path / "broken.json"))
+    with pytest.raises(lrqgraph.LrqError, match="cannot derive model input 'x'"):
+        calib.load_calibration(text, builders.mlp_model(), tokenizer=str(tmp_path))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"y": np.zeros((4, 64), np.float32)}, "missing \\['x'\\]"),
+    ({"x": np.zeros((4, 63), np.float32)}, "expects"),
+    ({"x": np.zeros((4, 64), np.int32)}, "int32, the model expects float32"),
+    ({"x": np.zeros((0, 64), np.float32)}, "holds no samples"),
+])
+def test_bad_calibration_data_names_the_problem(tmp_path, bad, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **bad)
+    with pytest.raises(lrqgraph.LrqError, match=message):
+        calib.load_calibration(path, builders.mlp_model())
+
+
+def test_cli_allocates_and_writes_json_and_html_reports(tmp_path, capsys):
+    src = tmp_path / "mlp.onnx"
+    save_model(builders.mlp_model(), src)
+    out, report, page = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "r.html"
+    code = main(["optimize", str(src), "-o", str(out), "--calib", mlp_calib(tmp_path), "--target-bpw", "3.5",
+                 "--report", str(report), "--report-html", str(page), "-q"])
+    assert code == 0 and out.exists()
+    assert json.loads(report.read_text())["allocation"]["bpw"] <= 3.5
+    html = page.read_text()
+    assert html.count("<img") == 3 and "spearman" in html
+    capsys.readouterr()
+    assert main(["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--target-size", "1KB", "-q"]) == 2
+    assert "below the cheapest choice" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
