@@ -35,6 +35,9 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=DEFAULTS.symmetric,
                      help="symmetric codes, no zero points (default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-block zero points")
+    g.add_argument("--scale-dtype", choices=("auto", "float16", "float32"), default=DEFAULTS.scale_dtype,
+                   help="scale type: auto = the weight's; float16 halves the scales of float32 models, whose "
+                        "rewritten layers then compute in float16 between Casts (default auto)")
     g.add_argument("--no-clip-search", dest="clip_search", action="store_false", default=DEFAULTS.clip_search,
                    help="plain min/max scales instead of the per-block MSE-optimal clipping")
     rank = g.add_mutually_exclusive_group()
@@ -146,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     factorize = FactorizeConfig(method=args.method, bits=args.bits, block_size=args.block_size,
                                 symmetric=args.symmetric, clip_search=args.clip_search, rank=args.rank,
                                 rank_ratio=args.rank_ratio, target_bpw=args.rank_bpw, seed=args.seed,
-                                lr_bits=args.lr_bits)
+                                lr_bits=args.lr_bits, scale_dtype=args.scale_dtype)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
                                                                       "max_kl")})

@@ -49,6 +49,8 @@ class FactorizeConfig:
     lr_bits: int = 8               # qlr: bits of the low-rank factors (Q takes ``bits``)
     iters: int = 5                 # qlr: outer Q / L·R alternations
     sweeps: int = 2                # gptq/qlr with H: coordinate-descent passes over codes and scales
+    scale_dtype: str = "auto"      # auto: the weight's float type; float16 halves scale storage of fp32
+                                   # models (the layer then computes in float16 between two Casts)
     transform: str = "hadamard"    # kashin: dct, hadamard or qr
     tol: float = 1e-3              # kashin: relative residual that ends the decomposition
     max_iter: int = 200            # kashin: decomposition steps before falling back to kmeans
@@ -61,6 +63,8 @@ class FactorizeConfig:
             raise LrqError(f"bits must be in 2..8, got {self.bits} (lr_bits {self.lr_bits})")
         if not 0 <= self.sweeps <= 100:
             raise LrqError(f"sweeps must be in 0..100, got {self.sweeps}")
+        if self.scale_dtype not in ("auto", "float16", "float32"):
+            raise LrqError(f"scale dtype must be auto, float16 or float32, got '{self.scale_dtype}'")
         if self.init not in ("sketch", "svd"):
             raise LrqError(f"init must be sketch or svd, got '{self.init}'")
         if self.transform not in ("dct", "hadamard", "qr"):
@@ -75,6 +79,10 @@ class FactorizeConfig:
             raise LrqError(f"rank ratio must be in (0, 1], got {self.rank_ratio}")
         if self.target_bpw is not None and self.target_bpw <= 0:
             raise LrqError(f"target bits per weight must be positive, got {self.target_bpw}")
+
+    def scales_for(self, weight_dtype: str) -> str:
+        """The scale type for a weight of ``weight_dtype``."""
+        return str(weight_dtype) if self.scale_dtype == "auto" else self.scale_dtype
 
     def spec(self, scale_dtype: str = "float32", bits: int | None = None) -> QuantSpec:
         """The factor quantizer; scales take the weight's float type so that kernels accept them."""

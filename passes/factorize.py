@@ -126,7 +126,7 @@ class Factorize(Pass):
             cfg = base.for_layer(layer.name, layer.weight)
             start = time.perf_counter()
             w = layer.weight_matrix()
-            rep, why = factorize_weight(w, cfg, layer.dtype, hessians.get(layer.weight))
+            rep, why = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), hessians.get(layer.weight))
             entry = ctx.report["layers"].setdefault(layer.name, {"name": layer.name})
             stored_bits = np.dtype(layer.dtype).itemsize * 8 * w.size
             if rep is not None and rep.storage_bits() >= stored_bits:

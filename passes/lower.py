@@ -62,8 +62,9 @@ class Emitter:
     """Creates the factor initializers of one weight once, and the nodes for each consumer."""
 
     def __init__(self, graph: gs.Graph, target: str, prefix: str, dtype: np.dtype,
-                 accuracy_level: int | None = None):
-        self.graph, self.target, self.prefix, self.dtype = graph, target, prefix, dtype
+                 accuracy_level: int | None = None, io_dtype: np.dtype | None = None):
+        self.graph, self.target, self.prefix, self.dtype = graph, target, prefix, np.dtype(dtype)
+        self.io_dtype = np.dtype(io_dtype or dtype)  # the layer's own activations
         self.accuracy_level = accuracy_level
         self._factors: dict[tuple[int, int], list[gs.Tensor]] = {}
         self.stored_bytes = 0
@@ -127,10 +128,15 @@ class Emitter:
         self.graph.nodes.append(gs.Node("MatMul", f"{tag}/MatMul{key[0]}_{key[1]}", {}, [x, deq], [out]))
         return out
 
-    def op(self, op: str, tag: str, inputs: list[gs.Tensor]) -> gs.Variable:
-        out = gs.Variable(f"{tag}/{op}_out", dtype=self.dtype)
-        self.graph.nodes.append(gs.Node(op, f"{tag}/{op}", {}, inputs, [out]))
+    def op(self, op: str, tag: str, inputs: list[gs.Tensor], dtype: np.dtype | None = None,
+           attrs: dict | None = None) -> gs.Variable:
+        out = gs.Variable(f"{tag}/{op}_out", dtype=dtype or self.dtype)
+        self.graph.nodes.append(gs.Node(op, f"{tag}/{op}", attrs or {}, inputs, [out]))
         return out
+
+    def cast(self, x: gs.Tensor, dtype: np.dtype, tag: str) -> gs.Variable:
+        to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        return self.op("Cast", tag, [x], dtype=np.dtype(dtype), attrs={"to": to})
 
 
 def check_lowerable(layer: Layer, rep) -> None:
@@ -171,6 +177,8 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
     node.outputs.clear()
+    if em.dtype != em.io_dtype:
+        x = em.cast(x, em.dtype, f"{tag}/in")
     sums = []
     for ci, chain in enumerate(rep.chains):
         h = x
@@ -181,12 +189,15 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
     h = sums[0]
     for other in sums[1:]:
         h = em.op("Add", tag, [h, other])
+    if em.dtype != em.io_dtype:
+        h = em.cast(h, em.io_dtype, f"{tag}/out")
+    io = em.io_dtype
     if alpha != 1.0:
-        h = em.op("Mul", f"{tag}/alpha", [h, _array(f"{tag}.alpha", np.array(alpha, em.dtype))])
+        h = em.op("Mul", f"{tag}/alpha", [h, _array(f"{tag}.alpha", np.array(alpha, io))], dtype=io)
     if c is not None and vector_bias is None:
         if beta != 1.0:
-            c = em.op("Mul", f"{tag}/beta", [c, _array(f"{tag}.beta", np.array(beta, em.dtype))])
-        h = em.op("Add", f"{tag}/bias", [h, c])
+            c = em.op("Mul", f"{tag}/beta", [c, _array(f"{tag}.beta", np.array(beta, io))], dtype=io)
+        h = em.op("Add", f"{tag}/bias", [h, c], dtype=io)
     producer = h.inputs[0]
     producer.outputs.clear()
     producer.outputs.append(y)
@@ -227,7 +238,9 @@ class Lower(Pass):
                     log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
                                 "dequantizes the weight on every call; --lowering std runs 2-bit codes "
                                 "(stored as int4) through the fast 4-bit kernel")
-            em = Emitter(graph, target, layer.weight, np.dtype(layer.dtype), self.params.get("accuracy_level"))
+            compute = rep.chains[0][0].scales.dtype  # float16 scales of a float32 layer: compute in float16
+            em = Emitter(graph, target, layer.weight, compute, self.params.get("accuracy_level"),
+                         io_dtype=np.dtype(layer.dtype))
             for node in layer.nodes:
                 rewrite_node(em, node, rep, node.name or layer.name)
             replaced = {id(node) for node in layer.nodes}

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # (bits, block) menus: MatMulNBits runs 2/4/8-bit codes; standard DequantizeLinear int4/int8.
 DEFAULT_MENUS = {
-    "ort": ((2, 128), (2, 64), (2, 32), (4, 128), (4, 64), (4, 32), (8, 128)),
+    "ort": ((2, 128), (2, 64), (2, 32), (2, 16), (4, 256), (4, 128), (4, 64), (4, 32), (8, 128)),
     "std": ((4, 128), (4, 64), (4, 32), (8, 128)),
 }
 
@@ -83,7 +83,7 @@ def candidates_for(layer: Layer, menu, method_cfg, h: np.ndarray | None) -> list
     out = []
     for bits, block in menu:
         cfg = with_fields(method_cfg, {"bits": bits, "block_size": block, "method": "gptq"})
-        rep, _ = factorize_weight(w, cfg, layer.dtype, info)
+        rep, _ = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), info)
         if rep is None or rep.storage_bits() >= float_bits:
             continue
         label = f"{rep.method} {bits}b g{block}"
