@@ -70,7 +70,7 @@ def _plots(report: dict[str, Any]) -> list[str]:
     if front:
         ax.semilogy(*zip(*front), "-", color="#3572a5", label="allocator frontier (predicted)")
     uniform = [(u["bpw"], max(u["measured"], 1e-12)) for u in alloc["uniform"]]
-    ax.semilogy(*zip(*uniform), "s", color="#c0392b", label="one grid for all layers (measured)")
+    ax.semilogy(*zip(*uniform), "s", color="#c0392b", label="one grid for all layers (GPTQ, measured)")
     for u in alloc["uniform"]:
         ax.annotate(u["label"], (u["bpw"], max(u["measured"], 1e-12)), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
@@ -103,7 +103,7 @@ def render(report: dict[str, Any]) -> str:
         summary = {k: v for k, v in alloc.items() if k not in ("frontier", "uniform")}
         parts += ["<h2>allocation</h2>", _table(["quantity", "value"], [[k, v] for k, v in summary.items()])]
         parts += _plots(report)
-        parts += ["<h3>one grid for all layers, measured</h3>",
+        parts += ["<h3>one grid for all layers (GPTQ without coordinate descent), measured</h3>",
                   _table(["grid", "bits per weight", f"{alloc['metric']} degradation"],
                          [[u["label"], f"{u['bpw']:.3f}", f"{u['measured']:.5g}"] for u in alloc["uniform"]])]
     rows = []

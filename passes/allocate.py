@@ -23,7 +23,9 @@ import numpy as np
 from lrqgraph.config import with_fields
 from lrqgraph.errors import LrqError
 from lrqgraph.io import tensor_bytes
+from lrqgraph.numerics import Representation, activation_error
 from lrqgraph.numerics.allocation import frontier, within_budget, within_loss
+from lrqgraph.numerics.refine import refine
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 
 from .tolerance import LayerTolerance, spearman, stored_layout
@@ -46,6 +48,19 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
     if cfg.min_cosine is not None:
         return "loss", 1.0 - cfg.min_cosine
     return "loss", cfg.max_kl
+
+
+def _polish(t: LayerTolerance, c: int, hessians: dict, sweeps: int) -> None:
+    """Coordinate descent on a chosen GPTQ candidate (the menu was ranked without it: it only helps)."""
+    cand = t.candidates[c]
+    h = hessians.get(t.layer.weight)
+    if cand.polished or cand.rep is None or h is None or not sweeps or cand.rep.method != "gptq":
+        return
+    w = t.layer.weight_matrix()
+    q = refine(w, cand.rep.chains[0][0], h, sweeps)
+    cand.rep = Representation(((q,),), cand.rep.method, info={**cand.rep.info, "sweeps": sweeps})
+    cand.error = activation_error(w, q.dequantize(), h)
+    cand.polished = True
 
 
 def _measure(meter, tols: list[LayerTolerance], choice: list[int]) -> float:
@@ -99,11 +114,16 @@ class Allocate(Pass):
             if found is None:  # unreachable: keeping every layer predicts zero loss
                 raise LrqError("no choice of representations meets the quality goal")
         choice = [int(i) for i in found.choice]
+        hessians, sweeps = ctx.analysis("hessians"), ctx.config.factorize.sweeps
+        for t, c in zip(tols, choice):
+            _polish(t, c, hessians, sweeps)
         measured = _measure(meter, tols, choice)
         repairs = 0
         if kind == "loss":
             while measured > target and repairs < cfg.repair_steps and _upgrade(tols, choice):
                 repairs += 1
+                for t, c in zip(tols, choice):
+                    _polish(t, c, hessians, sweeps)
                 measured = _measure(meter, tols, choice)
         met = measured <= target if kind == "loss" else True
         if not met:

@@ -1,8 +1,8 @@
 """tolerance: per layer, the candidate representations and each one's predicted share of the
 end-to-end degradation.
 
-1. Candidates: the lowering's menu of dense grids (bits, block), each computed for real (GPTQ +
-   coordinate descent with calibration statistics, RTN without), with its exact storage bits and
+1. Candidates: the lowering's menu of dense grids (bits, block), each computed for real (GPTQ
+   with calibration statistics, RTN without), with its exact storage bits and
    its activation-aware error e = sqrt(tr(ΔWᵀHΔW) / tr(WᵀHW)) (relative Frobenius error when
    data-free). Keeping the float weight is always a candidate (e = 0).
 2. Calibration of the proxy: each layer alone is replaced by its cheapest candidate (the probe)
@@ -47,6 +47,7 @@ class Candidate:
     bits: int                      # storage of the layer's weight in this form
     error: float                   # activation-aware (or relative Frobenius) error
     predicted: float = float("nan")  # predicted end-to-end degradation when only this layer changes
+    polished: bool = False           # coordinate descent applied (after being chosen)
 
 
 @dataclass
@@ -82,7 +83,8 @@ def candidates_for(layer: Layer, menu, method_cfg, h: np.ndarray | None) -> list
     info = HessianInfo.of(h)  # factorized once for every candidate
     out = []
     for bits, block in menu:
-        cfg = with_fields(method_cfg, {"bits": bits, "block_size": block, "method": "gptq"})
+        # GPTQ alone to rank the menu; allocate polishes the chosen ones with coordinate descent
+        cfg = with_fields(method_cfg, {"bits": bits, "block_size": block, "method": "gptq", "sweeps": 0})
         rep, _ = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), info)
         if rep is None or rep.storage_bits() >= float_bits:
             continue

@@ -86,3 +86,25 @@ def test_calibrated_defaults_use_gptq_and_come_much_closer(fp32_path, sentences,
     lrqgraph.save_model(result.model, path)
     cos = minilm.cosines(reference, minilm.embed(str(path), sentences))
     assert cos.mean() >= MIN_CALIBRATED_COSINE_MEAN, cos.mean()
+
+
+# Measured (bench/allocate.py, 200 verses; this test's first 100 give the same to 0.001): --target-bpw 4
+# with float16 scales reaches cosine mean 0.986-0.987 at 3.99 bits per weight; the issue asks >= 0.985.
+# One-layer predictions vs measurements rank the 36 layers alike (Spearman 0.89 measured; asked >= 0.8).
+MIN_ALLOCATED_COSINE_MEAN = 0.985
+MIN_SPEARMAN = 0.8
+
+
+def test_allocation_at_4_bits_per_weight_beats_the_issue_bar(fp32_path, sentences, reference, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **minilm.encode(data.kjv_sentences(128, start=1), pad_to=64))
+    config = OptimizeConfig(calib=str(calib), allocate=lrqgraph.AllocateConfig(target_bpw=4.0),
+                            factorize=lrqgraph.FactorizeConfig(scale_dtype="float16"))
+    result = lrqgraph.run(fp32_path, config)
+    alloc = result.report["allocation"]
+    assert alloc["bpw"] <= 4.0 and result.report["model"]["rewritten_bpw"] <= 4.0
+    assert alloc["spearman"] >= MIN_SPEARMAN, alloc["spearman"]
+    path = tmp_path / "allocated.onnx"
+    lrqgraph.save_model(result.model, path)
+    cos = minilm.cosines(reference, minilm.embed(str(path), sentences))
+    assert cos.mean() >= MIN_ALLOCATED_COSINE_MEAN, cos.mean()
