@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import LrqError
 from .numerics import QuantSpec
@@ -121,15 +121,22 @@ class AllocateConfig:
     target_size: int | None = None
     min_cosine: float | None = None
     max_kl: float | None = None
+    # Python only: metric(reference_runs, candidate_runs) -> degradation >= 0 (each run: the list of
+    # the model's outputs for one batch), with max_metric as the compact mode's tolerance
+    metric: Callable[[list, list], float] | None = field(default=None, compare=False)
+    max_metric: float | None = None
     menu: tuple[tuple[int, int], ...] = ()  # (bits, block) candidates; () = the lowering's default
     validate: bool = True        # also measure each layer at a second candidate (predicted vs measured)
     measure_samples: int = 32    # calibration samples each end-to-end measurement runs
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
 
     def __post_init__(self) -> None:
-        goals = [g for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl) if g is not None]
+        goals = [g for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl, self.max_metric)
+                 if g is not None]
         if len(goals) > 1:
             raise LrqError("give one goal: --target-bpw, --target-size, --min-cosine or --max-kl")
+        if (self.metric is None) != (self.max_metric is None):
+            raise LrqError("a custom metric needs both metric (a callable) and max_metric")
         if self.target_bpw is not None and not 1 <= self.target_bpw <= 32:
             raise LrqError(f"--target-bpw must be in 1..32, got {self.target_bpw}")
         if self.target_size is not None and self.target_size <= 0:
@@ -141,11 +148,12 @@ class AllocateConfig:
 
     @property
     def active(self) -> bool:
-        return any(g is not None for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl))
+        return any(g is not None for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl,
+                                           self.max_metric))
 
     @property
     def mode(self) -> str:
-        return "compact" if self.min_cosine is not None or self.max_kl is not None else "quality"
+        return "quality" if self.target_bpw is not None or self.target_size is not None else "compact"
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class Degradation:
                  metric: str = "cosine", custom: Callable[[list, list], float] | None = None):
         if metric not in METRICS and custom is None:
             raise LrqError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
-        self.metric, self.custom = metric, custom
+        self.metric, self.custom = ("custom" if custom is not None else metric), custom
         self.batches = list(batches)
         if not self.batches:
             raise LrqError("measuring degradation needs at least one input batch")

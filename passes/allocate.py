@@ -47,7 +47,7 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
         return "budget", (cfg.target_size - other) * 8
     if cfg.min_cosine is not None:
         return "loss", 1.0 - cfg.min_cosine
-    return "loss", cfg.max_kl
+    return "loss", cfg.max_kl if cfg.max_kl is not None else cfg.max_metric
 
 
 def _polish(t: LayerTolerance, c: int, hessians: dict, sweeps: int) -> None:
@@ -163,7 +163,7 @@ class Allocate(Pass):
         ctx.report["allocation"] = {
             "mode": cfg.mode, "metric": metric, "goal": {k: v for k, v in dataclasses.asdict(cfg).items()
                                                           if k in ("target_bpw", "target_size", "min_cosine",
-                                                                   "max_kl") and v is not None},
+                                                                   "max_kl", "max_metric") and v is not None},
             "bpw": sum(t.candidates[c].bits for t, c in zip(tols, choice)) / params,
             "predicted": float(sum(t.candidates[c].predicted for t, c in zip(tols, choice))),
             "measured": measured, "target_loss": target if kind == "loss" else None,

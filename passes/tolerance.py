@@ -120,7 +120,8 @@ def degradation_meter(ctx: Context) -> Degradation:
     cfg = ctx.config.allocate
     weights = [layer.weight for layer in ctx.analysis("layers") if layer.rewrite]
     batches, _ = measurement_batches(ctx)
-    return Degradation(ctx.model.to_onnx(), weights, batches, metric="kl" if cfg.max_kl is not None else "cosine")
+    return Degradation(ctx.model.to_onnx(), weights, batches, metric="kl" if cfg.max_kl is not None else "cosine",
+                       custom=cfg.metric)
 
 
 @register_analysis("tolerance")

@@ -167,3 +167,16 @@ def test_cli_allocates_and_writes_json_and_html_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--target-size", "1KB", "-q"]) == 2
     assert "below the cheapest choice" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def test_a_python_metric_callback_drives_compact_mode(tmp_path):
+    calls = []
+
+    def worst_abs_error(reference, candidate):  # runs of outputs: [[y], [y], ...]
+        calls.append(1)
+        return max(float(np.abs(r[0] - c[0]).max()) for r, c in zip(reference, candidate))
+
+    alloc = run(tmp_path, metric=worst_abs_error, max_metric=0.05).report["allocation"]
+    assert alloc["metric"] == "custom" and alloc["met"] and alloc["measured"] <= 0.05 and calls
+    with pytest.raises(lrqgraph.LrqError, match="needs both"):
+        AllocateConfig(max_metric=0.1)
