@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("model", help="input .onnx (external data beside it is read too)")
     opt.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
     opt.add_argument("--lowering", choices=LOWERINGS, default="ort",
-                     help="ort: com.microsoft MatMulNBits (default); std: DequantizeLinear + MatMul, opset 21")
+                     help="ort: com.microsoft MatMulNBits (default); std: DequantizeLinear + MatMul, opset 21; "
+                          "lrq: lrqgraph's native custom ops (any bits 2..8)")
     opt.add_argument("--passes", help="pipeline, e.g. 'discover,factorize(method=lplr,rank=64),lower(ort),cleanup,verify'")
     opt.add_argument("--report", help="write the JSON report here")
     opt.add_argument("--external-data", action="store_true", help="write weights to <output>.data")

@@ -12,7 +12,7 @@ from .numerics import QuantSpec
 METHODS = ("rtn", "gptq", "svd", "lplr", "qlr", "kmeans", "kashin")
 # Methods whose representation the lowerings can emit today (the others: numerics and benchmarks).
 LOWERABLE_METHODS = ("rtn", "gptq", "svd", "lplr", "qlr")
-LOWERINGS = ("ort", "std")
+LOWERINGS = ("ort", "std", "lrq")
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,8 @@ class AllocateConfig:
             raise LrqError(f"--target-size must be positive, got {self.target_size}")
         if self.min_cosine is not None and not -1 < self.min_cosine < 1:
             raise LrqError(f"--min-cosine must be in (-1, 1), got {self.min_cosine}")
+        if self.measure_samples < 1 or self.repair_steps < 0:
+            raise LrqError("measure_samples must be at least 1 and repair_steps at least 0")
         if self.max_kl is not None and self.max_kl <= 0:
             raise LrqError(f"--max-kl must be positive, got {self.max_kl}")
 
@@ -171,6 +173,8 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
             raise LrqError(f"unknown lowering '{self.lowering}'; choose one of {', '.join(LOWERINGS)}")
+        if self.calib_samples < 1:
+            raise LrqError(f"--calib-samples must be at least 1, got {self.calib_samples}")
 
 
 def with_fields(cfg: Any, fields: dict[str, Any], **extra: Any) -> Any:

@@ -4,6 +4,8 @@ Targets:
  - ``ort``: ``com.microsoft::MatMulNBits`` per factor (onnxruntime's fast MLAS / CUDA kernels).
  - ``std``: standard ONNX only: ``DequantizeLinear(axis=0, block_size)`` over int4/uint4 or
    int8/uint8 initializers, then MatMul (opset 21; older models are converted first).
+ - ``lrq``: ``lrq::QMatMul`` per factor, lrqgraph's native custom op (any code width 2..8, float16
+   or float32 scales with float32 activations; lrqgraph.runtime.session registers the library).
 Cases, per node multiplying X by a planned weight W ≈ Σ_chains Π factors:
  1. Each chain becomes a MatMul chain from X; several chains are summed with Add.
  2. Gemm: alpha becomes a Mul after the sum; beta·C becomes the MatMulNBits bias (constant 1-D C,
@@ -26,6 +28,7 @@ from lrqgraph.errors import LrqError
 from lrqgraph.model import IR_VERSION_INT4, ModelState
 from lrqgraph.numerics import QuantizedTensor, pack_bits
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
+from lrqgraph.runtime.native_ops import library_path
 
 from .discover import Layer, constant_values
 
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 
 STD_OPSET = 21            # DequantizeLinear with block_size and int4 types
 ORT_BITS = (2, 4, 8)      # MatMulNBits code widths onnxruntime's CPU kernel accepts
-TARGETS = ("ort", "std")
+TARGETS = ("ort", "std", "lrq")
 
 
 def _const(name: str, proto: onnx.TensorProto) -> gs.Constant:
@@ -72,7 +75,8 @@ class Emitter:
     def factor(self, key: tuple[int, int], q: QuantizedTensor) -> list[gs.Tensor]:
         if key not in self._factors:
             name = f"{self.prefix}.lrq{key[0]}_{key[1]}"
-            tensors = self._ort_factor(name, q) if self.target == "ort" else self._std_factor(name, q)
+            make = {"ort": self._ort_factor, "std": self._std_factor, "lrq": self._lrq_factor}[self.target]
+            tensors = make(name, q)
             self.stored_bytes += sum(_stored_nbytes(t) for t in tensors)
             self._factors[key] = tensors
         return self._factors[key]
@@ -92,6 +96,20 @@ class Emitter:
             tensors.append(_array(f"{name}.zp", pack_bits(q.zero_points.T, q.bits)))
         return tensors
 
+    def _lrq_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
+        """lrq::QMatMul: codes [N, blocks, blob] packed at any width, scales as stored, unpacked zero points."""
+        k, n = q.shape
+        blocks = q.scales.shape[0]
+        codes = q.codes.T
+        if blocks * q.block_size != k:
+            fill = q.zero_point_array().T[:, -1:]
+            codes = np.concatenate([codes, np.broadcast_to(fill, (n, blocks * q.block_size - k))], axis=1)
+        tensors = [_array(f"{name}.q", pack_bits(codes.reshape(n, blocks, q.block_size), q.bits)),
+                   _array(f"{name}.scales", np.ascontiguousarray(q.scales.T))]
+        if q.zero_points is not None:
+            tensors.append(_array(f"{name}.zp", np.ascontiguousarray(q.zero_points.T)))
+        return tensors
+
     def _std_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
         half = 1 << (q.bits - 1)
         scales = _array(f"{name}.scales", q.scales.astype(self.dtype))
@@ -109,6 +127,15 @@ class Emitter:
         """Emit X·dequant(q) (+ bias); returns the output variable."""
         out = gs.Variable(f"{tag}/lrq{key[0]}_{key[1]}", dtype=self.dtype)
         factors = self.factor(key, q)
+        if self.target == "lrq":
+            inputs = [x, *factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
+            if bias is not None:
+                inputs.append(_array(f"{tag}.bias", bias.astype(np.float32)))
+            k, n = q.shape
+            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size}
+            self.graph.nodes.append(gs.Node("QMatMul", f"{tag}/QMatMul{key[0]}_{key[1]}", attrs, inputs, [out],
+                                            domain="lrq"))
+            return out
         if self.target == "ort":
             inputs = [x, *factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
             if bias is not None:
@@ -173,7 +200,7 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
     vector_bias = None
     # a [N] or [1, N] constant C rides in MatMulNBits' bias input; any other C gets an Add
     if c_values is not None and c_values.size == rep.shape[1] and c_values.shape[-1:] == (rep.shape[1],) \
-            and alpha == 1.0 and len(rep.chains) == 1 and em.target == "ort":
+            and alpha == 1.0 and len(rep.chains) == 1 and em.target in ("ort", "lrq"):
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
     node.outputs.clear()
@@ -231,6 +258,11 @@ class Lower(Pass):
             if rep is None:
                 continue
             check_lowerable(layer, rep)
+            if target == "lrq":
+                library_path()  # a clear error now if the native ops are missing
+                if np.dtype(layer.dtype) != np.float32:
+                    raise LrqError(f"layer '{layer.name}': the lrq lowering takes float32 layers, this one is "
+                                   f"{layer.dtype}; use --lowering ort")
             if target == "ort":
                 check_ort_compatible(layer, rep)
                 if any(q.bits == 2 for chain in rep.chains for q in chain) and not warned_2bit:
@@ -238,7 +270,9 @@ class Lower(Pass):
                     log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
                                 "dequantizes the weight on every call; --lowering std runs 2-bit codes "
                                 "(stored as int4) through the fast 4-bit kernel")
-            compute = rep.chains[0][0].scales.dtype  # float16 scales of a float32 layer: compute in float16
+            # float16 scales of a float32 layer: MatMulNBits and DequantizeLinear then compute in
+            # float16; the lrq op takes either scale type with float32 activations
+            compute = layer.dtype if target == "lrq" else rep.chains[0][0].scales.dtype
             em = Emitter(graph, target, layer.weight, compute, self.params.get("accuracy_level"),
                          io_dtype=np.dtype(layer.dtype))
             for node in layer.nodes:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # (bits, block) menus: MatMulNBits runs 2/4/8-bit codes; standard DequantizeLinear int4/int8.
 DEFAULT_MENUS = {
     "ort": ((2, 128), (2, 64), (2, 32), (2, 16), (4, 256), (4, 128), (4, 64), (4, 32), (8, 128)),
+    "lrq": ((2, 64), (2, 32), (2, 16), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (8, 128)),
     "std": ((4, 128), (4, 64), (4, 32), (8, 128)),
 }
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import onnx
 import onnxruntime as ort
+
+from .native_ops import DOMAIN, library_path
 
 # onnxruntime fuses DequantizeLinear->MatMul into MatMulNBits and, by default, quantizes the
 # activations to int8 there (accuracy level 4). lrqgraph's std lowering is meant to compute in
@@ -23,11 +26,21 @@ def session_options(threads: int | None = None, config: dict[str, str] | None = 
     return so
 
 
+def _uses_lrq_ops(model: str | bytes) -> bool:
+    proto = onnx.ModelProto()
+    if isinstance(model, bytes):
+        proto.ParseFromString(model)
+    else:
+        proto = onnx.load(model, load_external_data=False)
+    return any(o.domain == DOMAIN for o in proto.opset_import)
+
+
 def session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = None,
             threads: int | None = None, config: dict[str, str] | None = None,
             **options: Any) -> ort.InferenceSession:
     """An InferenceSession for ``model`` (a path or serialized bytes).
 
+    Models lowered with ``--lowering lrq`` get lrqgraph's custom-op library registered.
     ``config`` adds session config entries; other keyword arguments set SessionOptions attributes
     (e.g. ``graph_optimization_level``).
     """
@@ -35,4 +48,6 @@ def session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = 
     for key, value in options.items():
         setattr(so, key, value)
     source = os.fspath(model) if not isinstance(model, bytes) else model
+    if _uses_lrq_ops(source):
+        so.register_custom_ops_library(str(library_path()))
     return ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
