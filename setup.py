@@ -90,7 +90,7 @@ setup(
         "lrqgraph.runtime.lrq_ops",
         sources=["runtime/native/lrq_ops.cc"],
         language="c++",
-        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
+        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-psabi"],
     )],
     cmdclass={"build_ext": BuildNative},
 )

@@ -2,9 +2,9 @@
 
 Every model is built in this run. lrqgraph gets H and its one-layer measurements from 128 verses
 (--calib); the table evaluates on 200 other verses. Bits per weight count every stored byte of the
-36 selected layers (layers the allocator keeps in float count at 32 bits). The 3-bit row measures,
-by swapping dense approximations into the fp32 model, what a 3-bit kernel would allow: onnxruntime
-has none on CPU, so it is not a runnable model (the native ops of the next issue).
+36 selected layers (layers the allocator keeps in float count at 32 bits). The `--lowering lrq`
+rows run lrqgraph's native custom op, whose menu adds 3-bit codes (onnxruntime's MatMulNBits has
+no 3-bit CPU kernel) and stores float16 scales without casting activations.
 
     python bench/allocate.py [--skip-decoder]
 """
@@ -28,8 +28,6 @@ from common import rewritten_bpw  # noqa: E402
 import lrqgraph  # noqa: E402
 from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
 from lrqgraph.config import AllocateConfig  # noqa: E402
-from lrqgraph.model import ModelState  # noqa: E402
-from lrqgraph.passmanager import Context, PassManager  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
 from lrqgraph.testing import data, decoder, minilm  # noqa: E402
 
@@ -38,8 +36,11 @@ LRQ_RUNS = [  # (label, allocate goal, factorize options)
     ("lrqgraph --target-bpw 4 (float32 scales)", dict(target_bpw=4.0), {}),
     ("lrqgraph --target-bpw 3 --scale-dtype float16", dict(target_bpw=3.0), dict(scale_dtype="float16")),
     ("lrqgraph --min-cosine 0.99 --scale-dtype float16", dict(min_cosine=0.99), dict(scale_dtype="float16")),
+    ("lrqgraph --target-bpw 3 --scale-dtype float16 --lowering lrq", dict(target_bpw=3.0),
+     dict(scale_dtype="float16"), "lrq"),
+    ("lrqgraph --target-bpw 4 --scale-dtype float16 --lowering lrq", dict(target_bpw=4.0),
+     dict(scale_dtype="float16"), "lrq"),
 ]
-MENU_3BIT = ((2, 64), (2, 32), (2, 16), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (8, 128))
 
 
 def ort_quantizer(fp32: Path, out: Path, block: int, symmetric: bool, bits: int = 4) -> None:
@@ -49,19 +50,6 @@ def ort_quantizer(fp32: Path, out: Path, block: int, symmetric: bool, bits: int 
     quant = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=cfg)
     quant.process()
     quant.model.save_model_to_file(str(out), use_external_data_format=False)
-
-
-def dense_cosine(fp32: Path, plans: dict, layers, sentences, reference) -> tuple[float, float]:
-    """Embedding cosine with the planned weights swapped in as dense float32 (no lowering)."""
-    model = onnx.load(str(fp32))
-    by_weight = {layer.weight: layer for layer in layers}
-    for init in model.graph.initializer:
-        if init.name in plans:
-            w = plans[init.name].dequantize()
-            w = w.T if by_weight[init.name].transposed else w
-            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(w, np.float32), init.name))
-    cos = minilm.cosines(reference, minilm.embed(model.SerializeToString(), sentences))
-    return float(cos.mean()), float(cos.min())
 
 
 def minilm_table(tmp: Path) -> str:
@@ -83,27 +71,16 @@ def minilm_table(tmp: Path) -> str:
         start = time.perf_counter()
         ort_quantizer(fp32, path, block, sym)
         row(f"onnxruntime quantizer 4-bit b{block} {'sym' if sym else 'asym'}", path, time.perf_counter() - start)
-    for i, (label, goal, fopts) in enumerate(LRQ_RUNS):
+    for i, (label, goal, fopts, *lowering) in enumerate(LRQ_RUNS):
         path = tmp / f"lrq{i}.onnx"
         start = time.perf_counter()
-        config = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**goal), factorize=FactorizeConfig(**fopts))
+        config = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**goal), factorize=FactorizeConfig(**fopts),
+                                lowering=(lowering or ["ort"])[0])
         result = lrqgraph.run(fp32, config)
         lrqgraph.save_model(result.model, path)
         a = result.report["allocation"]
         row(label, path, time.perf_counter() - start,
             (f"{1 - a['measured']:.4f}", f"{a['spearman']:.3f}", a["repairs"]))
-    # What 3-bit kernels would give at 3 bits per weight: measured with dense approximations.
-    start = time.perf_counter()
-    config = OptimizeConfig(calib=str(calib), factorize=FactorizeConfig(scale_dtype="float16"),
-                            allocate=AllocateConfig(target_bpw=3.0, menu=MENU_3BIT))
-    ctx = Context(ModelState(onnx.load(str(fp32))), config, original=str(fp32))
-    PassManager("discover,calibrate,allocate").run(ctx)
-    layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
-    cm, cmin = dense_cosine(fp32, ctx.plans, layers, sentences, reference)
-    a = ctx.report["allocation"]
-    rows.append(["lrqgraph --target-bpw 3, menu with 3-bit codes (dense, no kernel yet)", f"{a['bpw']:.3f}",
-                 f"{cm:.4f}", f"{cmin:.4f}", f"{1 - a['measured']:.4f}", f"{a['spearman']:.3f}", a["repairs"],
-                 f"{time.perf_counter() - start:.0f}"])
     return table(["MiniLM", "bits/weight", "cos mean", "cos min", "calib cos", "spearman", "repairs", "s"], rows)
 
 

@@ -8,13 +8,15 @@
 // The weight is read once at kernel creation and kept packed (batch 1 is bound by the bytes read);
 // each call decodes one block of one column at a time into registers/L1 and applies it to every
 // row of X, so decoding is shared by the whole batch. Columns are split over onnxruntime's
-// intra-op thread pool. The hot loop is compiled for AVX-512, AVX2 and a portable baseline and the
-// CPU picks at load time (GCC target_clones).
+// intra-op thread pool. Decoding and dot products have an AVX2+FMA path chosen at load time when
+// the CPU has it, and a portable one otherwise.
 //
 // The library does not link onnxruntime: the API table arrives through RegisterCustomOps.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -51,39 +53,118 @@ float HalfToFloat(uint16_t h) {
   return f;
 }
 
-// Unpack `count` codes of `bits` bits from a low-bits-first stream into floats.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void Decode(const uint8_t* src, int bits, int count, float* out) {
+// Unpack `count` codes of `bits` bits from a low-bits-first stream into floats (portable path).
+// Dequantize `count` codes of `bits` bits (a low-bits-first stream): out = code · scale + offset.
+void DecodeScalar(const uint8_t* src, int bits, int count, float scale, float offset, float* out) {
+  const uint32_t mask = (1u << bits) - 1;
+  for (int i = 0; i < count; ++i) {
+    const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
+    uint32_t word = src[byte] | (shift + bits > 8 ? static_cast<uint32_t>(src[byte + 1]) << 8 : 0u);
+    out[i] = static_cast<float>((word >> shift) & mask) * scale + offset;
+  }
+}
+
+// out[c] = Σ_k w[c][k] · x[k] for 4 columns at once (x is read once for the four).
+void Dot4Scalar(const float* const* w, const float* x, int64_t len, float* out) {
+  for (int c = 0; c < 4; ++c) {
+    float s0 = 0.f, s1 = 0.f;
+    int64_t k = 0;
+    for (; k + 2 <= len; k += 2) { s0 += w[c][k] * x[k]; s1 += w[c][k + 1] * x[k + 1]; }
+    if (k < len) s0 += w[c][k] * x[k];
+    out[c] = s0 + s1;
+  }
+}
+
+__attribute__((target("avx2,fma"))) static inline void Put(float* dst, __m256i codes, __m256 s, __m256 o) {
+  _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), s, o));
+}
+
+// AVX2: 4-bit and 2-bit codes decoded 32 at a time with byte shifts and masks (the byte order of
+// the stream is restored with unpack), 8-bit codes widened directly; other widths go scalar.
+__attribute__((target("avx2,fma")))
+void DecodeAvx2(const uint8_t* src, int bits, int count, float scale, float offset, float* out) {
+  const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
+  int i = 0;
   if (bits == 4) {
-    for (int i = 0; i < count / 2; ++i) {
-      out[2 * i] = static_cast<float>(src[i] & 0xf);
-      out[2 * i + 1] = static_cast<float>(src[i] >> 4);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (; i + 32 <= count; i += 32) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i / 2));
+      const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+      const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+      Put(out + i, _mm256_cvtepu8_epi32(first), s, o);
+      Put(out + i + 8, _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8)), s, o);
+      Put(out + i + 16, _mm256_cvtepu8_epi32(second), s, o);
+      Put(out + i + 24, _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8)), s, o);
     }
-    if (count & 1) out[count - 1] = static_cast<float>(src[count / 2] & 0xf);
   } else if (bits == 8) {
-    for (int i = 0; i < count; ++i) out[i] = static_cast<float>(src[i]);
+    for (; i + 8 <= count; i += 8) {
+      const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
+      Put(out + i, _mm256_cvtepu8_epi32(packed), s, o);
+    }
   } else if (bits == 2) {
-    for (int i = 0; i < count; ++i) out[i] = static_cast<float>((src[i >> 2] >> ((i & 3) * 2)) & 3);
-  } else {
-    const uint32_t mask = (1u << bits) - 1;
-    for (int i = 0; i < count; ++i) {
-      const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
-      uint32_t word = src[byte] | (shift + bits > 8 ? static_cast<uint32_t>(src[byte + 1]) << 8 : 0u);
-      out[i] = static_cast<float>((word >> shift) & mask);
+    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), three = _mm256_set1_epi32(3);
+    for (; i + 8 <= count; i += 8) {  // 8 codes = 2 bytes
+      uint16_t word;
+      std::memcpy(&word, src + i / 4, 2);
+      const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts);
+      Put(out + i, _mm256_and_si256(v, three), s, o);
+    }
+  } else if (bits == 3) {
+    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21), seven = _mm256_set1_epi32(7);
+    for (; i + 8 <= count; i += 8) {  // 8 codes = 3 bytes
+      const uint8_t* b = src + (i / 8) * 3;
+      const uint32_t word = b[0] | (b[1] << 8) | (b[2] << 16);
+      const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+      Put(out + i, _mm256_and_si256(v, seven), s, o);
+    }
+  }
+  if (i < count) {  // the tail (and widths without a vector path) from the same stream position
+    const int bit = i * bits;
+    if (bit % 8 == 0) {
+      DecodeScalar(src + bit / 8, bits, count - i, scale, offset, out + i);
+    } else {
+      std::vector<float> all(count);
+      DecodeScalar(src, bits, count, scale, offset, all.data());
+      std::copy(all.begin() + i, all.end(), out + i);
     }
   }
 }
 
-// acc[m] += scale · (w · x[m, k0:k0+len] − zp · xsum[m]) for every row m.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void ApplyBlock(const float* w, int len, const float* x, int64_t rows, int64_t ldx, const float* xsum,
-                int64_t ldsum, float scale, float zp, float* acc, int64_t ldacc) {
-  for (int64_t m = 0; m < rows; ++m) {
-    const float* xm = x + m * ldx;
-    float dot = 0.f;
-    for (int k = 0; k < len; ++k) dot += w[k] * xm[k];
-    acc[m * ldacc] += scale * (dot - zp * xsum[m * ldsum]);
+__attribute__((target("avx2,fma")))
+static float HorizontalSum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+__attribute__((target("avx2,fma")))
+void Dot4Avx2(const float* const* w, const float* x, int64_t len, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w[0] + k), xv, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w[1] + k), xv, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w[2] + k), xv, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w[3] + k), xv, a3);
   }
+  out[0] = HorizontalSum(a0); out[1] = HorizontalSum(a1); out[2] = HorizontalSum(a2); out[3] = HorizontalSum(a3);
+  for (; k < len; ++k)
+    for (int c = 0; c < 4; ++c) out[c] += w[c][k] * x[k];
+}
+
+struct Kernels {
+  void (*decode)(const uint8_t*, int, int, float, float, float*);
+  void (*dot4)(const float* const*, const float*, int64_t, float*);
+};
+
+// Chosen once, at load time, from what this CPU supports.
+const Kernels& Pick() {
+  static const Kernels kernels = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                     ? Kernels{DecodeAvx2, Dot4Avx2}
+                                     : Kernels{DecodeScalar, Dot4Scalar};
+  return kernels;
 }
 
 struct PackedWeight {
@@ -159,29 +240,37 @@ struct QMatMulKernel {
   struct Job {
     const PackedWeight* w;
     const float* x;
-    const float* xsum;
     float* y;
     int64_t rows;
     int64_t columns_per_task;
   };
 
+  // Columns [first, last): four at a time, each dequantized whole into a buffer (scale and zero
+  // point folded in), then every row of X is dotted with the four.
   static void Columns(void* data, size_t task) {
     const Job& job = *static_cast<const Job*>(data);
     const PackedWeight& w = *job.w;
     const int64_t first = static_cast<int64_t>(task) * job.columns_per_task;
     const int64_t last = std::min<int64_t>(w.N, first + job.columns_per_task);
-    std::vector<float> decoded(w.block);
-    for (int64_t n = first; n < last; ++n) {
-      float* acc = job.y + n;  // column n of Y, stride N
-      const float b = w.bias.empty() ? 0.f : w.bias[n];
-      for (int64_t m = 0; m < job.rows; ++m) acc[m * w.N] = b;
-      for (int blk = 0; blk < w.blocks; ++blk) {
-        const int k0 = blk * w.block;
-        const int len = static_cast<int>(std::min<int64_t>(w.block, w.K - k0));
-        const size_t at = static_cast<size_t>(n) * w.blocks + blk;
-        Decode(w.codes.data() + at * w.blob, w.bits, len, decoded.data());
-        ApplyBlock(decoded.data(), len, job.x + k0, job.rows, w.K, job.xsum + blk, w.blocks,
-                   w.scales[at], w.zps[at], acc, w.N);
+    const Kernels& kernels = Pick();
+    std::vector<float> buffer(4 * static_cast<size_t>(w.K), 0.f);
+    const float* cols[4] = {buffer.data(), buffer.data() + w.K, buffer.data() + 2 * w.K, buffer.data() + 3 * w.K};
+    float dots[4];
+    for (int64_t n0 = first; n0 < last; n0 += 4) {
+      const int width = static_cast<int>(std::min<int64_t>(4, last - n0));
+      for (int c = 0; c < width; ++c) {
+        float* out = buffer.data() + c * w.K;
+        for (int blk = 0; blk < w.blocks; ++blk) {
+          const int64_t k0 = static_cast<int64_t>(blk) * w.block;
+          const int len = static_cast<int>(std::min<int64_t>(w.block, w.K - k0));
+          const size_t at = static_cast<size_t>(n0 + c) * w.blocks + blk;
+          kernels.decode(w.codes.data() + at * w.blob, w.bits, len, w.scales[at], -w.zps[at] * w.scales[at], out + k0);
+        }
+      }
+      for (int64_t m = 0; m < job.rows; ++m) {
+        kernels.dot4(cols, job.x + m * w.K, w.K, dots);
+        for (int c = 0; c < width; ++c)
+          job.y[m * w.N + n0 + c] = dots[c] + (w.bias.empty() ? 0.f : w.bias[n0 + c]);
       }
     }
   }
@@ -208,13 +297,9 @@ struct QMatMulKernel {
     const float* x = input.GetTensorData<float>();
     float* y = output.GetTensorMutableData<float>();
     if (rows == 0) return;
-    // per-block sums of X carry the zero points: Σ (c − zp)·x = Σ c·x − zp·Σ x
-    std::vector<float> xsum(static_cast<size_t>(rows) * w_.blocks, 0.f);
-    for (int64_t m = 0; m < rows; ++m)
-      for (int64_t k = 0; k < w_.K; ++k) xsum[m * w_.blocks + k / w_.block] += x[m * w_.K + k];
-    Job job{&w_, x, xsum.data(), y, rows, 0};
-    const int64_t tasks = std::min<int64_t>(w_.N, 64);
-    job.columns_per_task = (w_.N + tasks - 1) / tasks;
+    Job job{&w_, x, y, rows, 0};
+    const int64_t tasks = std::min<int64_t>((w_.N + 3) / 4, 64);
+    job.columns_per_task = ((w_.N + tasks - 1) / tasks + 3) / 4 * 4;
     const size_t count = static_cast<size_t>((w_.N + job.columns_per_task - 1) / job.columns_per_task);
     ctx.ParallelFor(&QMatMulKernel::Columns, count, 0, &job);
   }
