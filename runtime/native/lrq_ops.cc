@@ -245,32 +245,40 @@ struct QMatMulKernel {
     int64_t columns_per_task;
   };
 
-  // Columns [first, last): four at a time, each dequantized whole into a buffer (scale and zero
-  // point folded in), then every row of X is dotted with the four.
+  // Columns [first, last), four at a time, K in chunks of whole blocks (about 256 values): each
+  // chunk of the four columns is dequantized into an L1-resident buffer (scale and zero point
+  // folded in) and dotted with that chunk of every row of X.
   static void Columns(void* data, size_t task) {
     const Job& job = *static_cast<const Job*>(data);
     const PackedWeight& w = *job.w;
     const int64_t first = static_cast<int64_t>(task) * job.columns_per_task;
     const int64_t last = std::min<int64_t>(w.N, first + job.columns_per_task);
     const Kernels& kernels = Pick();
-    std::vector<float> buffer(4 * static_cast<size_t>(w.K), 0.f);
-    const float* cols[4] = {buffer.data(), buffer.data() + w.K, buffer.data() + 2 * w.K, buffer.data() + 3 * w.K};
+    const int chunk_blocks = std::max(1, 256 / w.block);
+    const int64_t chunk = static_cast<int64_t>(chunk_blocks) * w.block;
+    std::vector<float> buffer(4 * static_cast<size_t>(chunk), 0.f);
+    const float* cols[4] = {buffer.data(), buffer.data() + chunk, buffer.data() + 2 * chunk, buffer.data() + 3 * chunk};
     float dots[4];
     for (int64_t n0 = first; n0 < last; n0 += 4) {
       const int width = static_cast<int>(std::min<int64_t>(4, last - n0));
-      for (int c = 0; c < width; ++c) {
-        float* out = buffer.data() + c * w.K;
-        for (int blk = 0; blk < w.blocks; ++blk) {
-          const int64_t k0 = static_cast<int64_t>(blk) * w.block;
-          const int len = static_cast<int>(std::min<int64_t>(w.block, w.K - k0));
-          const size_t at = static_cast<size_t>(n0 + c) * w.blocks + blk;
-          kernels.decode(w.codes.data() + at * w.blob, w.bits, len, w.scales[at], -w.zps[at] * w.scales[at], out + k0);
+      for (int64_t m = 0; m < job.rows; ++m)
+        for (int c = 0; c < width; ++c) job.y[m * w.N + n0 + c] = w.bias.empty() ? 0.f : w.bias[n0 + c];
+      for (int b0 = 0; b0 < w.blocks; b0 += chunk_blocks) {
+        const int64_t k0 = static_cast<int64_t>(b0) * w.block;
+        const int64_t len = std::min<int64_t>(chunk, w.K - k0);
+        for (int c = 0; c < width; ++c) {
+          for (int blk = b0; blk < std::min(w.blocks, b0 + chunk_blocks); ++blk) {
+            const int64_t at_k = static_cast<int64_t>(blk) * w.block;
+            const int count = static_cast<int>(std::min<int64_t>(w.block, w.K - at_k));
+            const size_t at = static_cast<size_t>(n0 + c) * w.blocks + blk;
+            kernels.decode(w.codes.data() + at * w.blob, w.bits, count, w.scales[at], -w.zps[at] * w.scales[at],
+                           buffer.data() + c * chunk + (at_k - k0));
+          }
         }
-      }
-      for (int64_t m = 0; m < job.rows; ++m) {
-        kernels.dot4(cols, job.x + m * w.K, w.K, dots);
-        for (int c = 0; c < width; ++c)
-          job.y[m * w.N + n0 + c] = dots[c] + (w.bias.empty() ? 0.f : w.bias[n0 + c]);
+        for (int64_t m = 0; m < job.rows; ++m) {
+          kernels.dot4(cols, job.x + m * w.K + k0, len, dots);
+          for (int c = 0; c < width; ++c) job.y[m * w.N + n0 + c] += dots[c];
+        }
       }
     }
   }
