@@ -128,6 +128,7 @@ class AllocateConfig:
     menu: tuple[tuple[int, int], ...] = ()  # (bits, block) candidates; () = the lowering's default
     validate: bool = True        # also measure each layer at a second candidate (predicted vs measured)
     measure_samples: int = 32    # calibration samples each end-to-end measurement runs
+    polish_sweeps: int = 4       # coordinate-descent sweeps on each chosen GPTQ candidate
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
 
     def __post_init__(self) -> None:

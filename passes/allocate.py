@@ -114,7 +114,7 @@ class Allocate(Pass):
             if found is None:  # unreachable: keeping every layer predicts zero loss
                 raise LrqError("no choice of representations meets the quality goal")
         choice = [int(i) for i in found.choice]
-        hessians, sweeps = ctx.analysis("hessians"), ctx.config.factorize.sweeps
+        hessians, sweeps = ctx.analysis("hessians"), cfg.polish_sweeps
         for t, c in zip(tols, choice):
             _polish(t, c, hessians, sweeps)
         measured = _measure(meter, tols, choice)

@@ -11,7 +11,8 @@ end-to-end degradation.
    sensitivity is s = d_probe / e_probe² and a candidate is predicted to cost s · e².
 3. Check: with ``validate``, each layer is also measured alone at a second, finer candidate, and
    the report gives predicted against measured (and their Spearman rank correlation over layers):
-   the prediction there comes from the probe, never from the value it is compared with.
+   the prediction there comes from the probe, never from the value it is compared with. The
+   allocator then predicts from both measurements: a power law between them, quadratic beyond.
 """
 from __future__ import annotations
 
@@ -150,12 +151,30 @@ def layer_tolerance(ctx: Context) -> list[LayerTolerance]:
                 # the finest lossy candidate below 8 bits (or the finest): where allocations land
                 finer = [c for c in lossy[1:] if "8b" not in c.label] or lossy[1:]
                 check = finer[len(finer) // 2]
-                got = meter.measure({layer.weight: stored_layout(layer, check.rep)})
-                tol.check = (check.label, check.predicted, max(got, 0.0))
+                got = max(meter.measure({layer.weight: stored_layout(layer, check.rep)}), 0.0)
+                tol.check = (check.label, check.predicted, got)  # the probe's prediction, before refining
+                _through_two_points(lossy, probe, check, measured, got)
         result.append(tol)
     log.info("tolerance: %d layers, %d candidates in %.1f s", len(result),
              sum(len(t.candidates) for t in result), time.perf_counter() - start)
     return result
+
+
+def _through_two_points(lossy: list[Candidate], probe: Candidate, check: Candidate, d_probe: float,
+                        d_check: float) -> None:
+    """Predictions from both measurements: a power law d = a·e^p through (e_probe, d_probe) and
+    (e_check, d_check) between them, quadratic scaling beyond either end."""
+    e_probe, e_check = probe.error, check.error
+    if not (0 < e_check < e_probe and d_check > 0 and d_probe > 0):
+        return
+    power = np.log(d_probe / d_check) / np.log(e_probe / e_check)
+    for c in lossy:
+        if c.error <= e_check:
+            c.predicted = d_check * (c.error / e_check) ** 2
+        elif c.error >= e_probe:
+            c.predicted = d_probe * (c.error / e_probe) ** 2
+        else:
+            c.predicted = d_check * (c.error / e_check) ** power
 
 
 def stored_layout(layer: Layer, rep: Representation) -> np.ndarray:
