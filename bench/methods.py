@@ -72,8 +72,8 @@ def candidates(budget: float, k: int, n: int, dense: list[QuantSpec]):
                 rank = rank_for_bpw(k, n, budget, lr, lr, fixed_bits=spec_storage_bits(k, n, qspec))
                 if rank:
                     out.append(("qlr", f"qlr q{qbits}b g{block} +4 cd + {lr_bits}b factors",
-                                lambda w, h, q=qspec, r=rank, lr=lr: qlr_factorize(w, r, q, lr, h=h, iters=3,
-                                                                                     sweeps=4)))
+                                lambda w, h, q=qspec, r=rank, lr=lr: qlr_factorize(
+                                    w, r, q, lr, h=h, iters=3, sweeps=4, per_iter_sweeps=True)))
     for bits in (4, 8):
         spec = QuantSpec(bits, 64, False, False, "float16")
         rank = rank_for_bpw(k, n, budget, spec, spec)

@@ -31,9 +31,12 @@ def main() -> None:
         ("kashin 4-bit, hadamard", 30, lambda: kashin_quantize(w, 4, "hadamard")),
         ("qlr 10 iters, Q 2-bit g64 + rank 64 8-bit, data-free", 60,
          lambda: qlr_factorize(w, 64, QuantSpec(2, 64), QuantSpec(8, 64, False), iters=10, refits=0)),
-        ("qlr 10 iters, Q 2-bit g64 + rank 64 8-bit, with H", 60,
+        ("qlr 10 iters, Q 2-bit g64 + rank 64 8-bit, with H (2 cd sweeps on the last Q)", 60,
          lambda: qlr_factorize(w, 64, QuantSpec(2, 64), QuantSpec(8, 64, False), h=HessianInfo(h), iters=10,
                                refits=0)),
+        ("qlr 10 iters as above, 2 cd sweeps in every iteration", 60,
+         lambda: qlr_factorize(w, 64, QuantSpec(2, 64), QuantSpec(8, 64, False), h=HessianInfo(h), iters=10,
+                               refits=0, per_iter_sweeps=True)),
     ]
     rows = []
     for label, target, job in jobs:

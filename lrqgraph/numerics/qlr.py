@@ -16,13 +16,15 @@ from .representation import Representation
 
 def qlr_factorize(w: np.ndarray, rank: int, spec_q: QuantSpec, spec_lr: QuantSpec, *,
                   h: np.ndarray | HessianInfo | None = None, iters: int = 5, refits: int = 1,
-                  seed: int = 0, sweeps: int = 2) -> Representation:
+                  seed: int = 0, sweeps: int = 2, per_iter_sweeps: bool = False) -> Representation:
     w = np.asarray(w, np.float32)
     hinfo = HessianInfo.of(h)
     lowrank = np.zeros_like(w)
     best, best_err = None, np.inf
-    for _ in range(iters):
-        q = _quantize(w - lowrank, spec_q, hinfo, sweeps)
+    for step in range(iters):
+        # coordinate descent on Q costs a K·K·N product per sweep: only in the last alternation
+        # (or in every one with per_iter_sweeps), where it ends polishing the Q that is kept
+        q = _quantize(w - lowrank, spec_q, hinfo, sweeps if per_iter_sweeps or step == iters - 1 else 0)
         qd = q.dequantize()
         lr = lplr_factorize(w - qd, rank, spec_lr, spec_lr, h=hinfo, init="svd", refits=refits, seed=seed)
         lowrank = lr.dequantize()
