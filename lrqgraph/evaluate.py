@@ -111,9 +111,3 @@ class Degradation:
             return float(np.mean([kl_divergence(r[0], c[0]) for r, c in zip(self.reference, outputs)]))
         cos = np.concatenate([cosines(r[0], c[0]) for r, c in zip(self.reference, outputs)])
         return float(1.0 - cos.mean())
-
-    def cosine_stats(self, replaced: dict[str, np.ndarray]) -> tuple[float, float]:
-        """(mean, min) per-sample cosine of the first output."""
-        outputs = self._outputs(replaced)
-        cos = np.concatenate([cosines(r[0], c[0]) for r, c in zip(self.reference, outputs)])
-        return float(cos.mean()), float(cos.min())
