@@ -204,31 +204,32 @@ struct QMatMulKernel {
     return !ki.GetInputName(index).empty();
   }
 
-  template <typename T>
-  static std::vector<T> Constant(const Ort::ConstKernelInfo& ki, size_t index, const char* what, size_t expected) {
+  // An initializer input with the expected element count (weights are read once, here).
+  static Ort::ConstValue ConstantInput(const Ort::ConstKernelInfo& ki, size_t index, const char* what,
+                                       size_t expected) {
     int is_constant = 0;
     Ort::ConstValue value = ki.GetTensorConstantInput(index, &is_constant);
     if (!is_constant) throw std::runtime_error(std::string("lrq.QMatMul: ") + what + " must be an initializer");
-    auto info = value.GetTensorTypeAndShapeInfo();
-    if (info.GetElementCount() != expected)
+    if (value.GetTensorTypeAndShapeInfo().GetElementCount() != expected)
       throw std::runtime_error(std::string("lrq.QMatMul: ") + what + " has the wrong number of elements");
-    const T* data = value.GetTensorData<T>();
+    return value;
+  }
+
+  template <typename T>
+  static std::vector<T> Constant(const Ort::ConstKernelInfo& ki, size_t index, const char* what, size_t expected) {
+    const T* data = ConstantInput(ki, index, what, expected).GetTensorData<T>();
     return std::vector<T>(data, data + expected);
   }
 
   static std::vector<float> ConstantFloats(const Ort::ConstKernelInfo& ki, size_t index, const char* what,
                                            size_t expected) {
-    int is_constant = 0;
-    Ort::ConstValue value = ki.GetTensorConstantInput(index, &is_constant);
-    if (!is_constant) throw std::runtime_error(std::string("lrq.QMatMul: ") + what + " must be an initializer");
-    auto info = value.GetTensorTypeAndShapeInfo();
-    if (info.GetElementCount() != expected)
-      throw std::runtime_error(std::string("lrq.QMatMul: ") + what + " has the wrong number of elements");
+    Ort::ConstValue value = ConstantInput(ki, index, what, expected);
     std::vector<float> out(expected);
-    if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+    const auto type = value.GetTensorTypeAndShapeInfo().GetElementType();
+    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
       const uint16_t* h = reinterpret_cast<const uint16_t*>(value.GetTensorRawData());
       for (size_t i = 0; i < expected; ++i) out[i] = HalfToFloat(h[i]);
-    } else if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       const float* f = value.GetTensorData<float>();
       std::copy(f, f + expected, out.begin());
     } else {
