@@ -82,7 +82,7 @@ __attribute__((target("avx2,fma"))) static inline void Put(float* dst, __m256i c
 // AVX2: 4-bit and 2-bit codes decoded 32 at a time with byte shifts and masks (the byte order of
 // the stream is restored with unpack), 8-bit codes widened directly; other widths go scalar.
 __attribute__((target("avx2,fma")))
-void DecodeAvx2(const uint8_t* src, int bits, int count, float scale, float offset, float* out) {
+static inline void DecodeAvx2(const uint8_t* src, int bits, int count, float scale, float offset, float* out) {
   const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
   int i = 0;
   if (bits == 4) {
@@ -154,16 +154,33 @@ void Dot4Avx2(const float* const* w, const float* x, int64_t len, float* out) {
     for (int c = 0; c < 4; ++c) out[c] += w[c][k] * x[k];
 }
 
+// Consecutive blocks of one column (their blobs are adjacent): one call per run of blocks, so the
+// per-block work is a loop iteration, not a call through a pointer.
+void DecodeBlocksScalar(const uint8_t* src, int bits, int block, int blob, int64_t count, const float* scales,
+                        const float* offsets, float* out) {
+  for (int64_t k = 0, b = 0; k < count; k += block, ++b)
+    DecodeScalar(src + b * blob, bits, static_cast<int>(std::min<int64_t>(block, count - k)), scales[b], offsets[b],
+                 out + k);
+}
+
+__attribute__((target("avx2,fma")))
+void DecodeBlocksAvx2(const uint8_t* src, int bits, int block, int blob, int64_t count, const float* scales,
+                      const float* offsets, float* out) {
+  for (int64_t k = 0, b = 0; k < count; k += block, ++b)
+    DecodeAvx2(src + b * blob, bits, static_cast<int>(std::min<int64_t>(block, count - k)), scales[b], offsets[b],
+               out + k);
+}
+
 struct Kernels {
-  void (*decode)(const uint8_t*, int, int, float, float, float*);
+  void (*decode)(const uint8_t*, int, int, int, int64_t, const float*, const float*, float*);
   void (*dot4)(const float* const*, const float*, int64_t, float*);
 };
 
 // Chosen once, at load time, from what this CPU supports.
 const Kernels& Pick() {
   static const Kernels kernels = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                                     ? Kernels{DecodeAvx2, Dot4Avx2}
-                                     : Kernels{DecodeScalar, Dot4Scalar};
+                                     ? Kernels{DecodeBlocksAvx2, Dot4Avx2}
+                                     : Kernels{DecodeBlocksScalar, Dot4Scalar};
   return kernels;
 }
 
@@ -172,7 +189,7 @@ struct PackedWeight {
   int bits = 0, block = 0, blocks = 0, blob = 0;
   std::vector<uint8_t> codes;   // [N, blocks, blob]
   std::vector<float> scales;    // [N, blocks]
-  std::vector<float> zps;       // [N, blocks]
+  std::vector<float> offsets;   // [N, blocks]: −zero point · scale
   std::vector<float> bias;      // [N] or empty
 };
 
@@ -190,12 +207,13 @@ struct QMatMulKernel {
     const size_t inputs = ki.GetInputCount();
     w_.codes = Constant<uint8_t>(ki, 1, "B", static_cast<size_t>(w_.N) * w_.blocks * w_.blob);
     w_.scales = ConstantFloats(ki, 2, "scales", static_cast<size_t>(w_.N) * w_.blocks);
+    std::vector<float> zps(w_.scales.size(), static_cast<float>(1 << (w_.bits - 1)));
     if (inputs > 3 && HasInput(ki, 3)) {
-      auto zp = Constant<uint8_t>(ki, 3, "zero_points", static_cast<size_t>(w_.N) * w_.blocks);
-      w_.zps.assign(zp.begin(), zp.end());
-    } else {
-      w_.zps.assign(static_cast<size_t>(w_.N) * w_.blocks, static_cast<float>(1 << (w_.bits - 1)));
+      auto zp = Constant<uint8_t>(ki, 3, "zero_points", zps.size());
+      std::copy(zp.begin(), zp.end(), zps.begin());
     }
+    w_.offsets.resize(zps.size());
+    for (size_t i = 0; i < zps.size(); ++i) w_.offsets[i] = -zps[i] * w_.scales[i];
     if (inputs > 4 && HasInput(ki, 4)) w_.bias = ConstantFloats(ki, 4, "bias", static_cast<size_t>(w_.N));
     (void)api;
   }
@@ -268,13 +286,9 @@ struct QMatMulKernel {
         const int64_t k0 = static_cast<int64_t>(b0) * w.block;
         const int64_t len = std::min<int64_t>(chunk, w.K - k0);
         for (int c = 0; c < width; ++c) {
-          for (int blk = b0; blk < std::min(w.blocks, b0 + chunk_blocks); ++blk) {
-            const int64_t at_k = static_cast<int64_t>(blk) * w.block;
-            const int count = static_cast<int>(std::min<int64_t>(w.block, w.K - at_k));
-            const size_t at = static_cast<size_t>(n0 + c) * w.blocks + blk;
-            kernels.decode(w.codes.data() + at * w.blob, w.bits, count, w.scales[at], -w.zps[at] * w.scales[at],
-                           buffer.data() + c * chunk + (at_k - k0));
-          }
+          const size_t at = static_cast<size_t>(n0 + c) * w.blocks + b0;
+          kernels.decode(w.codes.data() + at * w.blob, w.bits, w.block, w.blob, len, &w.scales[at], &w.offsets[at],
+                         buffer.data() + c * chunk);
         }
         for (int64_t m = 0; m < job.rows; ++m) {
           kernels.dot4(cols, job.x + m * w.K + k0, len, dots);
