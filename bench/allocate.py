@@ -1,7 +1,8 @@
 """Per-layer allocation on MiniLM against onnxruntime's own quantizers, and a Llama-style decoder.
 
 Every model is built in this run. lrqgraph gets H and its one-layer measurements from 128 verses
-(--calib); the table evaluates on 200 other verses. Bits per weight count every stored byte of the
+(--calib; 256 where the row says so, with --calib-samples 256); the table evaluates on 200 other
+verses. Bits per weight count every stored byte of the
 36 selected layers (layers the allocator keeps in float count at 32 bits). The `--lowering lrq`
 rows run lrqgraph's native custom op, whose menu adds 3-bit codes (onnxruntime's MatMulNBits has
 no 3-bit CPU kernel) and stores float16 scales without casting activations.
@@ -40,6 +41,10 @@ LRQ_RUNS = [  # (label, allocate goal, factorize options)
      dict(scale_dtype="float16"), "lrq"),
     ("lrqgraph --target-bpw 4 --scale-dtype float16 --lowering lrq", dict(target_bpw=4.0),
      dict(scale_dtype="float16"), "lrq"),
+    ("lrqgraph --target-bpw 3 --scale-dtype float16, 256 calibration verses", dict(target_bpw=3.0),
+     dict(scale_dtype="float16"), "ort", 256),
+    ("lrqgraph --target-bpw 3 --scale-dtype float16 --lowering lrq, 256 calibration verses", dict(target_bpw=3.0),
+     dict(scale_dtype="float16"), "lrq", 256),
 ]
 
 
@@ -56,8 +61,9 @@ def minilm_table(tmp: Path) -> str:
     fp32 = minilm.onnx_path()
     sentences = data.kjv_sentences(200, start=0)
     reference = minilm.embed(str(fp32), sentences)
-    calib = tmp / "calib.npz"
-    np.savez(calib, **minilm.encode(data.kjv_sentences(128, start=1), pad_to=64))
+    calib = {n: tmp / f"calib{n}.npz" for n in (128, 256)}  # verses disjoint from the evaluation ones
+    for n, path in calib.items():
+        np.savez(path, **minilm.encode(data.kjv_sentences(n, start=1), pad_to=64))
     weights = [e["weight"] for e in lrqgraph.run(fp32, passes="discover").report["layers"] if e["action"] == "rewrite"]
     rows = []
 
@@ -71,11 +77,12 @@ def minilm_table(tmp: Path) -> str:
         start = time.perf_counter()
         ort_quantizer(fp32, path, block, sym)
         row(f"onnxruntime quantizer 4-bit b{block} {'sym' if sym else 'asym'}", path, time.perf_counter() - start)
-    for i, (label, goal, fopts, *lowering) in enumerate(LRQ_RUNS):
+    for i, (label, goal, fopts, *rest) in enumerate(LRQ_RUNS):
+        lowering, samples = (rest + ["ort", 128][len(rest):])[:2]
         path = tmp / f"lrq{i}.onnx"
         start = time.perf_counter()
-        config = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**goal), factorize=FactorizeConfig(**fopts),
-                                lowering=(lowering or ["ort"])[0])
+        config = OptimizeConfig(calib=str(calib[samples]), calib_samples=samples, allocate=AllocateConfig(**goal),
+                                factorize=FactorizeConfig(**fopts), lowering=lowering)
         result = lrqgraph.run(fp32, config)
         lrqgraph.save_model(result.model, path)
         a = result.report["allocation"]
