@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lowering", choices=LOWERINGS, default="ort",
                      help="ort: com.microsoft MatMulNBits (default); std: DequantizeLinear + MatMul, opset 21; "
                           "lrq: lrqgraph's native custom ops (any bits 2..8)")
+    opt.add_argument("--accuracy-level", type=int, choices=(0, 4),
+                     help="activations the kernels may quantize: 0 float, 4 int8 per block (faster); "
+                          "default: 4 for lrq, 0 for ort (4 for its 8-bit codes)")
     opt.add_argument("--passes", help="pipeline, e.g. 'discover,factorize(method=lplr,rank=64),lower(ort),cleanup,verify'")
     opt.add_argument("--report", help="write the JSON report here")
     opt.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
@@ -155,7 +158,8 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
                                                                       "max_kl")})
     return OptimizeConfig(select=select, factorize=factorize, verify=verify, allocate=allocate,
-                          lowering=getattr(args, "lowering", "ort"), calib=getattr(args, "calib", None),
+                          lowering=getattr(args, "lowering", "ort"),
+                          accuracy_level=getattr(args, "accuracy_level", None), calib=getattr(args, "calib", None),
                           tokenizer=getattr(args, "tokenizer", None),
                           calib_samples=getattr(args, "calib_samples", OptimizeConfig.calib_samples),
                           check_each_pass=getattr(args, "check_each_pass", False))

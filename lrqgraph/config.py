@@ -166,6 +166,9 @@ class OptimizeConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
     lowering: str = "ort"
+    # activations the kernels may quantize: 0 float, 4 int8 per block (MatMulNBits' accuracy_level);
+    # None: ort 0 (4 for 8-bit codes, whose only fast kernel needs it), lrq 4
+    accuracy_level: int | None = None
     calib: str | None = None       # .npz, folder of .npz, or text file (with tokenizer) of real inputs
     tokenizer: str | None = None   # tokenizer.json (or its folder) for text calibration data
     calib_samples: int = 128       # at most this many calibration samples are used
@@ -174,6 +177,8 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
             raise LrqError(f"unknown lowering '{self.lowering}'; choose one of {', '.join(LOWERINGS)}")
+        if self.accuracy_level not in (None, 0, 4):
+            raise LrqError(f"--accuracy-level must be 0 (float activations) or 4 (int8), got {self.accuracy_level}")
         if self.calib_samples < 1:
             raise LrqError(f"--calib-samples must be at least 1, got {self.calib_samples}")
 

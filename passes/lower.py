@@ -4,10 +4,12 @@ Targets:
  - ``ort``: ``com.microsoft::MatMulNBits`` per factor (onnxruntime's fast MLAS / CUDA kernels).
  - ``std``: standard ONNX only: ``DequantizeLinear(axis=0, block_size)`` over int4/uint4 or
    int8/uint8 initializers, then MatMul (opset 21; older models are converted first).
- - ``lrq``: ``lrq::QMatMul`` per factor, lrqgraph's native custom op (any code width 2..8, float16
-   or float32 scales with float32 activations; lrqgraph.runtime.session registers the library).
+ - ``lrq``: lrqgraph's native custom ops (any code width 2..8, float16 or float32 scales with
+   float32 activations; lrqgraph.runtime.session registers the library): ``lrq::QLowRankMatMul``
+   for L·R and Q + L·R in one node, ``lrq::QMatMul`` for a dense factor.
 Cases, per node multiplying X by a planned weight W ≈ Σ_chains Π factors:
- 1. Each chain becomes a MatMul chain from X; several chains are summed with Add.
+ 1. Each chain becomes a MatMul chain from X; several chains are summed with Add (lrq: L·R and
+    Q + L·R become one fused node).
  2. Gemm: alpha becomes a Mul after the sum; beta·C becomes the MatMulNBits bias (constant 1-D C,
     single chain, alpha = 1) or an Add.
  3. The last node writes the original output tensor, so names and graph outputs are unchanged.
@@ -68,7 +70,8 @@ class Emitter:
                  accuracy_level: int | None = None, io_dtype: np.dtype | None = None):
         self.graph, self.target, self.prefix, self.dtype = graph, target, prefix, np.dtype(dtype)
         self.io_dtype = np.dtype(io_dtype or dtype)  # the layer's own activations
-        self.accuracy_level = accuracy_level
+        # lrq: int8 activations unless told otherwise (its kernels are built for them)
+        self.accuracy_level = 4 if accuracy_level is None and target == "lrq" else accuracy_level
         self._factors: dict[tuple[int, int], list[gs.Tensor]] = {}
         self.stored_bytes = 0
 
@@ -132,7 +135,8 @@ class Emitter:
             if bias is not None:
                 inputs.append(_array(f"{tag}.bias", bias.astype(np.float32)))
             k, n = q.shape
-            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size}
+            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
+                     "accuracy_level": self.accuracy_level}
             self.graph.nodes.append(gs.Node("QMatMul", f"{tag}/QMatMul{key[0]}_{key[1]}", attrs, inputs, [out],
                                             domain="lrq"))
             return out
@@ -153,6 +157,26 @@ class Emitter:
         self.graph.nodes.append(gs.Node("DequantizeLinear", f"{tag}/DequantizeLinear{key[0]}_{key[1]}",
                                         attrs, list(factors), [deq]))
         self.graph.nodes.append(gs.Node("MatMul", f"{tag}/MatMul{key[0]}_{key[1]}", {}, [x, deq], [out]))
+        return out
+
+    def fused(self, x: gs.Tensor, form: tuple, tag: str, bias: np.ndarray | None) -> gs.Variable:
+        """One lrq::QLowRankMatMul node for X·L·R (+ X·Q) (+ bias)."""
+        (dense, dense_key), (left, left_key), (right, right_key) = form
+        k, rank, n = left.shape[0], left.shape[1], right.shape[1]
+        attrs = {"K": k, "N": n, "rank": rank, "accuracy_level": self.accuracy_level}
+        inputs = [x]
+        for prefix, q, key in (("l", left, left_key), ("r", right, right_key), ("q", dense, dense_key)):
+            if q is None:
+                inputs += [gs.Variable.empty()] * 3
+                continue
+            factors = self.factor(key, q)
+            inputs += [*factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
+            attrs[f"{prefix}_bits"], attrs[f"{prefix}_block_size"] = q.bits, q.block_size
+        if bias is not None:
+            inputs.append(_array(f"{tag}.bias", bias.astype(np.float32)))
+        out = gs.Variable(f"{tag}/lrq_lowrank", dtype=self.dtype)
+        self.graph.nodes.append(gs.Node("QLowRankMatMul", f"{tag}/QLowRankMatMul", attrs, inputs, [out],
+                                        domain="lrq"))
         return out
 
     def op(self, op: str, tag: str, inputs: list[gs.Tensor], dtype: np.dtype | None = None,
@@ -185,6 +209,16 @@ def check_ort_compatible(layer: Layer, rep) -> None:
                                f"16..256, got {q.block_size}; use --block-size 32 or --lowering std")
 
 
+def fused_form(rep) -> tuple | None:
+    """((Q, key) or (None, None), (L, key), (R, key)) when W is L·R or Q + L·R, else None."""
+    singles = [(c[0], (i, 0)) for i, c in enumerate(rep.chains) if len(c) == 1]
+    pairs = [(c, i) for i, c in enumerate(rep.chains) if len(c) == 2]
+    if len(pairs) != 1 or len(singles) > 1 or len(singles) + len(pairs) != len(rep.chains):
+        return None
+    (left, right), i = pairs[0]
+    return (singles[0] if singles else (None, None)), (left, (i, 0)), (right, (i, 1))
+
+
 def _gemm_bias(node: gs.Node) -> tuple[gs.Tensor | None, np.ndarray | None, float]:
     """(C tensor, constant C values or None, beta) of a Gemm; (None, None, 1) for MatMul."""
     if node.op != "Gemm" or len(node.inputs) < 3 or not node.inputs[2].name:
@@ -198,16 +232,17 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
     c, c_values, beta = _gemm_bias(node)
     alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
     vector_bias = None
-    # a [N] or [1, N] constant C rides in MatMulNBits' bias input; any other C gets an Add
+    form = fused_form(rep) if em.target == "lrq" else None
+    # a [N] or [1, N] constant C rides in the last node's bias input; any other C gets an Add
     if c_values is not None and c_values.size == rep.shape[1] and c_values.shape[-1:] == (rep.shape[1],) \
-            and alpha == 1.0 and len(rep.chains) == 1 and em.target in ("ort", "lrq"):
+            and alpha == 1.0 and (len(rep.chains) == 1 or form) and em.target in ("ort", "lrq"):
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
     node.outputs.clear()
     if em.dtype != em.io_dtype:
         x = em.cast(x, em.dtype, f"{tag}/in")
-    sums = []
-    for ci, chain in enumerate(rep.chains):
+    sums = [em.fused(x, form, tag, vector_bias)] if form else []
+    for ci, chain in enumerate(rep.chains if not form else ()):
         h = x
         for fi, q in enumerate(chain):
             last = fi == len(chain) - 1
@@ -234,9 +269,9 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
 class Lower(Pass):
     """Rewrite planned layers for a target: ``lower(ort)`` or ``lower(std)``.
 
-    ``accuracy_level`` (ort only) sets MatMulNBits' compute type for every node; by default 0
-    (float activations) for 2/4-bit codes and 4 (int8 activations) for 8-bit codes, whose only
-    fast onnxruntime CPU kernel quantizes activations.
+    ``accuracy_level`` (default: the config's) sets the activations' precision for every node: 0
+    float, 4 int8 per block. Unset, ort uses 0 for 2/4-bit codes and 4 for 8-bit codes (their only
+    fast onnxruntime CPU kernel quantizes activations), lrq uses 4.
     """
 
     name = "lower"
@@ -273,7 +308,8 @@ class Lower(Pass):
             # float16 scales of a float32 layer: MatMulNBits and DequantizeLinear then compute in
             # float16; the lrq op takes either scale type with float32 activations
             compute = layer.dtype if target == "lrq" else rep.chains[0][0].scales.dtype
-            em = Emitter(graph, target, layer.weight, compute, self.params.get("accuracy_level"),
+            level = self.params.get("accuracy_level", ctx.config.accuracy_level)
+            em = Emitter(graph, target, layer.weight, compute, level,
                          io_dtype=np.dtype(layer.dtype))
             for node in layer.nodes:
                 rewrite_node(em, node, rep, node.name or layer.name)

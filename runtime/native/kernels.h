@@ -1,0 +1,69 @@
+// Block-quantized weights prepacked for lrqgraph's kernels, and the products they compute.
+//
+// A weight W[K, N] arrives like MatMulNBits stores it: codes[N, blocks, blob] (column n of W, its
+// codes along K packed low bits first at `bits` 2..8), scales[N, blocks], optional zero points
+// [N, blocks] (absent: 2^(bits-1)). A code c stands for (c - zero point) · scale.
+//
+// Two kernels, chosen per weight at kernel creation:
+//  - Int8Weight (CPUs with AVX-512 VNNI, block sizes dividing 64 or multiples of 64): activations
+//    are quantized to int8 per block of K on each call (as MatMulNBits does at accuracy_level 4)
+//    and codes are multiplied as bytes with vpdpbusd, 64 products per instruction; codes are
+//    repacked so that 64 of them decode into one register with a few shifts and masks.
+//  - FloatWeight (any CPU, any block size): codes are decoded to float32 in L1-sized chunks and
+//    multiplied in float (AVX2+FMA when the CPU has it, portable code otherwise).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace lrq {
+
+// Runs fn(task) for task in [0, count), possibly in parallel (onnxruntime's thread pool).
+struct Parallel {
+  virtual void For(void (*fn)(void*, size_t), size_t count, void* data) const = 0;
+  virtual ~Parallel() = default;
+};
+
+struct WeightSpec {
+  int64_t K = 0, N = 0;
+  int bits = 0, block = 0;
+  const uint8_t* codes = nullptr;  // [N, blocks, blob], blob = ceil(block * bits / 8)
+  std::vector<float> scales;       // [N, blocks]
+  std::vector<uint8_t> zero_points;  // [N, blocks] or empty
+  int blocks() const { return static_cast<int>((K + block - 1) / block); }
+  int blob() const { return (block * bits + 7) / 8; }
+};
+
+class Weight {
+ public:
+  virtual ~Weight() = default;
+  // y[M, N] (=|+=) x[M, K] · W (+ bias[N] when given).
+  virtual void Multiply(const float* x, int64_t M, float* y, bool accumulate, const float* bias,
+                        const Parallel& parallel) const = 0;
+  int64_t K() const { return K_; }
+  int64_t N() const { return N_; }
+
+ protected:
+  int64_t K_ = 0, N_ = 0;
+};
+
+// The fastest kernel this CPU has for the weight; int8_activations=false forces float compute.
+std::unique_ptr<Weight> MakeWeight(const WeightSpec& spec, bool int8_activations);
+
+// Used by MakeWeight; exposed for tests of one path.
+bool Int8Supported(int bits, int block);
+std::unique_ptr<Weight> MakeInt8Weight(const WeightSpec& spec);
+std::unique_ptr<Weight> MakeFloatWeight(const WeightSpec& spec);
+
+float HalfToFloat(uint16_t h);
+
+// Code i of a low-bits-first stream of `bits`-bit codes.
+inline uint32_t CodeAt(const uint8_t* src, int bits, int64_t i) {
+  const int64_t bit = i * bits, byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  uint32_t word = src[byte] | (shift + bits > 8 ? static_cast<uint32_t>(src[byte + 1]) << 8 : 0u);
+  return (word >> shift) & ((1u << bits) - 1);
+}
+
+}  // namespace lrq
