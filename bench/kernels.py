@@ -1,9 +1,17 @@
-"""Kernel latency of one layer: fp32 MatMul, onnxruntime's MatMulNBits and lrqgraph's lrq::QMatMul.
+"""Kernel latency of one layer: fp32 MatMul, onnxruntime's MatMulNBits, and lrqgraph's native ops.
 
-Layer shapes K x N from the issue, batch 1, 8 and 128, all models timed interleaved in one run
-(onnxruntime CPU, 2 threads). "GB/s" is the weight bytes each model reads per call divided by its
-time, beside this machine's memory bandwidth measured in the same run (numpy copy of 512 MB:
-bytes read + written over time). Weights are random (latency does not depend on values).
+Per layer shape K x N (the issue's four by default) and batch 1, 8 and 128, in one run with the
+models taking turns (onnxruntime CPU, 2 threads):
+ - fp32 MatMul; MatMulNBits 4-bit dense (block 32) at accuracy_level 0 (float activations, what
+   onnxruntime's quantizer writes) and at level 4 (int8 activations, its fastest kernel);
+ - lrq::QMatMul dense at 2 and 4 bits;
+ - for 2.5, 3 and 4 bits per weight: low-rank factors L·R (4-bit, block 64, rank from the budget)
+   as the chain of two MatMulNBits (levels 0 and 4) and as one lrq::QLowRankMatMul; at 3 bits
+   also Q + L·R (2-bit Q, 4-bit factors) as MatMulNBits nodes + Add and as one fused node.
+lrq nodes use int8 activations (accuracy_level 4, the lrq lowering's default). "bits/weight" counts
+every stored byte (fp16 scales); "GB/s" is those bytes over the time, beside the machine's memory
+bandwidth measured in the same run (numpy copy of 512 MB: bytes read + written over time).
+Weights are random: latency does not depend on their values.
 
     python bench/kernels.py [--shapes 4096x4096] [--runs 40]
 """
@@ -29,13 +37,25 @@ from lrqgraph.io import tensor_bytes  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
 
 SHAPES = ("384x1536", "576x1536", "4096x4096", "4096x11008")
-VARIANTS = [  # (label, lowering, bits, block, scale dtype)
-    ("MatMulNBits 4b g32", "ort", 4, 32, "auto"),
-    ("MatMulNBits 4b g128", "ort", 4, 128, "auto"),
-    ("lrq 4b g128 fp16", "lrq", 4, 128, "float16"),
-    ("lrq 3b g64 fp16", "lrq", 3, 64, "float16"),
-    ("lrq 2b g32 fp16", "lrq", 2, 32, "float16"),
-]
+BASELINE = "MatMulNBits 4b g32"
+DENSE = dict(method="rtn", block_size=32, scale_dtype="float16")
+LOWRANK = dict(method="svd", bits=4, block_size=64, scale_dtype="float16")
+QLR = dict(method="qlr", bits=2, lr_bits=4, block_size=32, iters=1, scale_dtype="float16")
+
+
+def variants() -> list[tuple[str, str, dict, int]]:
+    """(label, lowering, factorize options, accuracy level)."""
+    out = [(BASELINE, "ort", dict(DENSE, bits=4), 0),
+           (f"{BASELINE} int8", "ort", dict(DENSE, bits=4), 4),
+           ("lrq QMatMul 2b g32", "lrq", dict(DENSE, bits=2), 4),
+           ("lrq QMatMul 4b g32", "lrq", dict(DENSE, bits=4), 4)]
+    for bpw in (2.5, 3.0, 4.0):
+        lr = dict(LOWRANK, target_bpw=bpw)
+        out += [(f"MNB chain L·R {bpw:g}", "ort", lr, 0), (f"MNB chain L·R {bpw:g} int8", "ort", lr, 4),
+                (f"lrq L·R {bpw:g}", "lrq", lr, 4)]
+    qlr = dict(QLR, target_bpw=3.0)
+    out += [("MNB Q+L·R 3", "ort", qlr, 0), ("MNB Q+L·R 3 int8", "ort", qlr, 4), ("lrq Q+L·R 3", "lrq", qlr, 4)]
+    return out
 
 
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
@@ -49,10 +69,30 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def build(shape: str, tmp: Path) -> list[tuple[str, Path, float]]:
+    k, n = map(int, shape.split("x"))
+    fp32 = builders.matmul_model(k, n)
+    models = [("fp32 MatMul", tmp / f"{shape}-fp32.onnx", 4.0 * k * n)]
+    onnx.save(fp32, models[0][1])
+    plans: dict[str, object] = {}
+    for label, lowering, factorize, level in variants():
+        # one factorization per set of options, lowered both ways
+        cfg = OptimizeConfig(lowering=lowering, accuracy_level=level, factorize=FactorizeConfig(**factorize))
+        key = repr(sorted(factorize.items()))
+        if key not in plans:
+            plans[key] = lrqgraph.run(fp32, cfg, passes="discover,factorize").model
+        result = lrqgraph.run(fp32, cfg, passes=f"discover,factorize,lower({lowering}),cleanup")
+        path = tmp / f"{shape}-{label.replace(' ', '_').replace('·', '')}.onnx"
+        onnx.save(result.model, path)
+        models.append((label, path, float(tensor_bytes(result.model))))
+    return models
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--batches", default="1,8,128")
     args = parser.parse_args()
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth (numpy copy): {bandwidth:.1f} GB/s")
@@ -60,24 +100,22 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        fp32 = builders.matmul_model(k, n)
-        models = [("fp32 MatMul", tmp / f"{shape}-fp32.onnx", 4.0 * k * n)]
-        onnx.save(fp32, models[0][1])
-        for label, lowering, bits, block, scales in VARIANTS:
-            cfg = OptimizeConfig(lowering=lowering, factorize=FactorizeConfig(
-                method="rtn", bits=bits, block_size=block, scale_dtype=scales))
-            result = lrqgraph.run(fp32, cfg, passes=f"discover,factorize,lower({lowering}),cleanup")
-            path = tmp / f"{shape}-{label.replace(' ', '_')}.onnx"
-            onnx.save(result.model, path)
-            models.append((label, path, float(tensor_bytes(result.model))))
-        for batch in (1, 8, 128):
+        models = build(shape, tmp)
+        labels = [label for label, _, _ in models]
+        for batch in map(int, args.batches.split(",")):
             feeds = {"x": np.random.default_rng(0).standard_normal((batch, k)).astype(np.float32)}
             times = interleaved_latency_ms([p for _, p, _ in models], feeds, args.runs if batch < 128 else 10)
-            for (label, _, nbytes), ms in zip(models, times):
-                rows.append([shape, batch, label, f"{nbytes * 8 / (k * n):.3f}", f"{ms:.3f}", f"{ms / times[0]:.2f}",
-                             f"{ms / times[1]:.2f}", f"{nbytes / ms / 1e6:.1f}"])
+            by_label = dict(zip(labels, times))
+            for label, _, nbytes in models:
+                ms = by_label[label]
+                chain = label.replace("lrq ", "MNB chain ") if "L·R" in label and label.startswith("lrq") else None
+                chain = chain.replace("MNB chain Q+", "MNB Q+") if chain else None
+                rows.append([shape, batch, label, f"{nbytes * 8 / (k * n):.3f}", f"{ms:.3f}",
+                             f"{ms / by_label['fp32 MatMul']:.2f}", f"{ms / by_label[BASELINE]:.2f}",
+                             f"{ms / by_label[chain]:.2f}" if chain else "", f"{nbytes / ms / 1e6:.1f}"])
             print("\n".join(" | ".join(map(str, r)) for r in rows[-len(models):]), flush=True)
-    print(table(["K x N", "batch", "kernel", "bits/weight", "ms", "x fp32", "x MNB 4b g32", "GB/s"], rows))
+    print(table(["K x N", "batch", "kernel", "bits/weight", "ms", "x fp32", f"x {BASELINE}", "x MNB chain",
+                 "GB/s"], rows))
     print(f"memory bandwidth (numpy copy, same run): {bandwidth:.1f} GB/s")
 
 

@@ -48,7 +48,7 @@ def choose_rank(cfg: FactorizeConfig, k: int, n: int) -> tuple[int, str]:
         return min(cfg.rank, full), ""
     if cfg.rank_ratio is not None:
         return max(1, int(round(cfg.rank_ratio * full))), ""
-    dense, factor = _lr_specs(cfg)
+    dense, factor = _lr_specs(cfg, cfg.scales_for("float32"))  # the scales the budget pays for
     target = cfg.target_bpw if cfg.target_bpw is not None else float(cfg.bits + (cfg.method == "qlr"))
     fixed = spec_storage_bits(k, n, dense) if dense else 0
     rank = rank_for_bpw(k, n, target, factor, factor, multiple=16, fixed_bits=fixed)

@@ -1,21 +1,24 @@
 // Int8Weight: block-quantized codes times int8-quantized activations with AVX-512 VNNI.
 //
-// Layout, prepacked once: codes in groups of 64 along K, one group decoding into one 512-bit
-// register of 64 bytes (byte k = code k) with a few instructions:
+// Activations: each row of X is quantized to int8 per weight block of K, x ≈ sx · xq (as
+// MatMulNBits does at accuracy_level 4). For a block b of column n,
+//   Σ_k x_k (c_k − z) s ≈ s · sx · (Σ_k xq_k c_k − z Σ_k xq_k),
+// so the result is exactly the product of x̂ with the dequantized weight.
+// Layout, prepacked once: one int32 lane per output column. A panel is 16 columns; a "quad" is 4
+// consecutive k. The 64 codes of one (panel, quad) decode into one 512-bit register, byte 4j + i
+// = code (k = 4q + i, column j), so one vpdpbusd against the 4 activations of the quad broadcast
+// to every lane does 64 products for 16 columns, and a block's int32 lanes are already the 16
+// columns' sums: scales, zero points and the float accumulation run once per block and panel,
+// and no horizontal sums are needed. Packed widths (decoded with a few shifts and masks):
 //   2-bit: 16 bytes, byte j holds codes j, 16+j, 32+j, 48+j (two bits each, low first):
 //          broadcast to four 128-bit lanes, shift lane i right by 2i, mask;
 //   3-bit: the 2-bit layout of the low two bits, then a 64-bit mask of the third bits (one masked
 //          add of 4);
 //   4-bit: 32 bytes, byte j holds code j (low nibble) and code 32+j (high nibble);
 //   5..8-bit: one byte per code.
-// Activations: each row of X is quantized to int8 per block of K (the weight's block, or 64 when
-// the block is smaller), x ≈ sx · xq. For a weight block b of column n, Σ_k x_k (c_k − z) s =
-// s · (sx Σ_k xq_k c_k − z Σ_k x̂_k): the first sum is vpdpbusd (unsigned codes × signed xq, 64
-// products per instruction, int32 lanes), the second uses the block sums of x̂ computed with the
-// quantization, so the result is exactly the product of x̂ with the dequantized weight.
-// Kernel: 4 columns × 2 rows per micro-tile; int32 lanes are converted and scaled once per
-// activation block. Batch ≤ 2 decodes codes straight into registers; larger batches decode a tile
-// of 4 columns into an L1/L2-resident buffer once and sweep every pair of rows over it.
+// A tile of 4 panels (64 columns) is stored quad after quad, so a tile is one sequential stream.
+// Batch ≤ 2 decodes codes straight into registers; larger batches decode ~256 values of K of a
+// tile into an L1-resident buffer and sweep every pair of rows over it.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -31,14 +34,18 @@ bool Int8Supported(int bits, int block) {
   static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vnni");
-  return cpu && bits >= 2 && bits <= 8 && block >= 4 && (block % 64 == 0 || (64 % block == 0 && block % 4 == 0));
+  return cpu && bits >= 2 && bits <= 8 && block >= 4 && block % 4 == 0;
 }
 
 namespace {
 
+constexpr int kPanel = 16;      // columns per panel: one int32 lane each
+constexpr int kTile = 4;        // panels per tile
+constexpr int kChunk = 256;     // values of K decoded at a time for large batches
+
 int StoredBits(int bits) { return bits <= 4 ? bits : 8; }
 
-// 64 codes (one group) into the layout Decode<SB> reads; 8 · SB bytes.
+// 64 codes (one panel and quad) into the layout Decode<SB> reads; 8 · SB bytes.
 void PackGroup(const uint8_t* c, int sb, uint8_t* out) {
   if (sb == 2 || sb == 3) {
     for (int j = 0; j < 16; ++j) {
@@ -79,28 +86,16 @@ LRQ_AVX512 inline __m512i Decode(const uint8_t* p) {
   }
 }
 
-LRQ_AVX512 float Dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
-  if (k < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// Rows of X quantized to int8: q[M, Kp], sx[M, Kp / xb] (scale per activation block),
-// xs[M, Kp / block] (Σ x̂ per weight block, for zero points).
+// Rows of X quantized to int8 per weight block: q[M, Kp], sx[M, blocks], qs[M, blocks] = Σ xq.
 struct Activations {
   std::vector<int8_t> q;
-  std::vector<float> sx, xs;
+  std::vector<float> sx;
+  std::vector<int32_t> qs;
 };
 
-LRQ_AVX512 void QuantizeRow(const float* x, int64_t K, int64_t Kp, int xb, int block, int8_t* q, float* sx,
-                            float* xs) {
-  for (int64_t k0 = 0, j = 0; k0 < Kp; k0 += xb, ++j) {
-    const int64_t len = std::clamp<int64_t>(K - k0, 0, xb);
+LRQ_AVX512 void QuantizeRow(const float* x, int64_t K, int block, int64_t blocks, int8_t* q, float* sx, int32_t* qs) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k0 = b * block, len = std::min<int64_t>(block, K - k0);
     auto mask_at = [len](int64_t k) -> __mmask16 {
       return k + 16 <= len ? 0xffff : k < len ? static_cast<__mmask16>((1u << (len - k)) - 1) : 0;
     };
@@ -108,57 +103,67 @@ LRQ_AVX512 void QuantizeRow(const float* x, int64_t K, int64_t Kp, int xb, int b
     for (int64_t k = 0; k < len; k += 16)
       amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask_at(k), x + k0 + k)));
     const float top = _mm512_reduce_max_ps(amax);
-    sx[j] = top / 127.f;
+    sx[b] = top / 127.f;
     const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
-    for (int64_t k = 0; k < xb; k += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(mask_at(k), x + k0 + k);
-      const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // round to nearest even
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0 + k), _mm512_cvtsepi32_epi8(i));
-    }
-  }
-  for (int64_t b = 0; b < Kp / block; ++b) {
-    const int8_t* src = q + b * block;
     __m512i sum = _mm512_setzero_si512();
-    int i = 0;
-    for (; i + 16 <= block; i += 16)
-      sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    int32_t total = _mm512_reduce_add_epi32(sum);
-    for (; i < block; ++i) total += src[i];
-    xs[b] = static_cast<float>(total) * sx[(b * block) / xb];
+    for (int64_t k = 0; k < block; k += 16) {  // blocks are multiples of 4: the tail store is masked
+      const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask_at(k), x + k0 + k), inv));
+      sum = _mm512_add_epi32(sum, i);
+      const __mmask16 keep = k + 16 <= block ? 0xffff : static_cast<__mmask16>((1u << (block - k)) - 1);
+      _mm512_mask_cvtsepi32_storeu_epi8(q + k0 + k, keep, i);  // round to nearest even above
+    }
+    qs[b] = _mm512_reduce_add_epi32(sum);
   }
 }
 
 class Int8Weight final : public Weight {
  public:
-  explicit Int8Weight(const WeightSpec& s)
-      : bits_(s.bits), sb_(StoredBits(s.bits)), block_(s.block), xb_(s.block % 64 == 0 ? s.block : 64) {
+  explicit Int8Weight(const WeightSpec& s) : bits_(s.bits), sb_(StoredBits(s.bits)), block_(s.block) {
     K_ = s.K;
     N_ = s.N;
-    Kp_ = (K_ + xb_ - 1) / xb_ * xb_;
-    groups_ = Kp_ / 64;
-    sblocks_ = Kp_ / block_;
+    blocks_ = s.blocks();
+    Kp_ = static_cast<int64_t>(blocks_) * block_;
+    quads_ = Kp_ / 4;
+    panels_ = (N_ + kPanel - 1) / kPanel;
+    tiles_ = (panels_ + kTile - 1) / kTile;
     gbytes_ = 8 * sb_;
-    codes_.assign(static_cast<size_t>(N_) * groups_ * gbytes_, 0);
-    scales_.assign(static_cast<size_t>(N_) * sblocks_, 0.f);
-    const int blocks = s.blocks(), blob = s.blob();
+    half_scales_ = !s.half_scales.empty();
+    zero_point_ = s.zero_points.empty() ? 1 << (bits_ - 1) : s.zero_points[0];
     bool uniform = true;
-    zero_point_ = s.zero_points.empty() ? static_cast<float>(1 << (bits_ - 1)) : s.zero_points[0];
     for (uint8_t z : s.zero_points) uniform = uniform && z == s.zero_points[0];
-    if (!uniform) offsets_.assign(scales_.size(), 0.f);
-    std::vector<uint8_t> column(Kp_);
-    for (int64_t n = 0; n < N_; ++n) {
-      std::fill(column.begin(), column.end(), 0);  // padding codes meet zero activations
-      for (int b = 0; b < blocks; ++b) {
-        const uint8_t* src = s.codes + (static_cast<size_t>(n) * blocks + b) * blob;
+    const int blob = s.blob();
+    // codes of column n, all of K, one byte each (padding: code 0 meets activation 0)
+    std::vector<uint8_t> columns(static_cast<size_t>(panels_) * kPanel * Kp_, 0);
+    for (int64_t n = 0; n < N_; ++n)
+      for (int b = 0; b < blocks_; ++b) {
+        const uint8_t* src = s.codes + (static_cast<size_t>(n) * blocks_ + b) * blob;
         const int64_t k0 = static_cast<int64_t>(b) * block_;
         const int count = static_cast<int>(std::min<int64_t>(block_, K_ - k0));
-        for (int i = 0; i < count; ++i) column[k0 + i] = static_cast<uint8_t>(CodeAt(src, bits_, i));
-        const size_t at = static_cast<size_t>(n) * blocks + b;
-        scales_[n * sblocks_ + b] = s.scales[at];
-        if (!uniform) offsets_[n * sblocks_ + b] = -s.zero_points[at] * s.scales[at];
+        for (int i = 0; i < count; ++i) columns[n * Kp_ + k0 + i] = static_cast<uint8_t>(CodeAt(src, bits_, i));
       }
-      for (int64_t g = 0; g < groups_; ++g)
-        PackGroup(column.data() + 64 * g, sb_, codes_.data() + (static_cast<size_t>(n) * groups_ + g) * gbytes_);
+    codes_.assign(static_cast<size_t>(tiles_) * quads_ * kTile * gbytes_, 0);
+    const size_t cells = static_cast<size_t>(tiles_) * blocks_ * kTile * kPanel;  // [tile, block, panel, 16]
+    half_scales_ ? half_.assign(cells, 0) : scales_.assign(cells, 0.f);
+    if (!uniform) zero_points_.assign(cells, 0);
+    uint8_t group[64];
+    for (int64_t t = 0; t < tiles_; ++t) {
+      const int np = Panels(t);
+      for (int64_t q = 0; q < quads_; ++q)
+        for (int p = 0; p < np; ++p) {
+          const int64_t n0 = (t * kTile + p) * kPanel;
+          for (int j = 0; j < kPanel; ++j)
+            for (int i = 0; i < 4; ++i) group[4 * j + i] = columns[(n0 + j) * Kp_ + 4 * q + i];
+          PackGroup(group, sb_, codes_.data() + CodeOffset(t, q, p));
+        }
+      for (int b = 0; b < blocks_; ++b)
+        for (int p = 0; p < np; ++p)
+          for (int j = 0; j < kPanel; ++j) {
+            const int64_t n = (t * kTile + p) * kPanel + j;
+            if (n >= N_) continue;
+            const size_t from = static_cast<size_t>(n) * blocks_ + b, to = ScaleOffset(t, b, p) + j;
+            half_scales_ ? void(half_[to] = s.half_scales[from]) : void(scales_[to] = s.scales[from]);
+            if (!uniform) zero_points_[to] = s.zero_points[from];
+          }
     }
   }
 
@@ -166,17 +171,13 @@ class Int8Weight final : public Weight {
                 const Parallel& parallel) const override {
     Activations a;
     a.q.resize(static_cast<size_t>(M) * Kp_);
-    a.sx.resize(static_cast<size_t>(M) * (Kp_ / xb_));
-    a.xs.resize(static_cast<size_t>(M) * sblocks_);
+    a.sx.resize(static_cast<size_t>(M) * blocks_);
+    a.qs.resize(static_cast<size_t>(M) * blocks_);
     for (int64_t m = 0; m < M; ++m)
-      QuantizeRow(x + m * K_, K_, Kp_, xb_, block_, a.q.data() + m * Kp_, a.sx.data() + m * (Kp_ / xb_),
-                  a.xs.data() + m * sblocks_);
-    Job job{this, &a, y, M, accumulate, bias, 0};
-    const int64_t tiles = (N_ + 3) / 4;
-    const int64_t tasks = std::min<int64_t>(tiles, 64);
-    job.tiles_per_task = (tiles + tasks - 1) / tasks;
-    parallel.For(&Int8Weight::Task, static_cast<size_t>((tiles + job.tiles_per_task - 1) / job.tiles_per_task),
-                 &job);
+      QuantizeRow(x + m * K_, K_, block_, blocks_, a.q.data() + m * Kp_, a.sx.data() + m * blocks_,
+                  a.qs.data() + m * blocks_);
+    Job job{this, &a, y, M, accumulate, bias};
+    parallel.For(&Int8Weight::Task, static_cast<size_t>(tiles_), &job);
   }
 
  private:
@@ -187,120 +188,155 @@ class Int8Weight final : public Weight {
     int64_t M;
     bool accumulate;
     const float* bias;
-    int64_t tiles_per_task;
   };
 
-  static void Task(void* data, size_t task) {
+  // Where tile t's panels start; the last tile may hold fewer than kTile panels.
+  int Panels(int64_t t) const { return static_cast<int>(std::min<int64_t>(kTile, panels_ - t * kTile)); }
+  size_t CodeOffset(int64_t t, int64_t q, int p) const {
+    return (static_cast<size_t>(t) * quads_ * kTile + static_cast<size_t>(q) * Panels(t) + p) * gbytes_;
+  }
+  size_t ScaleOffset(int64_t t, int64_t b, int p) const {
+    return (static_cast<size_t>(t) * blocks_ * kTile + static_cast<size_t>(b) * Panels(t) + p) * kPanel;
+  }
+
+  static void Task(void* data, size_t tile) {
     const Job& job = *static_cast<const Job*>(data);
-    const int64_t tiles = (job.w->N_ + 3) / 4;
-    const int64_t t0 = static_cast<int64_t>(task) * job.tiles_per_task;
-    const int64_t t1 = std::min<int64_t>(tiles, t0 + job.tiles_per_task);
     switch (job.w->sb_) {
-      case 2: job.w->Tiles<2>(job, t0, t1); break;
-      case 3: job.w->Tiles<3>(job, t0, t1); break;
-      case 4: job.w->Tiles<4>(job, t0, t1); break;
-      default: job.w->Tiles<8>(job, t0, t1); break;
+      case 2: job.w->Tile<2>(job, static_cast<int64_t>(tile)); break;
+      case 3: job.w->Tile<3>(job, static_cast<int64_t>(tile)); break;
+      case 4: job.w->Tile<4>(job, static_cast<int64_t>(tile)); break;
+      default: job.w->Tile<8>(job, static_cast<int64_t>(tile)); break;
     }
   }
+
+  // Everything a micro-kernel call needs about its rows and blocks.
+  struct Span {
+    int64_t m0;      // first row
+    int64_t b0, b1;  // blocks [b0, b1)
+    const uint8_t* codes;    // direct: the tile's codes; buffered: unused
+    const __m512i* buffer;   // buffered: decoded quads of blocks [b0, b1), [quad - 4·b0·(block/4)... , panel]
+  };
 
   template <int SB>
-  LRQ_AVX512 void Tiles(const Job& job, int64_t t0, int64_t t1) const {
-    const bool direct = job.M <= 2;  // small batches decode codes straight into registers
-    std::vector<uint8_t> storage(direct ? 0 : 64 * (4 * static_cast<size_t>(groups_) + 1));
-    __m512i* buffer = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
-    const float* coef[4];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = 4 * t;
-      const int width = static_cast<int>(std::min<int64_t>(4, N_ - n0));
-      const uint8_t* packed[4];
-      const float* scales[4];
-      for (int c = 0; c < 4; ++c) {  // a short last tile repeats its last column
-        const int64_t n = n0 + std::min(c, width - 1);
-        packed[c] = codes_.data() + static_cast<size_t>(n) * groups_ * gbytes_;
-        scales[c] = scales_.data() + n * sblocks_;
-        coef[c] = offsets_.empty() ? scales[c] : offsets_.data() + n * sblocks_;
+  LRQ_AVX512 void Tile(const Job& job, int64_t t) const {
+    const int np = Panels(t);
+    const int64_t n0 = t * kTile * kPanel;
+    const uint8_t* codes = codes_.data() + CodeOffset(t, 0, 0);
+    std::vector<float> acc(static_cast<size_t>(job.M) * kTile * kPanel, 0.f);  // [M, np · 16]
+    if (job.M <= 2) {  // small batches: decode straight into registers
+      Rows<SB, true>(np, t, Span{0, 0, blocks_, codes, nullptr}, job, acc.data());
+    } else {
+      const int chunk_blocks = std::max(1, kChunk / block_);
+      const int64_t chunk_quads = static_cast<int64_t>(chunk_blocks) * block_ / 4;
+      std::vector<uint8_t> storage(64 * (chunk_quads * np + 1));
+      __m512i* buffer = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
+      for (int64_t b0 = 0; b0 < blocks_; b0 += chunk_blocks) {
+        const int64_t b1 = std::min<int64_t>(blocks_, b0 + chunk_blocks);
+        const int64_t q0 = b0 * block_ / 4, q1 = b1 * block_ / 4;
+        for (int64_t q = q0; q < q1; ++q)
+          for (int p = 0; p < np; ++p)
+            _mm512_store_si512(buffer + (q - q0) * np + p, Decode<SB>(codes + ((q * np) + p) * gbytes_));
+        Rows<SB, false>(np, t, Span{0, b0, b1, codes, buffer}, job, acc.data());
       }
-      if (!direct)
-        for (int c = 0; c < 4; ++c)
-          for (int64_t g = 0; g < groups_; ++g) _mm512_store_si512(buffer + c * groups_ + g, Decode<SB>(packed[c] + g * gbytes_));
-      const float zp_factor = offsets_.empty() ? -zero_point_ : 1.f;
-      for (int64_t m0 = 0; m0 < job.M; m0 += 2) {
-        const int rows = static_cast<int>(std::min<int64_t>(2, job.M - m0));
-        float out[2][4];
-        if (rows == 2)
-          direct ? Micro<SB, 2, true>(packed, buffer, scales, *job.a, m0, out)
-                 : Micro<SB, 2, false>(packed, buffer, scales, *job.a, m0, out);
-        else
-          direct ? Micro<SB, 1, true>(packed, buffer, scales, *job.a, m0, out)
-                 : Micro<SB, 1, false>(packed, buffer, scales, *job.a, m0, out);
-        for (int r = 0; r < rows; ++r) {
-          const float* xs = job.a->xs.data() + (m0 + r) * sblocks_;
-          for (int c = 0; c < width; ++c) {
-            float& dst = job.y[(m0 + r) * N_ + n0 + c];
-            const float value = out[r][c] + zp_factor * Dot(coef[c], xs, sblocks_) + (job.bias ? job.bias[n0 + c] : 0.f);
-            dst = job.accumulate ? dst + value : value;
-          }
-        }
+    }
+    // acc → y (columns past N masked off), with bias and accumulation
+    for (int64_t m = 0; m < job.M; ++m)
+      for (int p = 0; p < np; ++p) {
+        const int64_t n = n0 + p * kPanel;
+        const __mmask16 mask = n + kPanel <= N_ ? 0xffff : static_cast<__mmask16>((1u << (N_ - n)) - 1);
+        __m512 v = _mm512_loadu_ps(acc.data() + (m * kTile + p) * kPanel);
+        if (job.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, job.bias + n));
+        float* dst = job.y + m * N_ + n;
+        if (job.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, dst));
+        _mm512_mask_storeu_ps(dst, mask, v);
+      }
+  }
+
+  // Every pair of rows over blocks [span.b0, span.b1), adding into acc[M, kTile · 16].
+  template <int SB, bool kDirect>
+  LRQ_AVX512 void Rows(int np, int64_t t, Span span, const Job& job, float* acc) const {
+    for (int64_t m0 = 0; m0 < job.M; m0 += 2) {
+      span.m0 = m0;
+      const bool pair = m0 + 1 < job.M;
+      if (np == kTile) {
+        pair ? Micro<SB, 2, kTile, kDirect>(np, t, 0, span, *job.a, acc) : Micro<SB, 1, kTile, kDirect>(np, t, 0, span, *job.a, acc);
+      } else {
+        for (int p = 0; p < np; ++p)
+          pair ? Micro<SB, 2, 1, kDirect>(np, t, p, span, *job.a, acc) : Micro<SB, 1, 1, kDirect>(np, t, p, span, *job.a, acc);
       }
     }
   }
 
-  // out[r][c] = Σ_k x̂[m0 + r, k] · code[k, column c] · scale (zero points excluded).
-  template <int SB, int R, bool kDirect>
-  LRQ_AVX512 void Micro(const uint8_t* const* packed, const __m512i* buffer, const float* const* scales,
-                        const Activations& a, int64_t m0, float out[2][4]) const {
-    const int per_block = xb_ / 64, xblocks = static_cast<int>(Kp_ / xb_);
+  // acc[m0 + r, (p0 + p) · 16 + j] += Σ over blocks [b0, b1) of x̂ · dequant(W) for column j of panel p0 + p.
+  template <int SB, int R, int P, bool kDirect>
+  LRQ_AVX512 void Micro(int np, int64_t t, int p0, const Span& span, const Activations& a, float* acc) const {
+    const int quads_per_block = block_ / 4;
+    const size_t quad_stride = static_cast<size_t>(np) * gbytes_;
+    const uint8_t* codes = span.codes + p0 * gbytes_;
     const int8_t* xq[R];
     const float* sx[R];
+    const int32_t* qs[R];
     for (int r = 0; r < R; ++r) {
-      xq[r] = a.q.data() + (m0 + r) * Kp_;
-      sx[r] = a.sx.data() + (m0 + r) * xblocks;
+      xq[r] = a.q.data() + (span.m0 + r) * Kp_;
+      sx[r] = a.sx.data() + (span.m0 + r) * blocks_;
+      qs[r] = a.qs.data() + (span.m0 + r) * blocks_;
     }
-    // blocks smaller than 64: lane l (bytes 4l..4l+3 of a group) belongs to block 4l / block
-    const int small = block_ < 64 ? 64 / block_ : 1;
-    __m512i lane_block = _mm512_setzero_si512();
-    if (small > 1) {
-      alignas(64) int32_t idx[16];
-      for (int l = 0; l < 16; ++l) idx[l] = 4 * l / block_;
-      lane_block = _mm512_load_si512(idx);
-    }
-    const __mmask16 small_mask = static_cast<__mmask16>((1u << small) - 1);
-    __m512 acc[R][4];
+    __m512 sums[R][P];
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int j = 0; j < xblocks; ++j) {
-      __m512i dots[R][4];
+      for (int p = 0; p < P; ++p) sums[r][p] = _mm512_setzero_ps();
+    const int64_t q_base = span.b0 * quads_per_block;
+    for (int64_t b = span.b0; b < span.b1; ++b) {
+      __m512i dots[R][P];
       for (int r = 0; r < R; ++r)
-        for (int c = 0; c < 4; ++c) dots[r][c] = _mm512_setzero_si512();
-      for (int64_t g = static_cast<int64_t>(j) * per_block; g < static_cast<int64_t>(j + 1) * per_block; ++g) {
-        __m512i w[4];
-        for (int c = 0; c < 4; ++c) w[c] = kDirect ? Decode<SB>(packed[c] + g * gbytes_) : _mm512_load_si512(buffer + c * groups_ + g);
+        for (int p = 0; p < P; ++p) dots[r][p] = _mm512_setzero_si512();
+      for (int64_t q = b * quads_per_block; q < (b + 1) * quads_per_block; ++q) {
+        __m512i w[P];
+        if constexpr (kDirect) {
+          const uint8_t* at = codes + q * quad_stride;
+          for (int o = 0; o < P * 8 * SB; o += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(at + 24 * quad_stride + o), _MM_HINT_T0);
+          for (int p = 0; p < P; ++p) w[p] = Decode<SB>(at + p * gbytes_);
+        } else {
+          for (int p = 0; p < P; ++p) w[p] = _mm512_load_si512(span.buffer + (q - q_base) * np + p0 + p);
+        }
         for (int r = 0; r < R; ++r) {
-          const __m512i xv = _mm512_loadu_si512(xq[r] + 64 * g);
-          for (int c = 0; c < 4; ++c) dots[r][c] = _mm512_dpbusd_epi32(dots[r][c], w[c], xv);
+          int32_t four;
+          std::memcpy(&four, xq[r] + 4 * q, 4);
+          const __m512i xv = _mm512_set1_epi32(four);
+          for (int p = 0; p < P; ++p) dots[r][p] = _mm512_dpbusd_epi32(dots[r][p], w[p], xv);
         }
       }
-      __m512 ws[4];
-      for (int c = 0; c < 4; ++c)
-        ws[c] = small > 1 ? _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps(small_mask, scales[c] + j * small))
-                          : _mm512_set1_ps(scales[c][j]);
-      for (int r = 0; r < R; ++r) {
-        const __m512 s = _mm512_set1_ps(sx[r][j]);
-        for (int c = 0; c < 4; ++c)
-          acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r][c]), _mm512_mul_ps(ws[c], s), acc[r][c]);
+      const size_t at = ScaleOffset(t, b, p0);
+      for (int p = 0; p < P; ++p) {
+        const __m512 ws = half_scales_
+            ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_.data() + at + p * kPanel)))
+            : _mm512_loadu_ps(scales_.data() + at + p * kPanel);
+        const __m512i zp = zero_points_.empty()
+            ? _mm512_set1_epi32(zero_point_)
+            : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_points_.data() + at + p * kPanel)));
+        for (int r = 0; r < R; ++r) {
+          const __m512i centred = _mm512_sub_epi32(dots[r][p], _mm512_mullo_epi32(zp, _mm512_set1_epi32(qs[r][b])));
+          sums[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(ws, _mm512_set1_ps(sx[r][b])), sums[r][p]);
+        }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < 4; ++c) out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+      for (int p = 0; p < P; ++p) {
+        float* dst = acc + ((span.m0 + r) * kTile + p0 + p) * kPanel;
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), sums[r][p]));
+      }
   }
 
-  int bits_, sb_, block_, xb_;
-  int64_t Kp_ = 0, groups_ = 0, sblocks_ = 0;
+  int bits_, sb_, block_;
+  int blocks_ = 0;
+  int64_t Kp_ = 0, quads_ = 0, panels_ = 0, tiles_ = 0;
   int gbytes_ = 0;
-  std::vector<uint8_t> codes_;   // [N, groups, gbytes]
-  std::vector<float> scales_;    // [N, sblocks], zero past the last block
-  std::vector<float> offsets_;   // [N, sblocks]: −zero point · scale, only when zero points differ
-  float zero_point_ = 0.f;       // the common zero point otherwise
+  std::vector<uint8_t> codes_;        // [tile, quad, panel, gbytes]: one sequential stream per tile
+  std::vector<float> scales_;         // [tile, block, panel, 16] (float32 scales)
+  std::vector<uint16_t> half_;        // the same as float16, when the model stores float16 scales
+  bool half_scales_ = false;
+  std::vector<uint8_t> zero_points_;  // [tile, block, panel, 16], only when zero points differ
+  int zero_point_ = 0;                // the common zero point otherwise
 };
 
 }  // namespace

@@ -30,6 +30,7 @@ struct WeightSpec {
   int bits = 0, block = 0;
   const uint8_t* codes = nullptr;  // [N, blocks, blob], blob = ceil(block * bits / 8)
   std::vector<float> scales;       // [N, blocks]
+  std::vector<uint16_t> half_scales;  // the same as given, when the model stores float16 scales
   std::vector<uint8_t> zero_points;  // [N, blocks] or empty
   int blocks() const { return static_cast<int>((K + block - 1) / block); }
   int blob() const { return (block * bits + 7) / 8; }

@@ -82,13 +82,16 @@ class NodeInfo {
     return value;
   }
 
-  std::vector<float> Floats(size_t index, const std::string& what, size_t expected) const {
+  // Float or float16 values as float; float16 ones also as given, in *half.
+  std::vector<float> Floats(size_t index, const std::string& what, size_t expected,
+                            std::vector<uint16_t>* half = nullptr) const {
     Ort::ConstValue value = Constant(index, what, expected);
     std::vector<float> out(expected);
     const auto type = value.GetTensorTypeAndShapeInfo().GetElementType();
     if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
       const uint16_t* h = static_cast<const uint16_t*>(value.GetTensorRawData());
       for (size_t i = 0; i < expected; ++i) out[i] = lrq::HalfToFloat(h[i]);
+      if (half) half->assign(h, h + expected);
     } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       const float* f = value.GetTensorData<float>();
       out.assign(f, f + expected);
@@ -111,7 +114,7 @@ class NodeInfo {
     const size_t cells = static_cast<size_t>(N) * spec.blocks();
     Ort::ConstValue codes = Constant(first, what + " codes", cells * spec.blob());
     spec.codes = codes.GetTensorData<uint8_t>();
-    spec.scales = Floats(first + 1, what + " scales", cells);
+    spec.scales = Floats(first + 1, what + " scales", cells, &spec.half_scales);
     if (Has(first + 2)) {
       const uint8_t* zp = Constant(first + 2, what + " zero points", cells).GetTensorData<uint8_t>();
       spec.zero_points.assign(zp, zp + cells);
