@@ -88,7 +88,8 @@ class BuildNative(build_ext):
 setup(
     ext_modules=[Extension(
         "lrqgraph.runtime.lrq_ops",
-        sources=["runtime/native/lrq_ops.cc", "runtime/native/float_kernel.cc", "runtime/native/int8_kernel.cc"],
+        sources=["runtime/native/lrq_ops.cc", "runtime/native/float_kernel.cc", "runtime/native/int8_kernel.cc",
+                 "runtime/native/codebook_kernel.cc"],
         depends=["runtime/native/kernels.h"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-psabi"],

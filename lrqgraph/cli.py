@@ -1,4 +1,4 @@
-"""The ``lrqgraph`` command: optimize, inspect, verify.
+"""The ``lrqgraph`` command: optimize, inspect, lower, verify.
 
 Errors the user can act on print one line and exit 2; a failed verification exits 1; a bug prints
 one line too (``--debug`` shows the traceback).
@@ -26,7 +26,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
                    help=f"rtn: dense block quantization; gptq: with error feedback (needs calibration, "
                         f"else = rtn); svd: truncated SVD, quantized factors; lplr: randomized low-rank "
-                        f"low-precision factors; qlr: Q + L·R; kmeans, kashin: codebooks, no lowering yet "
+                        f"low-precision factors; qlr: Q + L·R; kmeans, kashin: codebooks (--lowering lrq only) "
                         f"(default {DEFAULTS.method})")
     g.add_argument("--bits", type=int, default=DEFAULTS.bits, help=f"code bits, 2..8 (default {DEFAULTS.bits})")
     g.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model")
     _add_method_options(ins)
 
+    low = sub.add_parser("lower", parents=[common], help="convert a model's lrq custom ops (--lowering lrq) to ops "
+                                                       "every onnxruntime has")
+    low.add_argument("model", help="input .onnx written with --lowering lrq")
+    low.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    low.add_argument("--to", choices=("ort", "std"), default="ort",
+                     help="ort: com.microsoft MatMulNBits (default); std: DequantizeLinear + MatMul, opset 21")
+    low.add_argument("--accuracy-level", type=int, choices=(0, 4),
+                     help="MatMulNBits' activation precision (ort): 0 float, 4 int8; default 0 (4 for 8-bit codes)")
+    low.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
+
     ver = sub.add_parser("verify", parents=[common], help="compare two models' outputs in onnxruntime")
     ver.add_argument("reference")
     ver.add_argument("candidate")
@@ -171,10 +181,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from .report import layer_table, summary, write_json
 
     src, dst = Path(args.model), Path(args.output)
-    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-        raise LrqError(f"{dst}: output path is the input model; choose another output path")
-    if not dst.parent.exists():
-        raise LrqError(f"{dst.parent}: output folder does not exist")
+    _check_paths(src, dst)
     config = config_from_args(args)
     if args.report_html:
         from .html_report import require_matplotlib
@@ -192,6 +199,31 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(layer_table(result.report["layers"]))
         print(summary(result.report))
         print(f"wrote {dst}")
+    return 0
+
+
+def _check_paths(src: Path, dst: Path) -> None:
+    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+        raise LrqError(f"{dst}: output path is the input model; choose another output path")
+    if not dst.parent.exists():
+        raise LrqError(f"{dst.parent}: output folder does not exist")
+
+
+def cmd_lower(args: argparse.Namespace) -> int:
+    import onnx
+
+    from .api import run
+    from .io import save_model
+
+    src, dst = Path(args.model), Path(args.output)
+    _check_paths(src, dst)
+    level = "" if args.accuracy_level is None else f",accuracy_level={args.accuracy_level}"
+    result = run(src, OptimizeConfig(), passes=f"relower({args.to}{level}),cleanup")
+    if not any(op.domain == "lrq" for op in onnx.load(str(src), load_external_data=False).opset_import):
+        log.warning("%s has no lrq custom ops; written unchanged", src)
+    save_model(result.model, dst, external_data=True if args.external_data else None, source=src)
+    if not args.quiet:
+        print(f"wrote {dst} ({args.to}: {', '.join(sorted({n.op_type for n in result.model.graph.node}))})")
     return 0
 
 
@@ -224,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
-    handler = {"optimize": cmd_optimize, "inspect": cmd_inspect, "verify": cmd_verify}[args.command]
+    handler = {"optimize": cmd_optimize, "inspect": cmd_inspect, "lower": cmd_lower, "verify": cmd_verify}[args.command]
     try:
         return handler(args)
     except VerificationError as exc:

@@ -10,8 +10,6 @@ from .errors import LrqError
 from .numerics import QuantSpec
 
 METHODS = ("rtn", "gptq", "svd", "lplr", "qlr", "kmeans", "kashin")
-# Methods whose representation the lowerings can emit today (the others: numerics and benchmarks).
-LOWERABLE_METHODS = ("rtn", "gptq", "svd", "lplr", "qlr")
 LOWERINGS = ("ort", "std", "lrq")
 
 

@@ -6,7 +6,8 @@ Targets:
    int8/uint8 initializers, then MatMul (opset 21; older models are converted first).
  - ``lrq``: lrqgraph's native custom ops (any code width 2..8, float16 or float32 scales with
    float32 activations; lrqgraph.runtime.session registers the library): ``lrq::QLowRankMatMul``
-   for L·R and Q + L·R in one node, ``lrq::QMatMul`` for a dense factor.
+   for L·R and Q + L·R in one node, ``lrq::QMatMul`` for a dense factor, ``lrq::KashinMatMul``
+   for codebook forms (Kashin with Hadamard transforms, k-means).
 Cases, per node multiplying X by a planned weight W ≈ Σ_chains Π factors:
  1. Each chain becomes a MatMul chain from X; several chains are summed with Add (lrq: L·R and
     Q + L·R become one fused node).
@@ -29,6 +30,7 @@ from lrqgraph import __version__
 from lrqgraph.errors import LrqError
 from lrqgraph.model import IR_VERSION_INT4, ModelState
 from lrqgraph.numerics import QuantizedTensor, pack_bits
+from lrqgraph.numerics.kashin import KashinTensor
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.runtime.native_ops import library_path
 
@@ -85,14 +87,7 @@ class Emitter:
         return self._factors[key]
 
     def _ort_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
-        k, n = q.shape
-        blocks = q.scales.shape[0]
-        padded = blocks * q.block_size
-        codes = q.codes.T  # MatMulNBits stores row n = column n of W, blocks along K
-        if padded != k:
-            fill = q.zero_point_array().T[:, -1:]
-            codes = np.concatenate([codes, np.broadcast_to(fill, (n, padded - k))], axis=1)
-        packed = pack_bits(codes.reshape(n, blocks, q.block_size), q.bits)
+        packed, _, _ = q.packed_columns()  # MatMulNBits stores row n = column n of W, blocks along K
         tensors = [_array(f"{name}.q", packed),
                    _array(f"{name}.scales", q.scales.T.astype(self.dtype).reshape(-1))]
         if q.zero_points is not None:
@@ -100,17 +95,10 @@ class Emitter:
         return tensors
 
     def _lrq_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
-        """lrq::QMatMul: codes [N, blocks, blob] packed at any width, scales as stored, unpacked zero points."""
-        k, n = q.shape
-        blocks = q.scales.shape[0]
-        codes = q.codes.T
-        if blocks * q.block_size != k:
-            fill = q.zero_point_array().T[:, -1:]
-            codes = np.concatenate([codes, np.broadcast_to(fill, (n, blocks * q.block_size - k))], axis=1)
-        tensors = [_array(f"{name}.q", pack_bits(codes.reshape(n, blocks, q.block_size), q.bits)),
-                   _array(f"{name}.scales", np.ascontiguousarray(q.scales.T))]
-        if q.zero_points is not None:
-            tensors.append(_array(f"{name}.zp", np.ascontiguousarray(q.zero_points.T)))
+        codes, scales, zero_points = q.packed_columns()
+        tensors = [_array(f"{name}.q", codes), _array(f"{name}.scales", scales)]
+        if zero_points is not None:
+            tensors.append(_array(f"{name}.zp", zero_points))
         return tensors
 
     def _std_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
@@ -179,6 +167,31 @@ class Emitter:
                                         domain="lrq"))
         return out
 
+    def codebook(self, x: gs.Tensor, t: "KashinTensor | QuantizedTensor", tag: str,
+                 bias: np.ndarray | None) -> gs.Variable:
+        """One lrq::KashinMatMul node: X·(U + F1·V·F2ᵀ) for Kashin, X·U for a k-means codebook."""
+        kashin = isinstance(t, KashinTensor)
+        codes = t.pairs if kashin else t
+        k, n = codes.shape
+        if (0, 0) not in self._factors:
+            name = f"{self.prefix}.lrq0_0"
+            book = (codes.codebook * t.norm if kashin else codes.codebook.reshape(-1, 1)).astype(np.float32)
+            tensors = [_array(f"{name}.codes", pack_bits(codes.codes.T, codes.bits)), _array(f"{name}.codebook", book)]
+            for axis, label in ((t.transform.rows, "row"), (t.transform.cols, "col")) if kashin else ():
+                tensors.append(_array(f"{name}.{label}_signs", axis.signs.astype(np.float32)))
+                tensors.append(_array(f"{name}.{label}_small", axis.small) if axis.small is not None
+                               else gs.Variable.empty())
+            self.stored_bytes += sum(_stored_nbytes(c) for c in tensors if isinstance(c, gs.Constant))
+            self._factors[(0, 0)] = tensors
+        inputs = [x, *self._factors[(0, 0)]]
+        inputs += [gs.Variable.empty()] * (7 - len(inputs))
+        if bias is not None:
+            inputs.append(_array(f"{tag}.bias", bias.astype(np.float32)))
+        out = gs.Variable(f"{tag}/lrq_codebook", dtype=self.dtype)
+        self.graph.nodes.append(gs.Node("KashinMatMul", f"{tag}/KashinMatMul", {"K": k, "N": n, "bits": codes.bits},
+                                        inputs, [out], domain="lrq"))
+        return out
+
     def op(self, op: str, tag: str, inputs: list[gs.Tensor], dtype: np.dtype | None = None,
            attrs: dict | None = None) -> gs.Variable:
         out = gs.Variable(f"{tag}/{op}_out", dtype=dtype or self.dtype)
@@ -190,12 +203,27 @@ class Emitter:
         return self.op("Cast", tag, [x], dtype=np.dtype(dtype), attrs={"to": to})
 
 
-def check_lowerable(layer: Layer, rep) -> None:
+def codebook_form(rep):
+    """The one KashinTensor or codebook tensor W is, else None."""
+    if len(rep.chains) == 1 and len(rep.chains[0]) == 1:
+        t = rep.chains[0][0]
+        if isinstance(t, KashinTensor) or (t.codebook is not None and t.codebook.ndim == 1 and t.scales is None):
+            return t
+    return None
+
+
+def check_lowerable(layer: Layer, rep, target: str) -> None:
     # the ort and std kernels take uniform grids blocked down K; codebooks need the native ops
+    t = codebook_form(rep)
+    if target == "lrq" and t is not None:
+        if isinstance(t, KashinTensor) and t.transform.kind != "hadamard":
+            raise LrqError(f"layer '{layer.name}': lrq::KashinMatMul runs Hadamard transforms, this weight "
+                           f"used '{t.transform.kind}'; use --transform hadamard")
+        return
     if not all(isinstance(q, QuantizedTensor) and q.codebook is None and q.axis == 0
                for chain in rep.chains for q in chain):
-        raise LrqError(f"layer '{layer.name}': method {rep.method} has no ONNX lowering yet (its codebooks "
-                       f"need the native custom ops); choose rtn, gptq, svd, lplr or qlr")
+        raise LrqError(f"layer '{layer.name}': method {rep.method} has codebooks, which only the native ops run; "
+                       f"use --lowering lrq, or choose rtn, gptq, svd, lplr or qlr")
 
 
 def check_ort_compatible(layer: Layer, rep) -> None:
@@ -233,16 +261,19 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
     alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
     vector_bias = None
     form = fused_form(rep) if em.target == "lrq" else None
+    book = codebook_form(rep) if em.target == "lrq" else None
     # a [N] or [1, N] constant C rides in the last node's bias input; any other C gets an Add
     if c_values is not None and c_values.size == rep.shape[1] and c_values.shape[-1:] == (rep.shape[1],) \
-            and alpha == 1.0 and (len(rep.chains) == 1 or form) and em.target in ("ort", "lrq"):
+            and alpha == 1.0 and (len(rep.chains) == 1 or form or book is not None) and em.target in ("ort", "lrq"):
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
     node.outputs.clear()
     if em.dtype != em.io_dtype:
         x = em.cast(x, em.dtype, f"{tag}/in")
     sums = [em.fused(x, form, tag, vector_bias)] if form else []
-    for ci, chain in enumerate(rep.chains if not form else ()):
+    if book is not None:
+        sums = [em.codebook(x, book, tag, vector_bias)]
+    for ci, chain in enumerate(rep.chains if not sums else ()):
         h = x
         for fi, q in enumerate(chain):
             last = fi == len(chain) - 1
@@ -292,7 +323,7 @@ class Lower(Pass):
             rep = ctx.plans.get(layer.weight) if layer.rewrite else None
             if rep is None:
                 continue
-            check_lowerable(layer, rep)
+            check_lowerable(layer, rep, target)
             if target == "lrq":
                 library_path()  # a clear error now if the native ops are missing
                 if np.dtype(layer.dtype) != np.float32:

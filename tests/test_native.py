@@ -7,8 +7,9 @@ block is quantized with step sx = max|x| / 127, so |x - x̂| ≤ sx / 2 per entr
 quantization's half step) is carried through |R| the same way.
 """
 import numpy as np
+import onnx
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import builders
@@ -75,6 +76,7 @@ def test_lowrank_matches_numpy(k, n, rank, bits, block, dense, batch, level, see
     method = dict(method="qlr", lr_bits=bits, iters=1) if dense else dict(method="lplr")
     model, plan = lowered(builders.matmul_model(k, n, seed=seed), level, bits=bits, block_size=block, rank=rank,
                           **method)
+    assume("W" in plan)  # tiny layers at 8 bits may not save anything: kept as they are
     assert [node.op_type for node in model.graph.node if node.domain == "lrq"] == ["QLowRankMatMul"]
     rep = plan["W"]
     (lf, rf), = [c for c in rep.chains if len(c) == 2]
@@ -148,3 +150,67 @@ def test_end_to_end_lrq_matches_std_lowering():
         outs[lowering] = session(result.model.SerializeToString()).run(
             None, {"x": np.ones((4, 64), np.float32)})[0]
     np.testing.assert_allclose(outs["lrq"], outs["std"], atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["ort", "std"])
+def test_lower_cli_converts_lrq_ops_back(tmp_path, target):
+    """`lrqgraph lower --to ort|std` rebuilds the same factors with standard ops: same outputs as lrq."""
+    from lrqgraph.cli import main
+
+    model = builders.mlp_model()
+    cfg = OptimizeConfig(lowering="lrq", accuracy_level=0, factorize=FactorizeConfig(
+        method="qlr", bits=4, lr_bits=4, rank=16, block_size=16),
+        select=SelectConfig(min_params=1))
+    lrq_model = lrqgraph.run(model, cfg).model
+    assert {n.op_type for n in lrq_model.graph.node if n.domain == "lrq"} == {"QLowRankMatMul"}
+    src, dst = tmp_path / "lrq.onnx", tmp_path / f"{target}.onnx"
+    onnx.save(lrq_model, src)
+    before = src.read_bytes()
+    assert main(["lower", str(src), "-o", str(dst), "--to", target, "-q"]) == 0
+    assert src.read_bytes() == before
+    out = onnx.load(str(dst))
+    assert all(imp.domain != "lrq" for imp in out.opset_import)
+    ops = {n.op_type for n in out.graph.node}
+    assert ("MatMulNBits" in ops) if target == "ort" else ({"DequantizeLinear", "MatMul"} <= ops)
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    want = session(str(src)).run(None, {"x": x})[0]
+    onnxruntime_session(dst)  # loads without lrqgraph's library
+    got = session(str(dst)).run(None, {"x": x})[0]  # float activations for fused DequantizeLinear too
+    # float32 scales: the same products summed in another order
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def onnxruntime_session(path):
+    """A plain onnxruntime session: the converted model must not need lrqgraph's library."""
+    import onnxruntime as ort
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_lower_cli_rejects_what_ort_cannot_run(tmp_path, capsys):
+    from lrqgraph.cli import main
+
+    cfg = OptimizeConfig(lowering="lrq", factorize=FactorizeConfig(method="rtn", bits=3, block_size=32),
+                         select=SelectConfig(min_params=1))
+    src = tmp_path / "lrq3.onnx"
+    onnx.save(lrqgraph.run(builders.mlp_model(), cfg).model, src)
+    assert main(["lower", str(src), "-o", str(tmp_path / "out.onnx"), "--to", "ort"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3-bit codes have no MatMulNBits kernel" in err[0]
+    assert not (tmp_path / "out.onnx").exists()
+    assert main(["lower", str(src), "-o", str(tmp_path / "std.onnx"), "--to", "std", "-q"]) == 0
+
+
+@settings(max_examples=12, deadline=None)
+@given(shape=st.sampled_from([(64, 32), (96, 80), (48, 128), (130, 24)]), bits=st.sampled_from([2, 3, 4, 5, 6]),
+       method=st.sampled_from(["kashin", "kmeans"]), batch=st.sampled_from([1, 3]), seed=st.integers(0, 20))
+def test_codebook_op_matches_numpy(shape, bits, method, batch, seed):
+    """lrq::KashinMatMul: X·(U + F1·V·F2ᵀ) with Hadamard transforms (odd factors too), and k-means."""
+    k, n = shape
+    model, plan = lowered(builders.matmul_model(k, n, seed=seed), method=method, bits=bits, max_iter=400)
+    assert [node.op_type for node in model.graph.node if node.domain == "lrq"] == ["KashinMatMul"]
+    w = plan["W"].dequantize().astype(np.float64)
+    x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)
+    (y,) = session(model.SerializeToString()).run(None, {"x": x})
+    want = np.maximum(x @ w, 0)
+    # float32 transforms and sums: rounding of K + log2(K) + log2(N) operations per output
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * (np.abs(x) @ np.abs(w)).max() * np.log2(k * n))

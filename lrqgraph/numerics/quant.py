@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pack import packed_nbytes
+from .pack import pack_bits, packed_nbytes
 
 # Candidate clipping ratios for the MSE scale search: shrinking the range trades clipping error on
 # the few largest weights for finer steps on all the others.
@@ -99,6 +99,20 @@ class QuantizedTensor:
             return levels
         scale = self._per_entry(self.scales.astype(np.float32))
         return levels * (scale if levels.ndim == 2 else scale[..., None])
+
+    def packed_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The MatMulNBits / lrq-op layout (blocks along K): codes [N, blocks, blob] packed low bits
+        first (the last block padded with its zero point), scales [N, blocks], zero points [N, blocks]
+        unpacked (None when symmetric)."""
+        k, n = self.shape
+        blocks = self.scales.shape[0]
+        codes = self.codes.T
+        if blocks * self.block_size != k:
+            fill = self.zero_point_array().T[:, -1:]
+            codes = np.concatenate([codes, np.broadcast_to(fill, (n, blocks * self.block_size - k))], axis=1)
+        zero_points = None if self.zero_points is None else np.ascontiguousarray(self.zero_points.T)
+        return (pack_bits(codes.reshape(n, blocks, self.block_size), self.bits), np.ascontiguousarray(self.scales.T),
+                zero_points)
 
     def storage_bits(self) -> int:
         """Every stored bit: codes (packed per block when there are scales, as MatMulNBits pads

@@ -27,6 +27,8 @@
 #include "kernels.h"
 
 #define LRQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+// register-resident accumulators need the small constant loops fully unrolled
+#define LRQ_UNROLL _Pragma("GCC unroll 8")
 
 namespace lrq {
 
@@ -276,37 +278,48 @@ class Int8Weight final : public Weight {
     const int8_t* xq[R];
     const float* sx[R];
     const int32_t* qs[R];
+    LRQ_UNROLL
     for (int r = 0; r < R; ++r) {
       xq[r] = a.q.data() + (span.m0 + r) * Kp_;
       sx[r] = a.sx.data() + (span.m0 + r) * blocks_;
       qs[r] = a.qs.data() + (span.m0 + r) * blocks_;
     }
     __m512 sums[R][P];
+    LRQ_UNROLL
     for (int r = 0; r < R; ++r)
+      LRQ_UNROLL
       for (int p = 0; p < P; ++p) sums[r][p] = _mm512_setzero_ps();
     const int64_t q_base = span.b0 * quads_per_block;
     for (int64_t b = span.b0; b < span.b1; ++b) {
       __m512i dots[R][P];
+      LRQ_UNROLL
       for (int r = 0; r < R; ++r)
+        LRQ_UNROLL
         for (int p = 0; p < P; ++p) dots[r][p] = _mm512_setzero_si512();
       for (int64_t q = b * quads_per_block; q < (b + 1) * quads_per_block; ++q) {
         __m512i w[P];
         if constexpr (kDirect) {
           const uint8_t* at = codes + q * quad_stride;
+          LRQ_UNROLL
           for (int o = 0; o < P * 8 * SB; o += 64)
             _mm_prefetch(reinterpret_cast<const char*>(at + 24 * quad_stride + o), _MM_HINT_T0);
+          LRQ_UNROLL
           for (int p = 0; p < P; ++p) w[p] = Decode<SB>(at + p * gbytes_);
         } else {
+          LRQ_UNROLL
           for (int p = 0; p < P; ++p) w[p] = _mm512_load_si512(span.buffer + (q - q_base) * np + p0 + p);
         }
+        LRQ_UNROLL
         for (int r = 0; r < R; ++r) {
           int32_t four;
           std::memcpy(&four, xq[r] + 4 * q, 4);
           const __m512i xv = _mm512_set1_epi32(four);
+          LRQ_UNROLL
           for (int p = 0; p < P; ++p) dots[r][p] = _mm512_dpbusd_epi32(dots[r][p], w[p], xv);
         }
       }
       const size_t at = ScaleOffset(t, b, p0);
+      LRQ_UNROLL
       for (int p = 0; p < P; ++p) {
         const __m512 ws = half_scales_
             ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_.data() + at + p * kPanel)))
@@ -314,13 +327,16 @@ class Int8Weight final : public Weight {
         const __m512i zp = zero_points_.empty()
             ? _mm512_set1_epi32(zero_point_)
             : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_points_.data() + at + p * kPanel)));
+        LRQ_UNROLL
         for (int r = 0; r < R; ++r) {
           const __m512i centred = _mm512_sub_epi32(dots[r][p], _mm512_mullo_epi32(zp, _mm512_set1_epi32(qs[r][b])));
           sums[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), _mm512_mul_ps(ws, _mm512_set1_ps(sx[r][b])), sums[r][p]);
         }
       }
     }
+    LRQ_UNROLL
     for (int r = 0; r < R; ++r)
+      LRQ_UNROLL
       for (int p = 0; p < P; ++p) {
         float* dst = acc + ((span.m0 + r) * kTile + p0 + p) * kPanel;
         _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), sums[r][p]));

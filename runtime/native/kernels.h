@@ -57,6 +57,30 @@ bool Int8Supported(int bits, int block);
 std::unique_ptr<Weight> MakeInt8Weight(const WeightSpec& spec);
 std::unique_ptr<Weight> MakeFloatWeight(const WeightSpec& spec);
 
+// The randomized Hadamard transform of one axis (lrqgraph.numerics.transforms, kind "hadamard"):
+// n = power · odd; Forward(x) = x · diag(signs) · (I ⊗ small) · (H_power/√power ⊗ I), in place.
+struct Transform {
+  int64_t n = 0, power = 1, odd = 1;  // n = 0: no transform
+  std::vector<float> signs;           // [n]
+  std::vector<float> small;           // [odd, odd] row-major, empty when odd = 1
+  void Forward(float* x) const;
+  void Inverse(float* x) const;
+
+ private:
+  void MultiplySmall(float* x, bool transpose) const;
+  void Walsh(float* x) const;
+};
+
+struct CodebookSpec {
+  int64_t K = 0, N = 0;
+  int bits = 0;
+  const uint8_t* codes = nullptr;  // [N, ceil(K · bits / 8)]: column n's codes along K, low bits first
+  std::vector<float> u, v;         // centroids [2^bits] of U and of V (v empty: W = U)
+  Transform rows, cols;            // F1 over K and F2 over N (unused when v is empty)
+};
+
+std::unique_ptr<Weight> MakeCodebookWeight(const CodebookSpec& spec);
+
 float HalfToFloat(uint16_t h);
 
 // Code i of a low-bits-first stream of `bits`-bit codes.

@@ -7,8 +7,12 @@
 //
 //  QMatMul         Y = X · W (+ bias)                attrs K, N, bits, block_size
 //  QLowRankMatMul  Y = X · L · R (+ X · Q) (+ bias)  attrs K, N, rank, l_/r_/q_bits, l_/r_/q_block_size
-//                  inputs X, L (3), R (3), Q (3, optional), bias: X is read once for L and Q, and
-//                  X·L stays in memory the op owns.
+//                  inputs X, L (3), R (3), Q (3, optional), bias: X·L stays in memory the op owns.
+//  KashinMatMul    Y = X · (U + F1·V·F2ᵀ) (+ bias)  attrs K, N, bits
+//                  inputs X, codes [N, ceil(K·bits/8)] (column n along K, low bits first),
+//                  codebook [2^bits, 2] of (u, v) (or [2^bits, 1]: k-means, W = U), F1 as
+//                  row_signs [K] + row_small [b, b] (K = 2^a·b, b > 1 only), F2 as col_signs [N]
+//                  + col_small, bias; F randomized Hadamard transforms (codebook_kernel.cc).
 // accuracy_level (default 0): 4 lets the kernels quantize activations to int8 per block, as
 // MatMulNBits does at level 4 (AVX-512 VNNI kernels); 0 computes in float.
 //
@@ -220,6 +224,64 @@ struct QLowRankKernel {
   std::vector<float> bias_;
 };
 
+struct KashinKernel {
+  static constexpr const char* kName = "KashinMatMul";
+  static constexpr ONNXTensorElementDataType kInputs[] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr bool kRequired[] = {true, true, true, false, false, false, false, false};
+
+  explicit KashinKernel(const OrtKernelInfo* info) {
+    NodeInfo node(info, kName);
+    lrq::CodebookSpec spec;
+    spec.K = node.Attr("K");
+    spec.N = node.Attr("N");
+    spec.bits = static_cast<int>(node.Attr("bits"));
+    if (spec.bits < 1 || spec.bits > 8) node.Fail("bits must be in 1..8");
+    if (spec.K < 1 || spec.N < 1) node.Fail("K and N must be positive");
+    const size_t entries = size_t{1} << spec.bits;
+    Ort::ConstValue codes = node.Constant(1, "codes", static_cast<size_t>(spec.N) * ((spec.K * spec.bits + 7) / 8));
+    spec.codes = codes.GetTensorData<uint8_t>();
+    const bool rotated = node.Has(3);
+    const std::vector<float> book = node.Floats(2, "codebook", entries * (rotated ? 2 : 1));
+    for (size_t c = 0; c < entries; ++c) {
+      spec.u.push_back(book[c * (rotated ? 2 : 1)]);
+      if (rotated) spec.v.push_back(book[2 * c + 1]);
+    }
+    if (rotated) {
+      spec.rows = Axis(node, 3, spec.K, "row");
+      spec.cols = Axis(node, 5, spec.N, "col");
+    }
+    w_ = lrq::MakeCodebookWeight(spec);
+    bias_ = node.Bias(7, spec.N);
+  }
+
+  static lrq::Transform Axis(const NodeInfo& node, size_t first, int64_t n, const std::string& name) {
+    lrq::Transform t;
+    t.n = n;
+    t.power = n & -n;
+    t.odd = n / t.power;
+    t.signs = node.Floats(first, name + "_signs", static_cast<size_t>(n));
+    if (t.odd > 1) {
+      if (!node.Has(first + 1)) node.Fail(name + "_small is required when " + std::to_string(n) + " has an odd factor");
+      t.small = node.Floats(first + 1, name + "_small", static_cast<size_t>(t.odd * t.odd));
+    }
+    return t;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return Guarded(*this, context); }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const float* x;
+    auto [rows, y] = Output(ctx, kName, w_->K(), w_->N(), &x);
+    if (rows > 0) w_->Multiply(x, rows, y, false, bias_.empty() ? nullptr : bias_.data(), OrtParallel(ctx));
+  }
+
+  std::unique_ptr<lrq::Weight> w_;
+  std::vector<float> bias_;
+};
+
 // One custom-op class for each kernel: inputs and their types come from the kernel's tables;
 // errors travel as OrtStatus (exceptions must not cross the C boundary).
 template <typename Kernel>
@@ -251,12 +313,14 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   Ort::InitApi(api);
   static Op<QMatMulKernel> qmatmul;
   static Op<QLowRankKernel> qlowrank;
+  static Op<KashinKernel> kashin;
   static std::unique_ptr<Ort::CustomOpDomain> domain;
   try {
     if (!domain) {
       domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
       domain->Add(&qmatmul);
       domain->Add(&qlowrank);
+      domain->Add(&kashin);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const Ort::Exception& e) {

@@ -1,0 +1,113 @@
+"""relower: turn lrqgraph's custom-op nodes back into ops every onnxruntime has.
+
+``lrqgraph lower MODEL --to ort|std`` runs it on a model written with ``--lowering lrq``: each
+``lrq::QMatMul`` / ``lrq::QLowRankMatMul`` node is read back into its quantized factors (the same
+codes, scales and zero points, nothing requantized) and emitted by the ``lower`` pass's emitter
+as MatMulNBits chains (ort) or DequantizeLinear + MatMul (std), bias included.
+"""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lrqgraph.errors import LrqError
+from lrqgraph.model import IR_VERSION_INT4
+from lrqgraph.numerics import QuantizedTensor, Representation, unpack_bits
+from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
+from lrqgraph.runtime.native_ops import DOMAIN
+
+from .discover import constant_values
+from .lower import Emitter, _upgrade_opset, check_ort_compatible, rewrite_node
+
+log = logging.getLogger(__name__)
+TARGETS = ("ort", "std")
+
+
+def _input(node: gs.Node, index: int) -> gs.Tensor | None:
+    if index >= len(node.inputs) or not node.inputs[index].name:
+        return None
+    return node.inputs[index]
+
+
+def _constant(node: gs.Node, index: int, what: str) -> np.ndarray:
+    tensor = _input(node, index)
+    values = constant_values(tensor) if tensor is not None else None
+    if values is None:
+        raise LrqError(f"node '{node.name}' ({node.op}): its {what} is not an initializer; only models written "
+                       f"by lrqgraph's lrq lowering can be converted")
+    return np.asarray(values)
+
+
+def read_factor(node: gs.Node, first: int, k: int, n: int, bits: int, block: int, what: str) -> QuantizedTensor:
+    """The factor held by inputs first (codes [N, blocks, blob]), first+1 (scales), first+2 (zero points)."""
+    blocks = -(-k // block)
+    packed = _constant(node, first, f"{what} codes").reshape(n * blocks, -1)
+    codes = unpack_bits(packed, bits, block).reshape(n, blocks * block)[:, :k].T
+    scales = _constant(node, first + 1, f"{what} scales").reshape(n, blocks).T
+    zero_points = None
+    if _input(node, first + 2) is not None:
+        zero_points = np.ascontiguousarray(_constant(node, first + 2, f"{what} zero points").reshape(n, blocks).T)
+    return QuantizedTensor(codes=np.ascontiguousarray(codes), scales=np.ascontiguousarray(scales),
+                           zero_points=zero_points, bits=bits, block_size=block)
+
+
+def read_node(node: gs.Node) -> tuple[Representation, gs.Tensor | None]:
+    """(W as factors, bias tensor or None) of an lrq node."""
+    a = node.attrs
+    try:
+        if node.op == "QMatMul":
+            q = read_factor(node, 1, a["K"], a["N"], a["bits"], a["block_size"], "B")
+            return Representation(((q,),), "lrq"), _input(node, 4)
+        if node.op == "QLowRankMatMul":
+            left = read_factor(node, 1, a["K"], a["rank"], a["l_bits"], a["l_block_size"], "L")
+            right = read_factor(node, 4, a["rank"], a["N"], a["r_bits"], a["r_block_size"], "R")
+            chains = [(left, right)]
+            if _input(node, 7) is not None:
+                chains.insert(0, (read_factor(node, 7, a["K"], a["N"], a["q_bits"], a["q_block_size"], "Q"),))
+            return Representation(tuple(chains), "lrq", rank=a["rank"]), _input(node, 10)
+    except KeyError as exc:
+        raise LrqError(f"node '{node.name}' ({node.op}): missing attribute {exc}") from None
+    raise LrqError(f"node '{node.name}': lrq::{node.op} has no conversion to standard ops")
+
+
+@register_pass
+class Relower(Pass):
+    """Convert lrq custom-op nodes to ``relower(ort)`` or ``relower(std)``."""
+
+    name = "relower"
+    positional = ("target",)
+
+    def run(self, ctx: Context) -> PassResult:
+        target = self.params.get("target", "ort")
+        if target not in TARGETS:
+            raise LrqError(f"cannot lower lrq ops to '{target}'; choose one of {', '.join(TARGETS)}")
+        nodes = [node for node in ctx.model.graph.nodes if node.domain == DOMAIN]
+        if not nodes:
+            return PassResult(modified=False)
+        if target == "std":
+            _upgrade_opset(ctx)
+            nodes = [node for node in ctx.model.graph.nodes if node.domain == DOMAIN]
+        graph = ctx.model.graph
+        for node in nodes:
+            rep, bias = read_node(node)
+            if target == "ort":
+                check_ort_compatible(SimpleNamespace(name=node.name), rep)
+            em = Emitter(graph, target, node.name, rep.chains[0][0].scales.dtype, self.params.get("accuracy_level"),
+                         io_dtype=np.float32)
+            # rewrite_node reads a MatMul (or a Gemm with its bias as C): present the node as one
+            node.op, node.domain, node.attrs = ("Gemm" if bias is not None else "MatMul"), "", {}
+            x = node.inputs[0]
+            node.inputs.clear()  # gs' synchronized list: clear and extend keep both sides' links
+            node.inputs.extend([x, gs.Variable.empty()] + ([bias] if bias is not None else []))
+            rewrite_node(em, node, rep, node.name)
+        graph.nodes = [n for n in graph.nodes if n.outputs]
+        graph.import_domains = [d for d in graph.import_domains or [] if d.domain != DOMAIN] or None
+        graph.toposort()
+        if target == "std":
+            ctx.model.min_ir_version = max(ctx.model.min_ir_version, IR_VERSION_INT4)
+        ctx.model.set_metadata("lrqgraph.lowering", target)
+        log.info("relower(%s): converted %d lrq nodes", target, len(nodes))
+        return PassResult(modified=True)
