@@ -101,3 +101,25 @@ def token_model(vocab: int = 50, dim: int = 64) -> onnx.ModelProto:
     return model(nodes, [io("input_ids", ["b", "s"], TensorProto.INT64), io("attention_mask", ["b", "s"], TensorProto.INT64)],
                  [io("y", ["b", "s", dim])],
                  {"E": weight(vocab, dim), "W": weight(dim, dim, 1), "axes": np.array([-1], np.int64)})
+
+
+def lowered_both_ways(model_path, factorize, folder, lowerings=("ort", "lrq")) -> dict:
+    """One factorization of the model's layers, lowered to each target: {lowering: saved path}."""
+    import lrqgraph
+    from lrqgraph import OptimizeConfig
+    from lrqgraph.model import ModelState
+    from lrqgraph.passmanager import Context, PassManager
+
+    proto = onnx.load(str(model_path))
+    ctx = Context(ModelState(proto), OptimizeConfig(factorize=factorize), original=proto)
+    PassManager("discover,factorize").run(ctx)
+    plans = dict(ctx.plans)
+    paths = {}
+    for lowering in lowerings:
+        ctx = Context(ModelState(proto), OptimizeConfig(factorize=factorize, lowering=lowering), original=proto)
+        PassManager("discover").run(ctx)
+        ctx.plans.update(plans)
+        PassManager(f"lower({lowering}),cleanup").run(ctx)
+        paths[lowering] = folder / f"{lowering}.onnx"
+        lrqgraph.save_model(ctx.model.to_onnx(), paths[lowering], external_data=True)
+    return paths

@@ -116,33 +116,18 @@ def lrq_pairs(fp32_path, tmp_path_factory):
     from lrqgraph.runtime import available
     if not available():
         pytest.skip("native ops not built")
-    from lrqgraph.model import ModelState
-    from lrqgraph.passmanager import Context, PassManager
-    out = {}
-    folder = tmp_path_factory.mktemp("lrq")
-    for name, factorize in LRQ_FORMS.items():
-        proto = onnx.load(fp32_path)
-        ctx = Context(ModelState(proto), OptimizeConfig(factorize=factorize), original=proto)
-        PassManager("discover,factorize").run(ctx)
-        plans = dict(ctx.plans)
-        paths = {}
-        for lowering in ("ort", "lrq"):
-            ctx = Context(ModelState(proto), OptimizeConfig(factorize=factorize, lowering=lowering), original=proto)
-            PassManager("discover").run(ctx)
-            ctx.plans.update(plans)
-            PassManager(f"lower({lowering}),cleanup").run(ctx)
-            paths[lowering] = folder / f"{name}.{lowering}.onnx"
-            lrqgraph.save_model(ctx.model.to_onnx(), paths[lowering])
-        out[name] = paths
-    return out
+    import builders
+    return {name: builders.lowered_both_ways(fp32_path, factorize, tmp_path_factory.mktemp(name))
+            for name, factorize in LRQ_FORMS.items()}
 
 
 LRQ_FORMS = {"dense": lrqgraph.FactorizeConfig(method="rtn", bits=4, block_size=32),
              "q+lr": lrqgraph.FactorizeConfig(method="qlr", bits=2, lr_bits=4, rank=64, block_size=32, iters=2)}
 # Measured on these 100 verses: embeddings of the lrq model (int8 activations per block) against the
-# ort model (float activations) of the same factors: cosine min 0.99997 (dense), 0.9999 (q+lr);
-# against fp32 the two lowerings' means differ by < 0.0005.
-MIN_LRQ_VS_ORT_COSINE = 0.9995
+# ort model (float activations) of the same factors: cosine min 0.99965 (dense), 0.99975 (q+lr);
+# against fp32 the two lowerings' means differ by 0.0002 (dense) and 0.0006 (q+lr). A wrong code,
+# scale or wiring in the kernels drops far below these bars.
+MIN_LRQ_VS_ORT_COSINE = 0.999
 MAX_MEAN_COSINE_GAP = 0.002
 
 
