@@ -118,14 +118,15 @@ def test_8bit_codes_default_to_int8_activations_on_ort():
 
 
 @pytest.mark.parametrize("method", ["kashin", "kmeans"])
-def test_codebook_methods_are_planned_but_not_lowered(method):
+def test_codebook_methods_need_the_native_ops(method):
     cfg = OptimizeConfig(factorize=FactorizeConfig(method=method))
     ctx = lrqgraph.Context(lrqgraph.model.ModelState(builders.matmul_model()), cfg)
     lrqgraph.PassManager("discover,factorize").run(ctx)
     entry = ctx.report["layers"]["mm"]
     assert entry["method"] == method and entry["bpw"] < 4.1 and entry["rel_error"] < 0.2
-    with pytest.raises(lrqgraph.LrqError, match=f"method {method} has no ONNX lowering yet"):
-        lrqgraph.PassManager("lower").run(ctx)
+    for target in ("ort", "std"):
+        with pytest.raises(lrqgraph.LrqError, match=f"method {method} has codebooks, which only the native ops run"):
+            lrqgraph.PassManager(f"lower({target})").run(ctx)
 
 
 def test_ort_lowering_rejects_bits_without_a_kernel():
