@@ -27,3 +27,12 @@ def library_path() -> Path:
 
 def available() -> bool:
     return LIBRARY.exists()
+
+
+def cpu_has_int8_kernels() -> bool:
+    """Whether this CPU runs the int8-activation kernels (AVX-512 with VNNI; Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"))

@@ -6,6 +6,9 @@ block is quantized with step sx = max|x| / 127, so |x - x̂| ≤ sx / 2 per entr
 |x·W - x̂·W| ≤ Σ_k (sx_k / 2)·|W[k, n]|. For L·R the error of X·L (that bound plus the second
 quantization's half step) is carried through |R| the same way.
 """
+import contextlib
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -22,6 +25,22 @@ from lrqgraph.runtime import available, session
 pytestmark = pytest.mark.skipif(not available(), reason="native ops not built (no C++ compiler or headers "
                                                         "at install time)")
 FLOAT_ULPS = 1e-5  # float32 sums over K of products: K ulps of the largest partial sums, with margin
+# instruction sets the kernels may use ($LRQGRAPH_KERNELS, read when a session creates its kernels):
+# what this CPU has, AVX2 + FMA without AVX-512, and plain C++
+ISAS = ["native", "avx2", "portable"]
+
+
+@contextlib.contextmanager
+def kernels(isa: str):
+    old = os.environ.pop("LRQGRAPH_KERNELS", None)
+    if isa != "native":
+        os.environ["LRQGRAPH_KERNELS"] = isa
+    try:
+        yield
+    finally:
+        os.environ.pop("LRQGRAPH_KERNELS", None)
+        if old is not None:
+            os.environ["LRQGRAPH_KERNELS"] = old
 
 
 def lowered(model, accuracy_level=None, **factorize):
@@ -47,21 +66,22 @@ def int8_path(q) -> bool:
     return q.block_size % 4 == 0  # the kernel quantizes activations per weight block
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(k=st.integers(16, 200), n=st.integers(1, 70), bits=st.integers(2, 8), block=st.sampled_from([16, 18, 32, 40, 64, 128]),
        symmetric=st.booleans(), scales=st.sampled_from(["float32", "float16"]), batch=st.sampled_from([1, 2, 3, 17]),
-       level=st.sampled_from([0, 4]), seed=st.integers(0, 99))
-def test_qmatmul_matches_numpy(k, n, bits, block, symmetric, scales, batch, level, seed):
+       level=st.sampled_from([0, 4]), isa=st.sampled_from(ISAS), seed=st.integers(0, 99))
+def test_qmatmul_matches_numpy(k, n, bits, block, symmetric, scales, batch, level, isa, seed):
     model, plan = lowered(builders.matmul_model(k, n, seed=seed), level, method="rtn", bits=bits, block_size=block,
                           symmetric=symmetric, scale_dtype=scales)
     assert [node.op_type for node in model.graph.node if node.domain == "lrq"] == ["QMatMul"]
     q = plan["W"].chains[0][0]
     w = q.dequantize().astype(np.float64)
     x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)
-    (y,) = session(model.SerializeToString()).run(None, {"x": x})
+    with kernels(isa):
+        (y,) = session(model.SerializeToString()).run(None, {"x": x})
     h = x.astype(np.float64) @ w
     bound = FLOAT_ULPS * (np.abs(x) @ np.abs(w)).max() + 1e-6
-    if level == 4 and int8_path(q):
+    if level == 4 and int8_path(q) and isa == "native":
         bound = bound + half_steps(x, block) @ np.abs(w)
     # Relu is 1-Lipschitz: the bound on the product holds after it
     assert np.all(np.abs(y - np.maximum(h, 0)) <= bound)
@@ -70,8 +90,8 @@ def test_qmatmul_matches_numpy(k, n, bits, block, symmetric, scales, batch, leve
 @settings(max_examples=25, deadline=None)
 @given(k=st.integers(20, 160), n=st.integers(3, 90), rank=st.integers(1, 40), bits=st.sampled_from([2, 3, 4, 8]),
        block=st.sampled_from([16, 32, 48, 64]), dense=st.booleans(), batch=st.sampled_from([1, 2, 5]),
-       level=st.sampled_from([0, 4]), seed=st.integers(0, 99))
-def test_lowrank_matches_numpy(k, n, rank, bits, block, dense, batch, level, seed):
+       level=st.sampled_from([0, 4]), isa=st.sampled_from(ISAS), seed=st.integers(0, 99))
+def test_lowrank_matches_numpy(k, n, rank, bits, block, dense, batch, level, isa, seed):
     rank = min(rank, k, n)
     method = dict(method="qlr", lr_bits=bits, iters=1) if dense else dict(method="lplr")
     model, plan = lowered(builders.matmul_model(k, n, seed=seed), level, bits=bits, block_size=block, rank=rank,
@@ -83,12 +103,13 @@ def test_lowrank_matches_numpy(k, n, rank, bits, block, dense, batch, level, see
     left, right = lf.dequantize().astype(np.float64), rf.dequantize().astype(np.float64)
     dense_w = sum((c[0].dequantize().astype(np.float64) for c in rep.chains if len(c) == 1), np.zeros((k, n)))
     x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)
-    (y,) = session(model.SerializeToString()).run(None, {"x": x})
+    with kernels(isa):
+        (y,) = session(model.SerializeToString()).run(None, {"x": x})
     t = x.astype(np.float64) @ left
     h = x @ dense_w + t @ right
     scale = np.abs(x) @ np.abs(dense_w) + (np.abs(x) @ np.abs(left)) @ np.abs(right)
     bound = FLOAT_ULPS * scale.max() + 1e-6
-    if level == 4:
+    if level == 4 and isa == "native":
         t_err = np.full(t.shape, FLOAT_ULPS * (np.abs(x) @ np.abs(left)).max())
         if int8_path(lf):
             t_err = t_err + half_steps(x, lf.block_size) @ np.abs(left)
@@ -200,17 +221,35 @@ def test_lower_cli_rejects_what_ort_cannot_run(tmp_path, capsys):
     assert main(["lower", str(src), "-o", str(tmp_path / "std.onnx"), "--to", "std", "-q"]) == 0
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(shape=st.sampled_from([(64, 32), (96, 80), (48, 128), (130, 24)]), bits=st.sampled_from([2, 3, 4, 5, 6]),
-       method=st.sampled_from(["kashin", "kmeans"]), batch=st.sampled_from([1, 3]), seed=st.integers(0, 20))
-def test_codebook_op_matches_numpy(shape, bits, method, batch, seed):
+       method=st.sampled_from(["kashin", "kmeans"]), batch=st.sampled_from([1, 3]), isa=st.sampled_from(ISAS),
+       seed=st.integers(0, 20))
+def test_codebook_op_matches_numpy(shape, bits, method, batch, isa, seed):
     """lrq::KashinMatMul: X·(U + F1·V·F2ᵀ) with Hadamard transforms (odd factors too), and k-means."""
     k, n = shape
     model, plan = lowered(builders.matmul_model(k, n, seed=seed), method=method, bits=bits, max_iter=400)
     assert [node.op_type for node in model.graph.node if node.domain == "lrq"] == ["KashinMatMul"]
     w = plan["W"].dequantize().astype(np.float64)
     x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)
-    (y,) = session(model.SerializeToString()).run(None, {"x": x})
+    with kernels(isa):
+        (y,) = session(model.SerializeToString()).run(None, {"x": x})
     want = np.maximum(x @ w, 0)
     # float32 transforms and sums: rounding of K + log2(K) + log2(N) operations per output
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * (np.abs(x) @ np.abs(w)).max() * np.log2(k * n))
+
+
+def test_kernel_cap_selects_the_path():
+    """$LRQGRAPH_KERNELS caps the instruction set: without AVX-512 int8 activations fall back to float."""
+    model = builders.matmul_model(256, 96, seed=5)
+    x = np.random.default_rng(5).standard_normal((3, 256)).astype(np.float32)
+    outs = {}
+    for level, isa in ((0, "native"), (4, "avx2"), (0, "portable"), (4, "native")):
+        lowered_model, _ = lowered(model, level, method="rtn", bits=4, block_size=32)
+        with kernels(isa):
+            outs[level, isa] = session(lowered_model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(outs[4, "avx2"], outs[0, "native"])  # same float kernel
+    np.testing.assert_allclose(outs[0, "portable"], outs[0, "native"], atol=1e-4)  # other summation order
+    from lrqgraph.runtime.native_ops import cpu_has_int8_kernels
+    if cpu_has_int8_kernels():
+        assert not np.array_equal(outs[4, "native"], outs[0, "native"])  # int8 activations

@@ -17,7 +17,6 @@
 #include "kernels.h"
 
 #define LRQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define LRQ_UNROLL _Pragma("GCC unroll 8")
 
 namespace lrq {
 
@@ -72,12 +71,6 @@ namespace {
 constexpr int kPanel = 16;
 constexpr int kTile = 4;
 
-bool Avx512() {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return cpu;
-}
-
 class CodebookWeight final : public Weight {
  public:
   explicit CodebookWeight(const CodebookSpec& s)
@@ -88,7 +81,7 @@ class CodebookWeight final : public Weight {
     tiles_ = (panels_ + kTile - 1) / kTile;
     u_.resize(std::max(32, entries_), 0.f);  // vector lookups read 32 entries
     if (!v_.empty()) v_.resize(u_.size(), 0.f);
-    vector_ = Avx512() && bits_ <= 5;
+    vector_ = Available() == Isa::kAvx512 && bits_ <= 5;
     wide_ = bits_ > 4;  // one byte per code; two per byte otherwise
     const int64_t steps = wide_ ? K_ : (K_ + 1) / 2;
     codes_.assign(static_cast<size_t>(panels_) * steps * kPanel, 0);

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels.h"
@@ -134,7 +135,7 @@ class FloatWeight final : public Weight {
       const float zp = spec.zero_points.empty() ? static_cast<float>(1 << (bits_ - 1)) : spec.zero_points[i];
       offsets_[i] = -zp * scales_[i];
     }
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx2 = Available() >= Isa::kAvx2;
     decode_ = avx2 ? DecodeAvx2 : DecodeScalar;
     dot4_ = avx2 ? Dot4Avx2 : Dot4Scalar;
   }
@@ -205,6 +206,18 @@ class FloatWeight final : public Weight {
 }  // namespace
 
 std::unique_ptr<Weight> MakeFloatWeight(const WeightSpec& spec) { return std::make_unique<FloatWeight>(spec); }
+
+Isa Available() {
+  Isa isa = Isa::kPortable;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = Isa::kAvx2;
+  if (isa == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
+    isa = Isa::kAvx512;
+  const char* cap = std::getenv("LRQGRAPH_KERNELS");
+  if (cap && std::strcmp(cap, "portable") == 0) return Isa::kPortable;
+  if (cap && std::strcmp(cap, "avx2") == 0) return std::min(isa, Isa::kAvx2);
+  return isa;
+}
 
 std::unique_ptr<Weight> MakeWeight(const WeightSpec& spec, bool int8_activations) {
   if (int8_activations && Int8Supported(spec.bits, spec.block)) return MakeInt8Weight(spec);

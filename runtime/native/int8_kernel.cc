@@ -33,10 +33,7 @@
 namespace lrq {
 
 bool Int8Supported(int bits, int block) {
-  static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return cpu && bits >= 2 && bits <= 8 && block >= 4 && block % 4 == 0;
+  return Available() == Isa::kAvx512 && bits >= 2 && bits <= 8 && block >= 4 && block % 4 == 0;
 }
 
 namespace {

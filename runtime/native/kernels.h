@@ -49,6 +49,11 @@ class Weight {
   int64_t K_ = 0, N_ = 0;
 };
 
+// The instruction sets kernels may use: what the CPU has, capped by $LRQGRAPH_KERNELS ("avx2":
+// no AVX-512, "portable": plain C++), read when a kernel is created (tests run every path).
+enum class Isa { kPortable, kAvx2, kAvx512 };
+Isa Available();
+
 // The fastest kernel this CPU has for the weight; int8_activations=false forces float compute.
 std::unique_ptr<Weight> MakeWeight(const WeightSpec& spec, bool int8_activations);
 
