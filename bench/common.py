@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from lrqgraph.io import tensor_bytes
+from lrqgraph.numerics import QuantizedTensor
 from lrqgraph.runtime import session
 
 
@@ -51,3 +52,10 @@ def rewritten_bpw(model_path, fp32_path, weight_names: list[str]) -> float:
     params = sum(sizes[n] for n in weight_names)
     untouched = tensor_bytes(fp32) - 4 * params
     return (tensor_bytes(onnx.load(str(model_path))) - untouched) * 8 / params
+
+
+def random_factor(k: int, n: int, bits: int, block: int, rng: np.random.Generator) -> QuantizedTensor:
+    """A quantized [k, n] factor with random codes and float16 scales (for latency only)."""
+    return QuantizedTensor(codes=rng.integers(0, 1 << bits, (k, n), dtype=np.uint8),
+                           scales=(rng.random((-(-k // block), n)) * 0.01).astype(np.float16), zero_points=None,
+                           bits=bits, block_size=block)

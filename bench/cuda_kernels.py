@@ -11,6 +11,7 @@ kernel is not in the table. "GB/s": stored weight bytes over the time (HBM reads
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -20,14 +21,10 @@ from lrqgraph.numerics import QuantizedTensor
 from lrqgraph.report import table
 from lrqgraph.runtime import cuda_ops
 
+sys.path.insert(0, os.path.dirname(__file__))
+from common import random_factor  # noqa: E402
+
 SHAPES = ("384x1536", "576x1536", "4096x4096", "4096x11008")
-
-
-def random_factor(k: int, n: int, bits: int, block: int, rng: np.random.Generator) -> QuantizedTensor:
-    blocks = -(-k // block)
-    return QuantizedTensor(codes=rng.integers(0, 1 << bits, (k, n), dtype=np.uint8),
-                           scales=(rng.random((blocks, n)) * 0.01).astype(np.float16), zero_points=None,
-                           bits=bits, block_size=block)
 
 
 def stored_bytes(*factors: QuantizedTensor) -> int:

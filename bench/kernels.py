@@ -15,8 +15,8 @@ layer called again and again reads its weights from cache: "ms" is that (warm) t
 (batch 1) rotates calls over enough copies of each model (≥ 96 MB in all) that every call reads
 its weights from memory, as a layer of a model larger than the caches does; "GB/s" is the stored
 bytes over the cold time, beside the machine's memory bandwidth measured in the same run (numpy
-copy of 512 MB: bytes read + written over time). Weights are random: latency does not depend on
-their values.
+copy of 512 MB: bytes read + written over time). Weights are random codes and scales:
+latency does not depend on their values.
 
     python bench/kernels.py [--shapes 4096x4096] [--runs 40]
 """
@@ -33,12 +33,15 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common import interleaved_latency_ms  # noqa: E402
+from common import interleaved_latency_ms, random_factor  # noqa: E402
 
 import builders  # noqa: E402
-import lrqgraph  # noqa: E402
 from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
 from lrqgraph.io import tensor_bytes  # noqa: E402
+from lrqgraph.model import ModelState  # noqa: E402
+from lrqgraph.numerics import Representation  # noqa: E402
+from lrqgraph.passes.factorize import choose_rank  # noqa: E402
+from lrqgraph.passmanager import Context, PassManager  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
 
 SHAPES = ("384x1536", "576x1536", "4096x4096", "4096x11008")
@@ -75,22 +78,40 @@ def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def random_plan(k: int, n: int, factorize: dict, rng: np.random.Generator) -> Representation:
+    """The representation ``factorize`` asks for, with random codes: latency does not depend on
+    values, and factorizing 4096 x 11008 layers for real takes minutes."""
+    cfg = FactorizeConfig(**factorize)
+    if cfg.method == "rtn":
+        return Representation(((random_factor(k, n, cfg.bits, cfg.block_size, rng),),), "rtn")
+    rank, _ = choose_rank(cfg, k, n)
+    lr_bits = cfg.lr_bits if cfg.method == "qlr" else cfg.bits
+    left = random_factor(k, rank, lr_bits, cfg.block_size, rng)
+    right = random_factor(rank, n, lr_bits, min(cfg.block_size, 1 << (rank.bit_length() - 1)), rng)
+    chains = [(left, right)]
+    if cfg.method == "qlr":
+        chains.insert(0, (random_factor(k, n, cfg.bits, cfg.block_size, rng),))
+    return Representation(tuple(chains), cfg.method, rank=rank)
+
+
 def build(shape: str, tmp: Path) -> list[tuple[str, Path, float]]:
     k, n = map(int, shape.split("x"))
     fp32 = builders.matmul_model(k, n)
     models = [("fp32 MatMul", tmp / f"{shape}-fp32.onnx", 4.0 * k * n)]
     onnx.save(fp32, models[0][1])
-    plans: dict[str, object] = {}
+    plans: dict[str, Representation] = {}  # one plan per set of options, lowered both ways
     for label, lowering, factorize, level in variants():
-        # one factorization per set of options, lowered both ways
-        cfg = OptimizeConfig(lowering=lowering, accuracy_level=level, factorize=FactorizeConfig(**factorize))
         key = repr(sorted(factorize.items()))
         if key not in plans:
-            plans[key] = lrqgraph.run(fp32, cfg, passes="discover,factorize").model
-        result = lrqgraph.run(fp32, cfg, passes=f"discover,factorize,lower({lowering}),cleanup")
+            plans[key] = random_plan(k, n, factorize, np.random.default_rng(len(plans)))
+        ctx = Context(ModelState(fp32), OptimizeConfig(lowering=lowering, accuracy_level=level), original=fp32)
+        PassManager("discover").run(ctx)
+        ctx.plans["W"] = plans[key]
+        PassManager(f"lower({lowering}),cleanup").run(ctx)
         path = tmp / f"{shape}-{label.replace(' ', '_').replace('·', '')}.onnx"
-        onnx.save(result.model, path)
-        models.append((label, path, float(tensor_bytes(result.model))))
+        model = ctx.model.to_onnx()
+        onnx.save(model, path)
+        models.append((label, path, float(tensor_bytes(model))))
     return models
 
 
