@@ -7,7 +7,8 @@ models taking turns (onnxruntime CPU, 2 threads):
  - lrq::QMatMul dense at 2 and 4 bits;
  - for 2.5, 3 and 4 bits per weight: low-rank factors L·R (4-bit, block 64, rank from the budget)
    as the chain of two MatMulNBits (levels 0 and 4) and as one lrq::QLowRankMatMul; at 3 bits
-   also Q + L·R (2-bit Q, 4-bit factors) as MatMulNBits nodes + Add and as one fused node.
+   also Q + L·R (2-bit Q, 4-bit factors) as MatMulNBits nodes + Add and as one fused node;
+ - lrq::KashinMatMul at 4 bits (codes into 16 (u, v) centroids, Hadamard transforms of X and Y).
 "x best MNB chain": the fused op's time over the faster of the two MatMulNBits forms of its factors.
 lrq nodes use int8 activations (accuracy_level 4, the lrq lowering's default). "bits/weight" counts
 every stored byte (fp16 scales). This machine's L3 (32 MB) holds most of these layers, so a
@@ -39,7 +40,9 @@ import builders  # noqa: E402
 from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
 from lrqgraph.io import tensor_bytes  # noqa: E402
 from lrqgraph.model import ModelState  # noqa: E402
-from lrqgraph.numerics import Representation  # noqa: E402
+from lrqgraph.numerics import QuantizedTensor, Representation  # noqa: E402
+from lrqgraph.numerics.kashin import KashinTensor  # noqa: E402
+from lrqgraph.numerics.transforms import MatrixTransform  # noqa: E402
 from lrqgraph.passes.factorize import choose_rank  # noqa: E402
 from lrqgraph.passmanager import Context, PassManager  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
@@ -64,6 +67,7 @@ def variants() -> list[tuple[str, str, dict, int]]:
                 (f"lrq L·R {bpw:g}", "lrq", lr, 4)]
     qlr = dict(QLR, target_bpw=3.0)
     out += [("MNB Q+L·R 3", "ort", qlr, 0), ("MNB Q+L·R 3 int8", "ort", qlr, 4), ("lrq Q+L·R 3", "lrq", qlr, 4)]
+    out += [("lrq Kashin 4b", "lrq", dict(method="kashin", bits=4), 0)]
     return out
 
 
@@ -82,6 +86,11 @@ def random_plan(k: int, n: int, factorize: dict, rng: np.random.Generator) -> Re
     """The representation ``factorize`` asks for, with random codes: latency does not depend on
     values, and factorizing 4096 x 11008 layers for real takes minutes."""
     cfg = FactorizeConfig(**factorize)
+    if cfg.method == "kashin":  # random (u, v) pairs, a real randomized Hadamard transform
+        pairs = QuantizedTensor(codes=rng.integers(0, 1 << cfg.bits, (k, n), dtype=np.uint8), scales=None,
+                                zero_points=None, bits=cfg.bits, block_size=k,
+                                codebook=rng.standard_normal((1 << cfg.bits, 2)).astype(np.float32))
+        return Representation(((KashinTensor(pairs, 1.0, MatrixTransform("hadamard", (k, n))),),), "kashin")
     if cfg.method == "rtn":
         return Representation(((random_factor(k, n, cfg.bits, cfg.block_size, rng),),), "rtn")
     rank, _ = choose_rank(cfg, k, n)

@@ -7,7 +7,8 @@
 // Hence X·W = X·U + ((X·F1)·V)·F2ᵀ: X is transformed once per row (O(K log K)), one pass over
 // the codes accumulates both X·U and (X·F1)·V, and the result of the second is transformed back
 // along N. Codes are prepacked one int32 lane per output column (16-column panels), 4-bit codes
-// two k per byte; centroids are looked up with vpermps from registers (≤ 32 entries).
+// two k per byte; centroids are looked up with vpermps from registers (≤ 32 entries), once for up
+// to 4 rows of X.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -70,6 +71,7 @@ namespace {
 
 constexpr int kPanel = 16;
 constexpr int kTile = 4;
+constexpr int kRows = 4;  // rows of X per pass over a panel's codes
 
 class CodebookWeight final : public Weight {
  public:
@@ -130,15 +132,24 @@ class CodebookWeight final : public Weight {
 
   static void Task(void* data, size_t tile) {
     const Job& job = *static_cast<const Job*>(data);
-    const int64_t p0 = static_cast<int64_t>(tile) * kTile, p1 = std::min<int64_t>(job.w->panels_, p0 + kTile);
+    const CodebookWeight& w = *job.w;
+    const int64_t p0 = static_cast<int64_t>(tile) * kTile, p1 = std::min<int64_t>(w.panels_, p0 + kTile);
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t m = 0; m < job.M; ++m) {
-        if (job.w->vector_) {
-          job.z ? job.w->PanelAvx512<true>(job, p, m) : job.w->PanelAvx512<false>(job, p, m);
+      for (int64_t m = 0; m < job.M; m += kRows) {  // codes decoded and looked up once per kRows rows
+        const int64_t rows = std::min<int64_t>(kRows, job.M - m);
+        if (!w.vector_) {
+          for (int64_t r = m; r < m + rows; ++r) w.PanelScalar(job, p, r);
+        } else if (job.z) {
+          rows == kRows ? w.PanelAvx512<true, kRows>(job, p, m) : w.Rows<true>(job, p, m, rows);
         } else {
-          job.w->PanelScalar(job, p, m);
+          rows == kRows ? w.PanelAvx512<false, kRows>(job, p, m) : w.Rows<false>(job, p, m, rows);
         }
       }
+  }
+
+  template <bool kRotated>
+  void Rows(const Job& job, int64_t panel, int64_t m, int64_t rows) const {
+    for (int64_t r = m; r < m + rows; ++r) PanelAvx512<kRotated, 1>(job, panel, r);
   }
 
   int Code(int64_t panel, int64_t k, int lane) const {
@@ -168,36 +179,41 @@ class CodebookWeight final : public Weight {
     return _mm512_permutex2var_ps(lo, idx, hi);
   }
 
-  template <bool kRotated>
+  // Rows [m, m + R) of one panel: acc_u[r] += x[r, k] · u[code], acc_v[r] += (X·F1)[r, k] · v[code].
+  template <bool kRotated, int R>
   LRQ_AVX512 void PanelAvx512(const Job& job, int64_t panel, int64_t m) const {
     const __m512 ulo = _mm512_loadu_ps(u_.data()), uhi = _mm512_loadu_ps(u_.data() + 16);
     const __m512 vlo = kRotated ? _mm512_loadu_ps(v_.data()) : ulo, vhi = kRotated ? _mm512_loadu_ps(v_.data() + 16) : uhi;
     const float* x = job.x + m * K_;
     const float* xr = kRotated ? job.xr + m * K_ : nullptr;
-    __m512 su = _mm512_setzero_ps(), sv = _mm512_setzero_ps();
+    __m512 su[R], sv[R];
+    for (int r = 0; r < R; ++r) su[r] = sv[r] = _mm512_setzero_ps();
     const int64_t steps = wide_ ? K_ : (K_ + 1) / 2;
     const uint8_t* codes = codes_.data() + panel * steps * kPanel;
     const __m512i low = _mm512_set1_epi32(15);
+    auto step = [&](int64_t k, __m512 u, __m512 v) LRQ_AVX512 {
+      for (int r = 0; r < R; ++r) {
+        su[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K_ + k]), u, su[r]);
+        if constexpr (kRotated) sv[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r * K_ + k]), v, sv[r]);
+      }
+    };
     for (int64_t s = 0; s < steps; ++s) {
       const __m512i packed = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + s * kPanel)));
       if (wide_) {
-        su = _mm512_fmadd_ps(_mm512_set1_ps(x[s]), Lookup(packed, ulo, uhi), su);
-        if constexpr (kRotated) sv = _mm512_fmadd_ps(_mm512_set1_ps(xr[s]), Lookup(packed, vlo, vhi), sv);
+        step(s, Lookup(packed, ulo, uhi), kRotated ? Lookup(packed, vlo, vhi) : ulo);
       } else {
-        const int64_t k = 2 * s;
         const __m512i first = _mm512_and_si512(packed, low), second = _mm512_srli_epi32(packed, 4);
-        su = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_permutexvar_ps(first, ulo), su);
-        if constexpr (kRotated) sv = _mm512_fmadd_ps(_mm512_set1_ps(xr[k]), _mm512_permutexvar_ps(first, vlo), sv);
-        if (k + 1 < K_) {
-          su = _mm512_fmadd_ps(_mm512_set1_ps(x[k + 1]), _mm512_permutexvar_ps(second, ulo), su);
-          if constexpr (kRotated) sv = _mm512_fmadd_ps(_mm512_set1_ps(xr[k + 1]), _mm512_permutexvar_ps(second, vlo), sv);
-        }
+        step(2 * s, _mm512_permutexvar_ps(first, ulo), kRotated ? _mm512_permutexvar_ps(first, vlo) : ulo);
+        if (2 * s + 1 < K_)
+          step(2 * s + 1, _mm512_permutexvar_ps(second, ulo), kRotated ? _mm512_permutexvar_ps(second, vlo) : ulo);
       }
     }
     const int64_t n = panel * kPanel;
     const __mmask16 mask = n + kPanel <= N_ ? 0xffff : static_cast<__mmask16>((1u << (N_ - n)) - 1);
-    _mm512_mask_storeu_ps(job.yu + m * N_ + n, mask, su);
-    if constexpr (kRotated) _mm512_mask_storeu_ps(job.z + m * N_ + n, mask, sv);
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(job.yu + (m + r) * N_ + n, mask, su[r]);
+      if constexpr (kRotated) _mm512_mask_storeu_ps(job.z + (m + r) * N_ + n, mask, sv[r]);
+    }
   }
 
   int bits_, entries_;
