@@ -298,7 +298,7 @@ def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
 
 @register_pass
 class Lower(Pass):
-    """Rewrite planned layers for a target: ``lower(ort)`` or ``lower(std)``.
+    """Rewrite planned layers for a target: ``lower(ort)``, ``lower(std)`` or ``lower(lrq)``.
 
     ``accuracy_level`` (default: the config's) sets the activations' precision for every node: 0
     float, 4 int8 per block. Unset, ort uses 0 for 2/4-bit codes and 4 for 8-bit codes (their only

@@ -12,12 +12,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lrqgraph.errors import LrqError
 from lrqgraph.io import cache_dir
 from lrqgraph.numerics import QuantizedTensor
+
+if TYPE_CHECKING:  # torch is imported where the kernels run, not on import
+    import torch
 
 SOURCE = Path(__file__).with_name("cuda") / "lrq_cuda.cu"
 
@@ -42,12 +46,17 @@ def library_path() -> Path:
         raise LrqError("nvcc not found: the CUDA kernels need a CUDA toolkit (put nvcc on PATH)")
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     target = cache_dir("cuda") / f"liblrq_cuda-{digest}.so"
+    failed = target.with_suffix(".error")
+    if failed.exists():  # compile once per source, failures included
+        raise LrqError(failed.read_text())
     if not target.exists():
         tmp = target.with_suffix(".tmp.so")
         done = subprocess.run([nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-o", str(tmp), str(SOURCE), "-lcublas"],
                               capture_output=True, text=True)
         if done.returncode:
-            raise LrqError(f"nvcc failed on {SOURCE}: {done.stderr.strip().splitlines()[-1]}")
+            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()[-1:]
+            failed.write_text(f"nvcc failed on {SOURCE}: {lines[0].strip() if lines else 'no message'}")
+            raise LrqError(failed.read_text())
         tmp.replace(target)
     return target
 
@@ -61,7 +70,6 @@ def _lib() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(library_path()))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.lrq_cuda_qmatmul.argtypes = [p, i64, i64, i64, p, i32, i32, p, i32, p, p, p, i32, p]
-        lib.lrq_cuda_lowrank.argtypes = ([p, i64, i64, i64, i64] + [p, i32, i32, p, p] * 3 + [i32, p, p, p, p])
         _LIB = lib
     return _LIB
 
@@ -91,19 +99,10 @@ class GpuFactor:
         import torch
         return self.scales.dtype == torch.float16
 
-    def args(self) -> list:
-        return [self.codes.data_ptr(), self.bits, self.block, self.scales.data_ptr(),
-                self.zero_points.data_ptr() if self.zero_points is not None else None]
-
 
 def _check(code: int) -> None:
     if code:
         raise LrqError(f"CUDA kernel launch failed (cudaError {code})")
-
-
-def _stream() -> int:
-    import torch
-    return torch.cuda.current_stream().cuda_stream
 
 
 def qmatmul(x: "torch.Tensor", w: GpuFactor, bias: "torch.Tensor | None" = None) -> "torch.Tensor":
@@ -111,22 +110,16 @@ def qmatmul(x: "torch.Tensor", w: GpuFactor, bias: "torch.Tensor | None" = None)
     import torch
     x = x.contiguous()
     y = torch.empty((x.shape[0], w.n), dtype=torch.float32, device=x.device)
-    codes, bits, block, scales, zp = w.args()
-    _check(_lib().lrq_cuda_qmatmul(x.data_ptr(), x.shape[0], w.k, w.n, codes, bits, block, scales, int(w.half), zp,
-                                   bias.data_ptr() if bias is not None else None, y.data_ptr(), 0, _stream()))
+    _check(_lib().lrq_cuda_qmatmul(x.data_ptr(), x.shape[0], w.k, w.n, w.codes.data_ptr(), w.bits, w.block,
+                                   w.scales.data_ptr(), int(w.half),
+                                   w.zero_points.data_ptr() if w.zero_points is not None else None,
+                                   bias.data_ptr() if bias is not None else None, y.data_ptr(), 0,
+                                   torch.cuda.current_stream().cuda_stream))
     return y
 
 
 def lowrank(x: "torch.Tensor", left: GpuFactor, right: GpuFactor, dense: GpuFactor | None = None,
             bias: "torch.Tensor | None" = None) -> "torch.Tensor":
-    """x · L · R (+ x · Q) (+ bias), the fused low-rank form."""
-    import torch
-    x = x.contiguous()
-    m = x.shape[0]
-    t = torch.empty((m, left.n), dtype=torch.float32, device=x.device)
-    y = torch.empty((m, right.n), dtype=torch.float32, device=x.device)
-    q_args = dense.args() if dense is not None else [None, 0, 0, None, None]
-    _check(_lib().lrq_cuda_lowrank(x.data_ptr(), m, left.k, right.n, left.n, *left.args(), *right.args(), *q_args,
-                                   int(left.half), bias.data_ptr() if bias is not None else None, t.data_ptr(),
-                                   y.data_ptr(), _stream()))
-    return y
+    """x · L · R (+ x · Q) (+ bias), the lrq::QLowRankMatMul product (two or three launches)."""
+    y = qmatmul(qmatmul(x, left), right, bias if dense is None else None)
+    return y if dense is None else y + qmatmul(x, dense, bias)

@@ -1,5 +1,5 @@
-// CUDA kernels for lrqgraph's block-quantized products (the lrq::QMatMul / QLowRankMatMul forms),
-// behind a C ABI: lrq_cuda_qmatmul(...) on device pointers and a stream.
+// CUDA kernels for lrqgraph's block-quantized products (the lrq::QMatMul form; lrq::QLowRankMatMul
+// is two or three of them), behind a C ABI: lrq_cuda_qmatmul(...) on device pointers and a stream.
 //
 // Weights use the ops' input layout (runtime/native/lrq_ops.cc): codes[N, blocks, blob] (column
 // n along K, low bits first, any width 2..8), scales[N, blocks] float or half, optional zero
@@ -174,24 +174,6 @@ __attribute__((visibility("default"))) int lrq_cuda_qmatmul(
   else
     QMatMulKernel<false><<<grid, threads, 0, s>>>(x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
   return static_cast<int>(cudaGetLastError());
-}
-
-// Y = X·L·R (+ X·Q) (+ bias): the fused low-rank form as three launches on one stream; t is
-// caller-owned scratch of M × rank floats.
-__attribute__((visibility("default"))) int lrq_cuda_lowrank(
-    const float* x, int64_t M, int64_t K, int64_t N, int64_t rank,
-    const uint8_t* l_codes, int l_bits, int l_block, const void* l_scales, const uint8_t* l_zp,
-    const uint8_t* r_codes, int r_bits, int r_block, const void* r_scales, const uint8_t* r_zp,
-    const uint8_t* q_codes, int q_bits, int q_block, const void* q_scales, const uint8_t* q_zp,
-    int half_scales, const float* bias, float* t, float* y, void* stream) {
-  int err = lrq_cuda_qmatmul(x, M, K, rank, l_codes, l_bits, l_block, l_scales, half_scales, l_zp, nullptr, t, 0, stream);
-  if (err) return err;
-  if (q_codes) {
-    err = lrq_cuda_qmatmul(x, M, K, N, q_codes, q_bits, q_block, q_scales, half_scales, q_zp, bias, y, 0, stream);
-    if (err) return err;
-  }
-  return lrq_cuda_qmatmul(t, M, rank, N, r_codes, r_bits, r_block, r_scales, half_scales, r_zp,
-                          q_codes ? nullptr : bias, y, q_codes ? 1 : 0, stream);
 }
 
 }  // extern "C"

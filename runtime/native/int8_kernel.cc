@@ -210,10 +210,10 @@ class Int8Weight final : public Weight {
 
   // Everything a micro-kernel call needs about its rows and blocks.
   struct Span {
-    int64_t m0;      // first row
-    int64_t b0, b1;  // blocks [b0, b1)
-    const uint8_t* codes;    // direct: the tile's codes; buffered: unused
-    const __m512i* buffer;   // buffered: decoded quads of blocks [b0, b1), [quad - 4·b0·(block/4)... , panel]
+    int64_t m0;              // first row
+    int64_t b0, b1;          // blocks [b0, b1)
+    const uint8_t* codes;    // the tile's packed codes (read when decoding straight into registers)
+    const __m512i* buffer;   // decoded codes of blocks [b0, b1): [quad − first quad of b0, panel]
   };
 
   template <int SB>
