@@ -89,8 +89,8 @@ setup(
     ext_modules=[Extension(
         "lrqgraph.runtime.lrq_ops",
         sources=["runtime/native/lrq_ops.cc", "runtime/native/float_kernel.cc", "runtime/native/int8_kernel.cc",
-                 "runtime/native/codebook_kernel.cc"],
-        depends=["runtime/native/kernels.h"],
+                 "runtime/native/int8_avx512.cc", "runtime/native/int8_avx2.cc", "runtime/native/codebook_kernel.cc"],
+        depends=["runtime/native/kernels.h", "runtime/native/int8_layout.h", "runtime/native/int8_simd.h"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-psabi"],
     )],

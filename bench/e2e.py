@@ -28,7 +28,7 @@ from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
 from lrqgraph.testing import data, minilm  # noqa: E402
 
-SETTINGS = [  # (label, lowering, factorize options, calibrated)
+SETTINGS = [  # (label, lowering, factorize options, calibrated[, accuracy level])
     ("lrqgraph default, data-free: rtn 4-bit b32 sym, MSE clip (ort)", "ort", {}, False),
     ("lrqgraph default, data-free (std: DQ + MatMul)", "std", {}, False),
     ("lrqgraph default + --calib: gptq 4-bit b32 sym (ort)", "ort", {}, True),
@@ -37,6 +37,9 @@ SETTINGS = [  # (label, lowering, factorize options, calibrated)
     ("lrqgraph rtn 8-bit b32 (ort, int8 activations)", "ort", dict(bits=8), False),
     ("lrqgraph lplr 8-bit factors, rank 1/2 (ort)", "ort", dict(method="lplr", bits=8, rank_ratio=0.5), False),
     ("lrqgraph svd 8-bit factors, rank 1/2 (ort)", "ort", dict(method="svd", bits=8, rank_ratio=0.5), False),
+    ("lrqgraph default + --calib (ort, accuracy_level 4: int8 activations)", "ort", {}, True, 4),
+    ("lrqgraph default + --calib (lrq native ops, int8 activations)", "lrq", {}, True),
+    ("lrqgraph --calib: gptq 3-bit b32 fp16 scales (lrq)", "lrq", dict(bits=3, scale_dtype="float16"), True),
 ]
 
 
@@ -69,10 +72,10 @@ def main() -> None:
     ort_baseline(fp32, models[1][1])
     calib = tmp / "calib.npz"  # 128 verses disjoint from the evaluation ones
     np.savez(calib, **minilm.encode(data.kjv_sentences(128, start=1), pad_to=64))
-    for i, (label, lowering, kwargs, calibrated) in enumerate(SETTINGS):
+    for i, (label, lowering, kwargs, calibrated, *level) in enumerate(SETTINGS):
         path = tmp / f"lrq{i}.onnx"
         config = OptimizeConfig(lowering=lowering, factorize=FactorizeConfig(**kwargs),
-                                calib=str(calib) if calibrated else None)
+                                calib=str(calib) if calibrated else None, accuracy_level=(level or [None])[0])
         result = lrqgraph.run(fp32, config, passes=f"discover,{'calibrate,' if calibrated else ''}factorize,"
                                                    f"lower({lowering}),cleanup")
         lrqgraph.save_model(result.model, path)
