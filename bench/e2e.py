@@ -21,11 +21,12 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_latency_ms, rewritten_bpw  # noqa: E402
+from common import rewritten_bpw  # noqa: E402
 
 import lrqgraph  # noqa: E402
 from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
+from lrqgraph.runtime import interleaved_latency_ms  # noqa: E402
 from lrqgraph.testing import data, minilm  # noqa: E402
 
 SETTINGS = [  # (label, lowering, factorize options, calibrated[, accuracy level])

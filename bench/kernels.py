@@ -34,7 +34,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common import interleaved_latency_ms, random_factor  # noqa: E402
+from common import random_factor  # noqa: E402
 
 import builders  # noqa: E402
 from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
@@ -46,6 +46,7 @@ from lrqgraph.numerics.transforms import MatrixTransform  # noqa: E402
 from lrqgraph.passes.factorize import choose_rank  # noqa: E402
 from lrqgraph.passmanager import Context, PassManager  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
+from lrqgraph.runtime import interleaved_latency_ms  # noqa: E402
 
 SHAPES = ("384x1536", "576x1536", "4096x4096", "4096x11008")
 BASELINE = "MatMulNBits 4b g32"

@@ -219,11 +219,13 @@ def cmd_lower(args: argparse.Namespace) -> int:
     _check_paths(src, dst)
     level = "" if args.accuracy_level is None else f",accuracy_level={args.accuracy_level}"
     result = run(src, OptimizeConfig(), passes=f"relower({args.to}{level}),cleanup")
-    if not any(op.domain == "lrq" for op in onnx.load(str(src), load_external_data=False).opset_import):
+    converted = sum(n.domain == "lrq" for n in onnx.load(str(src), load_external_data=False).graph.node)
+    if not converted:
         log.warning("%s has no lrq custom ops; written unchanged", src)
     save_model(result.model, dst, external_data=True if args.external_data else None, source=src)
     if not args.quiet:
-        print(f"wrote {dst} ({args.to}: {', '.join(sorted({n.op_type for n in result.model.graph.node}))})")
+        ops = "MatMulNBits" if args.to == "ort" else "DequantizeLinear + MatMul"
+        print(f"wrote {dst}: {converted} lrq nodes as {ops}")
     return 0
 
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from typing import Any, Sequence
+
+import numpy as np
 
 import onnx
 import onnxruntime as ort
@@ -51,3 +55,32 @@ def session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = 
     if _uses_lrq_ops(source):
         so.register_custom_ops_library(str(library_path()))
     return ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int, threads: int = 2,
+                           rounds: int = 5, warmup: int = 3, copies: list[int] | None = None) -> list[float]:
+    """Median wall time (ms) of one ``run`` call per model.
+
+    The models take turns, ``runs / rounds`` calls each per round, so that noise from other load
+    on the machine falls on all of them alike and their ratios stay meaningful. ``copies[i]``
+    sessions of model i are called in rotation, so that with enough copies each call finds its
+    weights evicted from the caches by the others (cold, memory-bound calls).
+    """
+    copies = copies or [1] * len(paths)
+    # Idle sessions' worker threads would spin and steal the cores from the one being timed.
+    sessions = [[session(str(p), threads=threads, config={"session.intra_op.allow_spinning": "0"})
+                 for _ in range(c)] for p, c in zip(paths, copies)]
+    for group in sessions:
+        for sess in group:
+            for _ in range(warmup):
+                sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for group, bucket in zip(sessions, times):
+            for i in range(per_round):
+                sess = group[i % len(group)]
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in times]
