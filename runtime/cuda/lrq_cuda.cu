@@ -40,7 +40,24 @@ __device__ __forceinline__ float ScaleAt(const void* scales, int64_t at) {
   return kHalf ? __half2float(static_cast<const __half*>(scales)[at]) : static_cast<const float*>(scales)[at];
 }
 
-template <bool kHalf>
+// Σ over one word's codes of code · x and of x, for kBits-bit codes (kBits > 0), x 16-byte aligned.
+template <int kBits>
+__device__ __forceinline__ void WordSums(uint32_t word, const float* __restrict__ x, float& cx, float& sx) {
+  constexpr int kPerWord = 32 / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1;
+#pragma unroll
+  for (int j = 0; j < kPerWord / 4; ++j) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(x) + j);
+    const uint32_t w = word >> (4 * j * kBits);
+    cx += static_cast<float>(w & kMask) * v.x + static_cast<float>((w >> kBits) & kMask) * v.y +
+          static_cast<float>((w >> (2 * kBits)) & kMask) * v.z + static_cast<float>((w >> (3 * kBits)) & kMask) * v.w;
+    sx += (v.x + v.y) + (v.z + v.w);
+  }
+}
+
+// kBits 2, 4 or 8: codes read a 32-bit word at a time (blocks holding whole words, K % 4 == 0);
+// kBits 0: any width, code by code.
+template <bool kHalf, int kBits>
 __global__ void QMatMulKernel(const float* __restrict__ x, int64_t M, int64_t K, int64_t N,
                               const uint8_t* __restrict__ codes, int bits, int block, const void* scales_raw,
                               const uint8_t* __restrict__ zero_points, const float* __restrict__ bias,
@@ -52,18 +69,17 @@ __global__ void QMatMulKernel(const float* __restrict__ x, int64_t M, int64_t K,
   const int blob = (block * bits + 7) / 8;
   const uint8_t* column = codes + n * blocks * blob;
   const int implicit_zp = 1 << (bits - 1);
-  // whole 32-bit words of 2/4/8-bit codes, none straddling a block
-  const bool words = (bits == 2 || bits == 4 || bits == 8) && blob % 4 == 0;
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     float acc[kRows] = {0.f, 0.f, 0.f, 0.f};
-    if (words) {
-      const int per_word = 32 / bits, words_per_block = blob / 4;
-      const uint32_t mask = (1u << bits) - 1;
+    if constexpr (kBits > 0) {
+      constexpr int kPerWord = 32 / kBits;
+      const int words_per_block = blob / 4;
       const int64_t total = static_cast<int64_t>(blocks) * words_per_block;
       const uint32_t* stream = reinterpret_cast<const uint32_t*>(column);
       for (int64_t w = lane; w < total; w += kWarp) {
         const int b = static_cast<int>(w / words_per_block);
-        const int64_t k0 = static_cast<int64_t>(b) * block + (w % words_per_block) * per_word;
+        const int64_t k0 = static_cast<int64_t>(b) * block + (w % words_per_block) * kPerWord;
+        if (k0 >= K) continue;  // padding of the last block
         const uint32_t word = __ldg(stream + w);
         const int64_t at = n * blocks + b;
         const float scale = ScaleAt<kHalf>(scales_raw, at);
@@ -73,10 +89,13 @@ __global__ void QMatMulKernel(const float* __restrict__ x, int64_t M, int64_t K,
           if (m0 + r >= M) break;
           const float* xr = x + (m0 + r) * K + k0;
           float cx = 0.f, sx = 0.f;
-          for (int i = 0; i < per_word && k0 + i < K; ++i) {
-            const float xv = __ldg(xr + i);
-            cx += static_cast<float>((word >> (i * bits)) & mask) * xv;
-            sx += xv;
+          if (k0 + kPerWord <= K) {
+            WordSums<kBits>(word, xr, cx, sx);
+          } else {
+            for (int i = 0; k0 + i < K; ++i) {
+              cx += static_cast<float>((word >> (i * kBits)) & ((1u << kBits) - 1)) * xr[i];
+              sx += xr[i];
+            }
           }
           acc[r] += scale * (cx - zp * sx);
         }
@@ -104,6 +123,24 @@ __global__ void QMatMulKernel(const float* __restrict__ x, int64_t M, int64_t K,
       }
     }
   }
+}
+
+template <bool kHalf>
+void LaunchGemv(dim3 grid, dim3 threads, cudaStream_t s, const float* x, int64_t M, int64_t K, int64_t N,
+                const uint8_t* codes, int bits, int block, const void* scales, const uint8_t* zero_points,
+                const float* bias, float* y, int accumulate) {
+  // whole 32-bit words of 2/4/8-bit codes, none straddling a block, rows of X 16-byte aligned
+  const bool words = (bits == 2 || bits == 4 || bits == 8) && (block * bits) % 32 == 0 && K % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const int b = words ? bits : 0;
+  if (b == 2)
+    QMatMulKernel<kHalf, 2><<<grid, threads, 0, s>>>(x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
+  else if (b == 4)
+    QMatMulKernel<kHalf, 4><<<grid, threads, 0, s>>>(x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
+  else if (b == 8)
+    QMatMulKernel<kHalf, 8><<<grid, threads, 0, s>>>(x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
+  else
+    QMatMulKernel<kHalf, 0><<<grid, threads, 0, s>>>(x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
 }
 
 // w[K, N] row-major = dequant(W): one thread per entry, consecutive threads along N.
@@ -170,9 +207,9 @@ __attribute__((visibility("default"))) int lrq_cuda_qmatmul(
   }
   const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock)), threads(kWarp * kWarpsPerBlock);
   if (half_scales)
-    QMatMulKernel<true><<<grid, threads, 0, s>>>(x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
+    LaunchGemv<true>(grid, threads, s, x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
   else
-    QMatMulKernel<false><<<grid, threads, 0, s>>>(x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
+    LaunchGemv<false>(grid, threads, s, x, M, K, N, codes, bits, block, scales, zero_points, bias, y, accumulate);
   return static_cast<int>(cudaGetLastError());
 }
 
