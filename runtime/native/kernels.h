@@ -4,13 +4,14 @@
 // codes along K packed low bits first at `bits` 2..8), scales[N, blocks], optional zero points
 // [N, blocks] (absent: 2^(bits-1)). A code c stands for (c - zero point) · scale.
 //
-// Two kernels, chosen per weight at kernel creation:
-//  - Int8Weight (CPUs with AVX-512 VNNI, block sizes dividing 64 or multiples of 64): activations
-//    are quantized to int8 per block of K on each call (as MatMulNBits does at accuracy_level 4)
-//    and codes are multiplied as bytes with vpdpbusd, 64 products per instruction; codes are
-//    repacked so that 64 of them decode into one register with a few shifts and masks.
+// Kernels, chosen per weight at kernel creation:
+//  - Int8Weight (int8_kernel.cc; block sizes that are multiples of 4; AVX-512 VNNI, or AVX2 for
+//    codes up to 4 bits): activations are quantized to int8 per block of K on each call (as
+//    MatMulNBits does at accuracy_level 4) and codes, repacked one int32 lane per output column,
+//    are multiplied as bytes (int8_layout.h).
 //  - FloatWeight (any CPU, any block size): codes are decoded to float32 in L1-sized chunks and
 //    multiplied in float (AVX2+FMA when the CPU has it, portable code otherwise).
+//  - CodebookWeight (codebook_kernel.cc): Kashin and k-means codebooks.
 #pragma once
 
 #include <cstdint>

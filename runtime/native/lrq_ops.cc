@@ -14,7 +14,7 @@
 //                  row_signs [K] + row_small [b, b] (K = 2^a·b, b > 1 only), F2 as col_signs [N]
 //                  + col_small, bias; F randomized Hadamard transforms (codebook_kernel.cc).
 // accuracy_level (default 0): 4 lets the kernels quantize activations to int8 per block, as
-// MatMulNBits does at level 4 (AVX-512 VNNI kernels); 0 computes in float.
+// MatMulNBits does at level 4 (AVX-512 VNNI, or AVX2 for codes up to 4 bits); 0 computes in float.
 //
 // Weights are read and prepacked once, at kernel creation (kernels.h). The library does not link
 // onnxruntime: the API table arrives through RegisterCustomOps.
