@@ -71,7 +71,7 @@ def int8_path(q, level: int, isa: str) -> bool:
 
 @settings(max_examples=60, deadline=None)
 @given(k=st.integers(16, 200), n=st.integers(1, 70), bits=st.integers(2, 8), block=st.sampled_from([16, 18, 32, 40, 64, 128]),
-       symmetric=st.booleans(), scales=st.sampled_from(["float32", "float16"]), batch=st.sampled_from([1, 2, 3, 17]),
+       symmetric=st.booleans(), scales=st.sampled_from(["float32", "float16"]), batch=st.sampled_from([1, 2, 3, 17, 130]),
        level=st.sampled_from([0, 4]), isa=st.sampled_from(ISAS), seed=st.integers(0, 99))
 def test_qmatmul_matches_numpy(k, n, bits, block, symmetric, scales, batch, level, isa, seed):
     model, plan = lowered(builders.matmul_model(k, n, seed=seed), level, method="rtn", bits=bits, block_size=block,

@@ -22,6 +22,7 @@ namespace lrq {
 constexpr int kPanel = 16;   // columns per panel: one int32 lane each
 constexpr int kTile = 4;     // panels per tile
 constexpr int kChunk = 256;  // values of K decoded at a time for large batches
+constexpr int kRowBlock = 64;  // rows of X whose sums a tile task keeps at a time
 
 struct Int8Layout {
   int64_t K = 0, N = 0, Kp = 0, quads = 0, panels = 0, tiles = 0;

@@ -16,7 +16,7 @@ struct Span {
   const typename T::Codes* buffer;  // decoded codes of blocks [b0, b1): [quad − first quad of b0, panel]
 };
 
-// acc[m0 + r, (p0 + p) · 16 + j] += Σ over blocks [b0, b1) of x̂ · dequant(W) for column j of panel p0 + p.
+// acc[r, (p0 + p) · 16 + j] += Σ over blocks [b0, b1) of x̂[m0 + r] · dequant(W) for column j of panel p0 + p.
 template <int SB, int R, int P, bool kDirect>
 LRQ_TARGET void Micro(const Int8Layout& w, int np, int64_t t, int p0, const Span& span, const Int8Activations& a,
                       float* acc) {
@@ -80,22 +80,25 @@ LRQ_TARGET void Micro(const Int8Layout& w, int np, int64_t t, int p0, const Span
   LRQ_UNROLL
   for (int r = 0; r < R; ++r)
     LRQ_UNROLL
-    for (int p = 0; p < P; ++p) T::AddTo(acc + ((span.m0 + r) * kTile + p0 + p) * kPanel, sums[r][p]);
+    for (int p = 0; p < P; ++p) T::AddTo(acc + (r * kTile + p0 + p) * kPanel, sums[r][p]);
 }
 
-// Every pair of rows over blocks [span.b0, span.b1), adding into acc[M, kTile · 16].
+// Every pair of rows [span.m0, span.m0 + rows.M) over blocks [span.b0, span.b1), adding into
+// acc[rows.M, kTile · 16].
 template <int SB, bool kDirect>
-LRQ_TARGET void Rows(const Int8Layout& w, int np, int64_t t, Span span, const Int8Call& call, float* acc) {
-  for (int64_t m0 = 0; m0 < call.M; m0 += 2) {
-    span.m0 = m0;
-    const bool pair = m0 + 1 < call.M;
+LRQ_TARGET void Rows(const Int8Layout& w, int np, int64_t t, Span span, const Int8Call& rows, float* acc) {
+  const int64_t first = span.m0;  // rows.M rows from here; acc holds them from its start
+  for (int64_t m = 0; m < rows.M; m += 2) {
+    span.m0 = first + m;
+    float* at = acc + m * kTile * kPanel;
+    const bool pair = m + 1 < rows.M;
     if (np == kTile) {
-      pair ? Micro<SB, 2, kTile, kDirect>(w, np, t, 0, span, *call.a, acc)
-           : Micro<SB, 1, kTile, kDirect>(w, np, t, 0, span, *call.a, acc);
+      pair ? Micro<SB, 2, kTile, kDirect>(w, np, t, 0, span, *rows.a, at)
+           : Micro<SB, 1, kTile, kDirect>(w, np, t, 0, span, *rows.a, at);
     } else {
       for (int p = 0; p < np; ++p)
-        pair ? Micro<SB, 2, 1, kDirect>(w, np, t, p, span, *call.a, acc)
-             : Micro<SB, 1, 1, kDirect>(w, np, t, p, span, *call.a, acc);
+        pair ? Micro<SB, 2, 1, kDirect>(w, np, t, p, span, *rows.a, at)
+             : Micro<SB, 1, 1, kDirect>(w, np, t, p, span, *rows.a, at);
     }
   }
 }
@@ -106,32 +109,39 @@ LRQ_TARGET void TileOf(const Int8Call& call, int64_t t) {
   const int np = w.Panels(t);
   const int64_t n0 = t * kTile * kPanel;
   const uint8_t* codes = w.codes.data() + w.CodeOffset(t, 0, 0);
-  std::vector<float> acc(static_cast<size_t>(call.M) * kTile * kPanel, 0.f);  // [M, np · 16]
-  if (call.M <= 2) {  // small batches: decode straight into registers
-    Rows<SB, true>(w, np, t, Span{0, 0, w.blocks, codes, nullptr}, call, acc.data());
-  } else {
-    const int chunk_blocks = kChunk / w.block > 1 ? kChunk / w.block : 1;
-    const int64_t chunk_quads = static_cast<int64_t>(chunk_blocks) * w.block / 4;
-    std::vector<uint8_t> storage(sizeof(typename T::Codes) * (chunk_quads * np + 1));
-    auto* buffer = reinterpret_cast<typename T::Codes*>(
-        (reinterpret_cast<uintptr_t>(storage.data()) + alignof(typename T::Codes) - 1) &
-        ~uintptr_t{alignof(typename T::Codes) - 1});
-    for (int64_t b0 = 0; b0 < w.blocks; b0 += chunk_blocks) {
-      const int64_t b1 = b0 + chunk_blocks < w.blocks ? b0 + chunk_blocks : w.blocks;
-      const int64_t q0 = b0 * w.block / 4, q1 = b1 * w.block / 4;
-      for (int64_t q = q0; q < q1; ++q)
-        for (int p = 0; p < np; ++p)
-          T::Store(buffer + (q - q0) * np + p, T::template Decode<SB>(codes + (q * np + p) * w.gbytes));
-      Rows<SB, false>(w, np, t, Span{0, b0, b1, codes, buffer}, call, acc.data());
+  // rows in blocks of kRowBlock: their sums and a chunk of their activations stay in L1
+  const int64_t rows_here = call.M < kRowBlock ? call.M : kRowBlock;
+  std::vector<float> acc(static_cast<size_t>(rows_here) * kTile * kPanel);  // [rows, np · 16]
+  const int chunk_blocks = kChunk / w.block > 1 ? kChunk / w.block : 1;
+  const int64_t chunk_quads = static_cast<int64_t>(chunk_blocks) * w.block / 4;
+  std::vector<uint8_t> storage(call.M <= 2 ? 0 : sizeof(typename T::Codes) * (chunk_quads * np + 1));
+  auto* buffer = reinterpret_cast<typename T::Codes*>(
+      (reinterpret_cast<uintptr_t>(storage.data()) + alignof(typename T::Codes) - 1) &
+      ~uintptr_t{alignof(typename T::Codes) - 1});
+  for (int64_t r0 = 0; r0 < call.M; r0 += kRowBlock) {
+    Int8Call rows = call;  // rows [r0, r0 + rows.M), viewed from their first
+    rows.M = call.M - r0 < kRowBlock ? call.M - r0 : kRowBlock;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    if (call.M <= 2) {  // small batches: decode straight into registers
+      Rows<SB, true>(w, np, t, Span{r0, 0, w.blocks, codes, nullptr}, rows, acc.data());
+    } else {
+      for (int64_t b0 = 0; b0 < w.blocks; b0 += chunk_blocks) {
+        const int64_t b1 = b0 + chunk_blocks < w.blocks ? b0 + chunk_blocks : w.blocks;
+        const int64_t q0 = b0 * w.block / 4, q1 = b1 * w.block / 4;
+        for (int64_t q = q0; q < q1; ++q)
+          for (int p = 0; p < np; ++p)
+            T::Store(buffer + (q - q0) * np + p, T::template Decode<SB>(codes + (q * np + p) * w.gbytes));
+        Rows<SB, false>(w, np, t, Span{r0, b0, b1, codes, buffer}, rows, acc.data());
+      }
     }
+    // acc → y (columns past N left alone), with bias and accumulation
+    for (int64_t m = 0; m < rows.M; ++m)
+      for (int64_t j = 0; j < static_cast<int64_t>(np) * kPanel && n0 + j < w.N; ++j) {
+        const float v = acc[m * kTile * kPanel + j] + (call.bias ? call.bias[n0 + j] : 0.f);
+        float& dst = call.y[(r0 + m) * w.N + n0 + j];
+        dst = call.accumulate ? dst + v : v;
+      }
   }
-  // acc → y (columns past N left alone), with bias and accumulation
-  for (int64_t m = 0; m < call.M; ++m)
-    for (int64_t j = 0; j < static_cast<int64_t>(np) * kPanel && n0 + j < w.N; ++j) {
-      const float v = acc[m * kTile * kPanel + j] + (call.bias ? call.bias[n0 + j] : 0.f);
-      float& dst = call.y[m * w.N + n0 + j];
-      dst = call.accumulate ? dst + v : v;
-    }
 }
 
 LRQ_TARGET void Tile(const Int8Call& call, int64_t t) {
