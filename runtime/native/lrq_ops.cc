@@ -159,7 +159,22 @@ std::pair<int64_t, float*> Output(Ort::KernelContext& ctx, const char* op, int64
   return {rows, ctx.GetOutput(0, shape).GetTensorMutableData<float>()};
 }
 
-struct QMatMulKernel {
+// A kernel that multiplies by one prepacked weight (+ bias).
+template <typename Derived>
+struct OneWeightKernel {
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return Guarded(*this, context); }
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const float* x;
+    auto [rows, y] = Output(ctx, Derived::kName, w_->K(), w_->N(), &x);
+    if (rows > 0) w_->Multiply(x, rows, y, false, bias_.empty() ? nullptr : bias_.data(), OrtParallel(ctx));
+  }
+
+  std::unique_ptr<lrq::Weight> w_;
+  std::vector<float> bias_;
+};
+
+struct QMatMulKernel : OneWeightKernel<QMatMulKernel> {
   static constexpr const char* kName = "QMatMul";
   static constexpr ONNXTensorElementDataType kInputs[] = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
@@ -174,16 +189,6 @@ struct QMatMulKernel {
     bias_ = node.Bias(4, w_->N());
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return Guarded(*this, context); }
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    const float* x;
-    auto [rows, y] = Output(ctx, kName, w_->K(), w_->N(), &x);
-    if (rows > 0) w_->Multiply(x, rows, y, false, bias_.empty() ? nullptr : bias_.data(), OrtParallel(ctx));
-  }
-
-  std::unique_ptr<lrq::Weight> w_;
-  std::vector<float> bias_;
 };
 
 struct QLowRankKernel {
@@ -224,7 +229,7 @@ struct QLowRankKernel {
   std::vector<float> bias_;
 };
 
-struct KashinKernel {
+struct KashinKernel : OneWeightKernel<KashinKernel> {
   static constexpr const char* kName = "KashinMatMul";
   static constexpr ONNXTensorElementDataType kInputs[] = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
@@ -270,16 +275,6 @@ struct KashinKernel {
     return t;
   }
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) { return Guarded(*this, context); }
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    const float* x;
-    auto [rows, y] = Output(ctx, kName, w_->K(), w_->N(), &x);
-    if (rows > 0) w_->Multiply(x, rows, y, false, bias_.empty() ? nullptr : bias_.data(), OrtParallel(ctx));
-  }
-
-  std::unique_ptr<lrq::Weight> w_;
-  std::vector<float> bias_;
 };
 
 // One custom-op class for each kernel: inputs and their types come from the kernel's tables;
