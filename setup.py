@@ -82,7 +82,7 @@ class BuildNative(build_ext):
         return os.path.join(*ext_name.split(".")[:-1], f"lib{ext_name.split('.')[-1]}.so")
 
     def get_export_symbols(self, ext: Extension) -> list[str]:
-        return ["RegisterCustomOps"]
+        return ["RegisterCustomOps", "LrqOpSchema"]
 
 
 setup(

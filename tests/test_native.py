@@ -7,7 +7,9 @@ block is quantized with step sx = max|x| / 127, so |x - x̂| ≤ sx / 2 per entr
 quantization's half step) is carried through |R| the same way.
 """
 import contextlib
+import ctypes
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -259,3 +261,199 @@ def test_kernel_cap_selects_the_path():
     assert not np.array_equal(outs[4, "avx2"], outs[0, "native"])  # int8 activations on AVX2
     if cpu_has_int8_kernels():
         np.testing.assert_array_equal(outs[4, "avx2"], outs[4, "native"])
+
+
+# --- the op on its own: hand-built lrq::QMatMul nodes ------------------------------------------------
+
+def qmatmul_model(codes, scales, zero_points, k, n, bits, block, level=0, name="qmm"):
+    """x[m, K] → one lrq::QMatMul named `name` over codes [N, blocks, blob], scales, zero points."""
+    from onnx import helper, numpy_helper
+    inits = {"codes": codes, "scales": scales}
+    if zero_points is not None:
+        inits["zero_points"] = zero_points
+    node = helper.make_node("QMatMul", ["x", *inits], ["y"], name=name, domain="lrq", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=level)
+    graph = helper.make_graph([node], "g", [builders.io("x", ["m", k])], [builders.io("y", ["m", n])],
+                              [numpy_helper.from_array(v, key) for key, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lrq", 1)])
+    m.ir_version = builders.IR_VERSION
+    return m.SerializeToString()
+
+
+def test_int8_level_with_one_block_over_a_long_k_stays_exact():
+    """Per-channel weights have block_size = K. The int8 kernel sums Σ xq·(c − z) of a block in int32:
+    with xq near 127, codes near 255 and zero point 0 a 70000-long block passes 2^31, so such blocks
+    must take the float kernel. (Only the AVX-512 kernel takes 8-bit codes; elsewhere this checks the
+    float kernel over a long K.)"""
+    k, n, m = 70000, 3, 3
+    rng = np.random.default_rng(0)
+    codes = rng.integers(252, 256, (n, 1, k), dtype=np.uint8)  # 8-bit codes: one byte each
+    scales = np.full((n, 1), 1 / 255, np.float32)
+    zero_points = np.zeros((n, 1), np.uint8)
+    x = rng.uniform(0.98, 1.0, (m, k)).astype(np.float32)
+    (y,) = session(qmatmul_model(codes, scales, zero_points, k, n, 8, k, level=4)).run(None, {"x": x})
+    w = codes[:, 0, :].T.astype(np.float64) / 255  # dequantized [K, N]
+    want = x.astype(np.float64) @ w
+    # float32 sums of K products (K roundings of at most the total), plus the int8 steps' allowance
+    bound = k * 2.0 ** -24 * (np.abs(x) @ np.abs(w)) + half_steps(x, k) @ np.abs(w)
+    assert np.all(np.abs(y - want) <= bound), (y, want)
+
+
+@pytest.mark.parametrize("block", [0, -4, 65])
+def test_block_size_outside_1_to_k_is_refused_naming_the_node(block):
+    k, n = 64, 4
+    blob = max(block, 1)  # 8-bit codes: as many bytes as the block claims, so only block_size is wrong
+    codes = np.zeros((n, 1, blob), np.uint8)
+    scales = np.ones((n, 1), np.float32)
+    with pytest.raises(Exception) as info:
+        session(qmatmul_model(codes, scales, None, k, n, 8, block, name="too_wide"))
+    message = str(info.value)
+    line = next(line for line in message.splitlines() if "lrq.QMatMul" in line)
+    assert "node 'too_wide'" in line and f"block_size must be in 1..K={k}, got {block}" in line, message
+
+
+# --- RegisterCustomOps called directly (ctypes), with onnxruntime's own C library ---------------------
+# Indices into onnxruntime's OrtApi table (onnxruntime_c_api.h): the table only ever grows, so an
+# index holds for every onnxruntime that has the function.
+CREATE_STATUS, GET_ERROR_CODE, GET_ERROR_MESSAGE = 0, 1, 2
+CREATE_SESSION_OPTIONS, CREATE_CUSTOM_OP_DOMAIN = 10, 26
+RELEASE_STATUS, RELEASE_SESSION_OPTIONS = 93, 100
+API_29_ENTRIES = 425  # functions in OrtApi of API version 29 (the headers setup.py builds with)
+GetApiFn = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+VersionFn = ctypes.CFUNCTYPE(ctypes.c_void_p)
+
+
+class OrtApiBase(ctypes.Structure):
+    _fields_ = [("GetApi", GetApiFn), ("GetVersionString", VersionFn)]
+
+
+def ort_api_base() -> OrtApiBase:
+    """OrtGetApiBase() of the installed onnxruntime's C library (capi/libonnxruntime.so.*; the Python
+    module holds another copy of onnxruntime, linked in statically, that exports nothing)."""
+    import onnxruntime
+    capi = Path(onnxruntime.__file__).parent / "capi"
+    found = sorted(capi.glob("libonnxruntime.so*"))
+    assert found, f"no libonnxruntime.so* in {capi}"
+    lib = ctypes.CDLL(str(found[0]))
+    lib.OrtGetApiBase.restype = ctypes.POINTER(OrtApiBase)
+    return lib.OrtGetApiBase().contents
+
+
+def api_function(api: int, index: int, restype, *argtypes):
+    return ctypes.CFUNCTYPE(restype, *argtypes)(ctypes.cast(api, ctypes.POINTER(ctypes.c_void_p))[index])
+
+
+def register_custom_ops():
+    from lrqgraph.runtime import library_path
+    fn = ctypes.CDLL(str(library_path())).RegisterCustomOps
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(OrtApiBase)]
+    return fn
+
+
+def new_session_options(api: int) -> ctypes.c_void_p:
+    options = ctypes.c_void_p()
+    status = api_function(api, CREATE_SESSION_OPTIONS, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))(
+        ctypes.byref(options))
+    assert not status and options
+    return options
+
+
+def test_register_on_an_onnxruntime_older_than_1_16_returns_an_error():
+    """An onnxruntime 1.15 (GetApi(16) is NULL) gets an error status saying what to do, not success."""
+    real = ort_api_base()
+    asked = []
+
+    def get_api(version):
+        asked.append(version)
+        return None if version >= 16 else real.GetApi(version)  # as onnxruntime 1.15 answers
+
+    version = ctypes.create_string_buffer(b"1.15.1")
+    fake = OrtApiBase(GetApiFn(get_api), VersionFn(lambda: ctypes.addressof(version)))
+    api = real.GetApi(1)
+    options = new_session_options(api)
+    try:
+        status = register_custom_ops()(options, ctypes.byref(fake))
+    finally:
+        api_function(api, RELEASE_SESSION_OPTIONS, None, ctypes.c_void_p)(options)
+    assert 16 in asked
+    assert status, "RegisterCustomOps returned success (NULL) on an onnxruntime without API version 16"
+    message = api_function(api, GET_ERROR_MESSAGE, ctypes.c_char_p, ctypes.c_void_p)(status).decode()
+    code = api_function(api, GET_ERROR_CODE, ctypes.c_int, ctypes.c_void_p)(status)
+    api_function(api, RELEASE_STATUS, None, ctypes.c_void_p)(status)
+    assert code != 0, message
+    assert "1.15.1" in message and "1.16 or newer" in message and "upgrade onnxruntime" in message, message
+
+
+def registration_race(threads: int) -> None:
+    """In a fresh process: `threads` threads call RegisterCustomOps at once (ctypes lets go of the
+    GIL), through onnxruntime's real C API whose CreateCustomOpDomain is slowed down to widen any
+    window between checking for the domain and storing it. The domain must be created once and
+    every registration must succeed."""
+    import threading
+    import time
+
+    real = ort_api_base()
+    api = real.GetApi(16)
+    # a copy of the table in memory that outlives the interpreter (the library keeps using it until
+    # its static domain is released at exit)
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    table = (ctypes.c_void_p * API_29_ENTRIES).from_address(libc.malloc(ctypes.sizeof(ctypes.c_void_p) * API_29_ENTRIES))
+    ctypes.memmove(table, api, ctypes.sizeof(table))
+    create_domain = api_function(api, CREATE_CUSTOM_OP_DOMAIN, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+    created = []
+
+    def slow_create_domain(name, out):
+        created.append(name)
+        time.sleep(0.2)
+        return create_domain(name, out)
+
+    slow = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(slow_create_domain)
+    table[CREATE_CUSTOM_OP_DOMAIN] = ctypes.cast(slow, ctypes.c_void_p).value
+    fake = OrtApiBase(GetApiFn(lambda version: ctypes.addressof(table) if version == 16 else real.GetApi(version)),
+                      real.GetVersionString)
+    register = register_custom_ops()
+    options = [new_session_options(api) for _ in range(threads)]
+    statuses = [None] * threads
+    start = threading.Barrier(threads)
+
+    def work(i):
+        start.wait()
+        statuses[i] = register(options[i], ctypes.byref(fake))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for o in options:
+        api_function(api, RELEASE_SESSION_OPTIONS, None, ctypes.c_void_p)(o)
+    print(f"domains created: {len(created)}; failed registrations: {sum(bool(s) for s in statuses)}")
+    assert created == [b"lrq"] and not any(statuses)
+
+
+def test_concurrent_registration_creates_the_domain_once():
+    import subprocess
+    import sys
+    child = subprocess.run([sys.executable, "-c", "import test_native; test_native.registration_race(8)"],
+                           cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"exit {child.returncode}\n{child.stdout}\n{child.stderr[-3000:]}"
+
+
+def test_sessions_from_many_threads_at_once():
+    """Sessions registering the library and running from several Python threads at once: no crash,
+    every result the single-threaded one."""
+    from concurrent.futures import ThreadPoolExecutor
+    model, _ = lowered(builders.matmul_model(96, 40, seed=2), 0, method="rtn", bits=4, block_size=32)
+    data = model.SerializeToString()
+    x = np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32)
+    want = session(data).run(None, {"x": x})[0]
+
+    def one(_):
+        return session(data, session_options(threads=1)).run(None, {"x": x})[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(32)))
+    for y in outs:
+        np.testing.assert_array_equal(y, want)

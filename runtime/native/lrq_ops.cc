@@ -6,6 +6,7 @@
 // unpacked; absent: 2^(bits-1)). A code c stands for (c - zero point) · scale.
 //
 //  QMatMul         Y = X · W (+ bias)                attrs K, N, bits, block_size
+//                  inputs X, B (3), bias
 //  QLowRankMatMul  Y = X · L · R (+ X · Q) (+ bias)  attrs K, N, rank, l_/r_/q_bits, l_/r_/q_block_size
 //                  inputs X, L (3), R (3), Q (3, optional), bias: X·L stays in memory the op owns.
 //  KashinMatMul    Y = X · (U + F1·V·F2ᵀ) (+ bias)  attrs K, N, bits
@@ -14,7 +15,12 @@
 //                  row_signs [K] + row_small [b, b] (K = 2^a·b, b > 1 only), F2 as col_signs [N]
 //                  + col_small, bias; F randomized Hadamard transforms (codebook_kernel.cc).
 // accuracy_level (default 0): 4 lets the kernels quantize activations to int8 per block, as
-// MatMulNBits does at level 4 (AVX-512 VNNI, or AVX2 for codes up to 4 bits); 0 computes in float.
+// MatMulNBits does at level 4 (AVX-512 VNNI, or AVX2 for codes up to 4 bits; blocks up to
+// kInt8MaxBlock values); 0 computes in float. block_size must be in 1..K (K: the weight's rows).
+//
+// Each kernel's tables (kInputs, kAttributes, kOptionalAttributes) are what onnxruntime is told and
+// what the kernel reads; LrqOpSchema() describes them as text, which tests/test_op_schema.py checks
+// against runtime/op_schema.py, the Python side's copy.
 //
 // Weights are read and prepacked once, at kernel creation (kernels.h). The library does not link
 // onnxruntime: the API table arrives through RegisterCustomOps.
@@ -22,6 +28,8 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <array>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -33,6 +41,29 @@ namespace {
 
 constexpr const char* kDomain = "lrq";
 constexpr int kApiVersion = 16;  // oldest onnxruntime API this library asks for (1.16+)
+constexpr const char* kMinOrt = "1.16";
+
+// The int8 kernels (int8_simd.h) sum Σ xq·c over one block in int32 lanes and subtract z·Σ xq once
+// per block. Activations are rounded to int8 within ±127 and codes and zero points are in 0..255,
+// so Σ xq·c, z·Σ xq and their difference Σ xq·(c − z) are each at most 127·255·block = 32385·block
+// in magnitude. The difference must fit in int32 (the lanes wrap, so it comes out right when it
+// does): block ≤ (2^31 − 1) / 32385 = 66311. We allow 32768, where even |Σ xq·c| + |z·Σ xq| ≤
+// 2·32385·32768 = 2,122,383,360 < 2^31 − 1, so nothing wraps at all. (The AVX2 kernel's int16 pair
+// sums are bounded by the code width, not the block: 2·127·15.) Longer blocks (per-channel weights,
+// block_size = K) take the float kernel.
+constexpr int64_t kInt8MaxBlock = 32768;
+
+// Declared to onnxruntime as UNDEFINED (any type); NodeInfo::Floats takes float and float16.
+constexpr ONNXTensorElementDataType kFloatOrHalf = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+constexpr ONNXTensorElementDataType kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr ONNXTensorElementDataType kUint8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+
+// One input of an op, in order: its name (runtime/op_schema.py), element type, whether required.
+struct Input {
+  const char* name;
+  ONNXTensorElementDataType type;
+  bool required;
+};
 
 class OrtParallel final : public lrq::Parallel {
  public:
@@ -57,19 +88,13 @@ class NodeInfo {
     throw std::runtime_error("lrq." + op_ + " node '" + node_ + "': " + what);
   }
 
-  int64_t Attr(const char* name) const {
+  // An integer attribute, if the node has it.
+  bool TryAttr(const char* name, int64_t* value) const {
     try {
-      return ki_.GetAttribute<int64_t>(name);
+      *value = ki_.GetAttribute<int64_t>(name);
+      return true;
     } catch (const Ort::Exception&) {
-      Fail(std::string("missing integer attribute '") + name + "'");
-    }
-  }
-
-  int64_t AttrOr(const char* name, int64_t fallback) const {
-    try {
-      return ki_.GetAttribute<int64_t>(name);
-    } catch (const Ort::Exception&) {
-      return fallback;
+      return false;
     }
   }
 
@@ -105,11 +130,17 @@ class NodeInfo {
     return out;
   }
 
-  // The weight held by inputs first (codes), first + 1 (scales), first + 2 (zero points, optional).
-  std::unique_ptr<lrq::Weight> Weight(size_t first, const std::string& what, int64_t K, int64_t N, int64_t bits,
+  // The weight W[K, N] held by inputs first (codes), first + 1 (scales), first + 2 (zero points,
+  // optional); bits and block are the values of the attributes named bits_attr and block_attr, and
+  // k_name names K for messages ("K", or "rank" for R).
+  std::unique_ptr<lrq::Weight> Weight(size_t first, const std::string& what, int64_t K, const char* k_name,
+                                      int64_t N, const char* bits_attr, int64_t bits, const char* block_attr,
                                       int64_t block, bool int8) const {
-    if (bits < 2 || bits > 8) Fail(what + ": bits must be in 2..8, got " + std::to_string(bits));
-    if (K < 1 || N < 1 || block < 1) Fail(what + ": K, N and block_size must be positive");
+    if (K < 1 || N < 1) Fail(what + ": " + k_name + " and N must be positive");
+    if (bits < 2 || bits > 8) Fail(std::string(bits_attr) + " must be in 2..8, got " + std::to_string(bits));
+    if (block < 1 || block > K)
+      Fail(std::string(block_attr) + " must be in 1.." + k_name + "=" + std::to_string(K) + ", got " +
+           std::to_string(block));
     lrq::WeightSpec spec;
     spec.K = K;
     spec.N = N;
@@ -123,7 +154,7 @@ class NodeInfo {
       const uint8_t* zp = Constant(first + 2, what + " zero points", cells).GetTensorData<uint8_t>();
       spec.zero_points.assign(zp, zp + cells);
     }
-    return lrq::MakeWeight(spec, int8);
+    return lrq::MakeWeight(spec, int8 && block <= kInt8MaxBlock);
   }
 
   std::vector<float> Bias(size_t index, int64_t N) const {
@@ -134,6 +165,60 @@ class NodeInfo {
   Ort::ConstKernelInfo ki_;
   std::string op_, node_ = "?";
 };
+
+// The integer attributes of one node, as its kernel's tables list them: every one of `required` is
+// read (a missing one fails, naming it), those of `optional` when present. Asking for a name that
+// is in neither table is a bug in this file (std::logic_error), so the tables are the whole truth.
+class Attributes {
+ public:
+  template <size_t R, size_t O>
+  Attributes(const NodeInfo& node, const std::array<const char*, R>& required, const std::array<const char*, O>& optional)
+      : node_(node) {
+    for (const char* name : required) {
+      Entry e{name, true, 0};
+      if (!node.TryAttr(name, &e.value)) node.Fail(std::string("missing integer attribute '") + name + "'");
+      entries_.push_back(e);
+    }
+    for (const char* name : optional) {
+      Entry e{name, false, 0};
+      e.present = node.TryAttr(name, &e.value);
+      entries_.push_back(e);
+    }
+  }
+
+  // The value; an absent optional attribute fails naming it (q_bits, say, when Q is given).
+  int64_t operator[](const char* name) const {
+    const Entry& e = Find(name);
+    if (!e.present) node_.Fail(std::string("missing integer attribute '") + name + "'");
+    return e.value;
+  }
+
+  int64_t Or(const char* name, int64_t fallback) const {
+    const Entry& e = Find(name);
+    return e.present ? e.value : fallback;
+  }
+
+ private:
+  struct Entry {
+    const char* name;
+    bool present;
+    int64_t value;
+  };
+
+  const Entry& Find(const char* name) const {
+    for (const Entry& e : entries_)
+      if (std::strcmp(e.name, name) == 0) return e;
+    throw std::logic_error(std::string("lrq: attribute '") + name + "' is not in the op's tables");
+  }
+
+  const NodeInfo& node_;
+  std::vector<Entry> entries_;
+};
+
+template <typename Kernel>
+Attributes AttributesOf(const NodeInfo& node) {
+  return Attributes(node, Kernel::kAttributes, Kernel::kOptionalAttributes);
+}
 
 // Runs a kernel's Compute, turning exceptions into an OrtStatus.
 template <typename Kernel>
@@ -176,16 +261,17 @@ struct OneWeightKernel {
 
 struct QMatMulKernel : OneWeightKernel<QMatMulKernel> {
   static constexpr const char* kName = "QMatMul";
-  static constexpr ONNXTensorElementDataType kInputs[] = {
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  static constexpr bool kRequired[] = {true, true, true, false, false};
+  static constexpr Input kInputs[] = {
+      {"X", kFloat, true}, {"B_codes", kUint8, true}, {"B_scales", kFloatOrHalf, true},
+      {"B_zero_points", kUint8, false}, {"bias", kFloat, false}};
+  static constexpr std::array<const char*, 4> kAttributes{"K", "N", "bits", "block_size"};
+  static constexpr std::array<const char*, 1> kOptionalAttributes{"accuracy_level"};
 
   explicit QMatMulKernel(const OrtKernelInfo* info) {
     NodeInfo node(info, kName);
-    const bool int8 = node.AttrOr("accuracy_level", 0) == 4;
-    w_ = node.Weight(1, "B", node.Attr("K"), node.Attr("N"), node.Attr("bits"), node.Attr("block_size"), int8);
+    const Attributes a = AttributesOf<QMatMulKernel>(node);
+    w_ = node.Weight(1, "B", a["K"], "K", a["N"], "bits", a["bits"], "block_size", a["block_size"],
+                     a.Or("accuracy_level", 0) == 4);
     bias_ = node.Bias(4, w_->N());
   }
 
@@ -193,21 +279,26 @@ struct QMatMulKernel : OneWeightKernel<QMatMulKernel> {
 
 struct QLowRankKernel {
   static constexpr const char* kName = "QLowRankMatMul";
-  static constexpr ONNXTensorElementDataType kInputs[] = {
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  static constexpr bool kRequired[] = {true, true, true, false, true, true, false, false, false, false, false};
+  static constexpr Input kInputs[] = {
+      {"X", kFloat, true},
+      {"L_codes", kUint8, true}, {"L_scales", kFloatOrHalf, true}, {"L_zero_points", kUint8, false},
+      {"R_codes", kUint8, true}, {"R_scales", kFloatOrHalf, true}, {"R_zero_points", kUint8, false},
+      {"Q_codes", kUint8, false}, {"Q_scales", kFloatOrHalf, false}, {"Q_zero_points", kUint8, false},
+      {"bias", kFloat, false}};
+  static constexpr std::array<const char*, 7> kAttributes{"K", "N", "rank", "l_bits", "l_block_size", "r_bits",
+                                                          "r_block_size"};
+  // q_bits and q_block_size are required when Q is given
+  static constexpr std::array<const char*, 3> kOptionalAttributes{"q_bits", "q_block_size", "accuracy_level"};
 
   explicit QLowRankKernel(const OrtKernelInfo* info) {
     NodeInfo node(info, kName);
-    const bool int8 = node.AttrOr("accuracy_level", 0) == 4;
-    const int64_t K = node.Attr("K"), N = node.Attr("N"), rank = node.Attr("rank");
-    left_ = node.Weight(1, "L", K, rank, node.Attr("l_bits"), node.Attr("l_block_size"), int8);
-    right_ = node.Weight(4, "R", rank, N, node.Attr("r_bits"), node.Attr("r_block_size"), int8);
-    if (node.Has(7)) dense_ = node.Weight(7, "Q", K, N, node.Attr("q_bits"), node.Attr("q_block_size"), int8);
+    const Attributes a = AttributesOf<QLowRankKernel>(node);
+    const bool int8 = a.Or("accuracy_level", 0) == 4;
+    const int64_t K = a["K"], N = a["N"], rank = a["rank"];
+    left_ = node.Weight(1, "L", K, "K", rank, "l_bits", a["l_bits"], "l_block_size", a["l_block_size"], int8);
+    right_ = node.Weight(4, "R", rank, "rank", N, "r_bits", a["r_bits"], "r_block_size", a["r_block_size"], int8);
+    if (node.Has(7))
+      dense_ = node.Weight(7, "Q", K, "K", N, "q_bits", a["q_bits"], "q_block_size", a["q_block_size"], int8);
     bias_ = node.Bias(10, N);
   }
 
@@ -231,19 +322,22 @@ struct QLowRankKernel {
 
 struct KashinKernel : OneWeightKernel<KashinKernel> {
   static constexpr const char* kName = "KashinMatMul";
-  static constexpr ONNXTensorElementDataType kInputs[] = {
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  static constexpr bool kRequired[] = {true, true, true, false, false, false, false, false};
+  static constexpr Input kInputs[] = {
+      {"X", kFloat, true}, {"codes", kUint8, true}, {"codebook", kFloat, true},
+      {"row_signs", kFloat, false}, {"row_small", kFloat, false},
+      {"col_signs", kFloat, false}, {"col_small", kFloat, false}, {"bias", kFloat, false}};
+  static constexpr std::array<const char*, 3> kAttributes{"K", "N", "bits"};
+  static constexpr std::array<const char*, 0> kOptionalAttributes{};
 
   explicit KashinKernel(const OrtKernelInfo* info) {
     NodeInfo node(info, kName);
+    const Attributes a = AttributesOf<KashinKernel>(node);
     lrq::CodebookSpec spec;
-    spec.K = node.Attr("K");
-    spec.N = node.Attr("N");
-    spec.bits = static_cast<int>(node.Attr("bits"));
-    if (spec.bits < 1 || spec.bits > 8) node.Fail("bits must be in 1..8");
+    spec.K = a["K"];
+    spec.N = a["N"];
+    const int64_t bits = a["bits"];
+    if (bits < 1 || bits > 8) node.Fail("bits must be in 1..8, got " + std::to_string(bits));
+    spec.bits = static_cast<int>(bits);
     if (spec.K < 1 || spec.N < 1) node.Fail("K and N must be positive");
     const size_t entries = size_t{1} << spec.bits;
     Ort::ConstValue codes = node.Constant(1, "codes", static_cast<size_t>(spec.N) * ((spec.K * spec.bits + 7) / 8));
@@ -291,35 +385,89 @@ struct Op : Ort::CustomOpBase<Op<Kernel>, Kernel, true> {
   }
   const char* GetName() const { return Kernel::kName; }
   size_t GetInputTypeCount() const { return std::size(Kernel::kInputs); }
-  ONNXTensorElementDataType GetInputType(size_t index) const { return Kernel::kInputs[index]; }
+  ONNXTensorElementDataType GetInputType(size_t index) const { return Kernel::kInputs[index].type; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return Kernel::kRequired[index] ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return Kernel::kInputs[index].required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
+
+// The domain every session gets. Created by the first registration: a function-local static is
+// initialised exactly once, other callers waiting for it (an exception leaves it to the next call),
+// so sessions registering from several threads at once share one domain.
+Ort::CustomOpDomain& Domain() {
+  static Op<QMatMulKernel> qmatmul;
+  static Op<QLowRankKernel> qlowrank;
+  static Op<KashinKernel> kashin;
+  static Ort::CustomOpDomain domain = [] {
+    Ort::CustomOpDomain d(kDomain);
+    d.Add(&qmatmul);
+    d.Add(&qlowrank);
+    d.Add(&kashin);
+    return d;
+  }();
+  return domain;
+}
+
+const char* TypeName(ONNXTensorElementDataType type) {
+  switch (type) {
+    case kFloat: return "float";
+    case kUint8: return "uint8";
+    case kFloatOrHalf: return "float,float16";
+    default: return "?";
+  }
+}
+
+template <typename Kernel>
+void Describe(std::string& out) {
+  out += std::string("op ") + Kernel::kName + "\n";
+  for (const Input& in : Kernel::kInputs)
+    out += std::string("input ") + in.name + " " + TypeName(in.type) + (in.required ? " required\n" : " optional\n");
+  for (const char* name : Kernel::kAttributes) out += std::string("attribute ") + name + " required\n";
+  for (const char* name : Kernel::kOptionalAttributes) out += std::string("attribute ") + name + " optional\n";
+}
 
 }  // namespace
 
 extern "C" __attribute__((visibility("default")))
 OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(kApiVersion);
-  if (api == nullptr) return nullptr;  // cannot even report: onnxruntime older than 1.16
-  Ort::InitApi(api);
-  static Op<QMatMulKernel> qmatmul;
-  static Op<QLowRankKernel> qlowrank;
-  static Op<KashinKernel> kashin;
-  static std::unique_ptr<Ort::CustomOpDomain> domain;
+  if (api == nullptr) {  // onnxruntime older than 1.16: report through API 1, which every version has
+    const OrtApi* old = api_base->GetApi(1);
+    if (old == nullptr) return nullptr;  // not an onnxruntime we can talk to at all
+    const char* version = api_base->GetVersionString();
+    const std::string message = std::string("lrq custom ops: onnxruntime ") + (version ? version : "?") +
+                                " is too old, they need onnxruntime " + kMinOrt + " or newer (C API version " +
+                                std::to_string(kApiVersion) + "); upgrade onnxruntime (pip install -U onnxruntime)";
+    return old->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  // The C++ API's table, set once; every later registration must come from the same onnxruntime.
+  static const OrtApi* const registered = [api] {
+    Ort::InitApi(api);
+    return api;
+  }();
+  if (api != registered)
+    return api->CreateStatus(ORT_FAIL, "lrq custom ops: already registered with another onnxruntime library in "
+                                       "this process; use one onnxruntime");
   try {
-    if (!domain) {
-      domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
-      domain->Add(&qmatmul);
-      domain->Add(&qlowrank);
-      domain->Add(&kashin);
-    }
-    Ort::UnownedSessionOptions(options).Add(*domain);
-  } catch (const Ort::Exception& e) {
+    Ort::UnownedSessionOptions(options).Add(Domain());
+  } catch (const std::exception& e) {  // nothing may cross the C boundary
     return api->CreateStatus(ORT_FAIL, e.what());
   }
   return nullptr;
+}
+
+// Every op's inputs (name, types, required|optional) and integer attributes, from the kernels'
+// tables, one item a line: "domain lrq", then per op "op NAME", "input NAME TYPES required|optional"
+// (TYPES: comma-separated ONNX element type names), "attribute NAME required|optional".
+extern "C" __attribute__((visibility("default"))) const char* LrqOpSchema(void) {
+  static const std::string text = [] {
+    std::string out = std::string("domain ") + kDomain + "\n";
+    Describe<QMatMulKernel>(out);
+    Describe<QLowRankKernel>(out);
+    Describe<KashinKernel>(out);
+    return out;
+  }();
+  return text.c_str();
 }
