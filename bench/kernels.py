@@ -19,11 +19,17 @@ bytes over the cold time, beside the machine's memory bandwidth measured in the 
 copy of 512 MB: bytes read + written over time). Weights are random codes and scales:
 latency does not depend on their values.
 
-    python bench/kernels.py [--shapes 4096x4096] [--runs 40]
+    python bench/kernels.py [--shapes 4096x4096] [--runs 40] [--isa avx2]
+
+``--isa avx2`` (or ``portable``) caps the instruction set of the lrq kernels for the whole run
+(``LRQGRAPH_KERNELS``, read when a session is created): on an AVX-512 VNNI machine this times the
+AVX2 int8 kernel that CPUs without VNNI run. onnxruntime keeps its own best code, so those rows
+are a pessimistic view of lrq on such CPUs.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -43,8 +49,9 @@ from lrqgraph.model import ModelState  # noqa: E402
 from lrqgraph.numerics import QuantizedTensor, Representation  # noqa: E402
 from lrqgraph.numerics.kashin import KashinTensor  # noqa: E402
 from lrqgraph.numerics.transforms import MatrixTransform  # noqa: E402
-from lrqgraph.passes.factorize import choose_rank  # noqa: E402
+from lrqgraph.methods.lowrank import choose_rank  # noqa: E402
 from lrqgraph.passmanager import Context, PassManager  # noqa: E402
+from lrqgraph.plan import use_plans  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
 from lrqgraph.runtime import interleaved_latency_ms  # noqa: E402
 
@@ -94,7 +101,7 @@ def random_plan(k: int, n: int, factorize: dict, rng: np.random.Generator) -> Re
         return Representation(((KashinTensor(pairs, 1.0, MatrixTransform("hadamard", (k, n))),),), "kashin")
     if cfg.method == "rtn":
         return Representation(((random_factor(k, n, cfg.bits, cfg.block_size, rng),),), "rtn")
-    rank, _ = choose_rank(cfg, k, n)
+    rank, _ = choose_rank(cfg, k, n, cfg.scales_for("float32"))
     lr_bits = cfg.lr_bits if cfg.method == "qlr" else cfg.bits
     left = random_factor(k, rank, lr_bits, cfg.block_size, rng)
     right = random_factor(rank, n, lr_bits, min(cfg.block_size, 1 << (rank.bit_length() - 1)), rng)
@@ -116,7 +123,7 @@ def build(shape: str, tmp: Path) -> list[tuple[str, Path, float]]:
             plans[key] = random_plan(k, n, factorize, np.random.default_rng(len(plans)))
         ctx = Context(ModelState(fp32), OptimizeConfig(lowering=lowering, accuracy_level=level), original=fp32)
         PassManager("discover").run(ctx)
-        ctx.plans["W"] = plans[key]
+        use_plans(ctx, {"W": plans[key]})
         PassManager(f"lower({lowering}),cleanup").run(ctx)
         path = tmp / f"{shape}-{label.replace(' ', '_').replace('·', '')}.onnx"
         model = ctx.model.to_onnx()
@@ -130,7 +137,12 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--batches", default="1,8,128")
+    parser.add_argument("--isa", choices=("avx2", "portable"),
+                        help="cap the lrq kernels' instruction set (sets LRQGRAPH_KERNELS for this run)")
     args = parser.parse_args()
+    if args.isa:
+        os.environ["LRQGRAPH_KERNELS"] = args.isa
+    print(f"lrq kernels: LRQGRAPH_KERNELS={os.environ.get('LRQGRAPH_KERNELS', '(unset: best the CPU has)')}")
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth (numpy copy): {bandwidth:.1f} GB/s")
     tmp = Path(tempfile.mkdtemp(prefix="lrqgraph-kernels-"))

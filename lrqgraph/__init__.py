@@ -1,12 +1,22 @@
-"""lrqgraph: compiler-style rewriting of ONNX models into quantized low-rank subgraphs."""
-__version__ = "0.1.0"
+"""lrqgraph: compiler-style rewriting of ONNX models into quantized low-rank subgraphs.
 
-from .api import Result, optimize, run  # noqa: E402
-from .config import AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig, VerifyConfig  # noqa: E402
-from .errors import LrqError  # noqa: E402
-from .io import load_model, save_model  # noqa: E402
-from .passmanager import Context, Pass, PassManager, PassResult, register_analysis, register_pass  # noqa: E402
+The package's layers, bottom up: ``numerics`` (pure numpy) <- core (model, config, methods, io,
+passmanager) <- ``passes`` <- api / cli (this module imports them, which registers the built-in
+passes whatever is imported first); ``runtime`` sits beside the core and imports only
+``lrqgraph.errors``.
+"""
+from .version import __version__
+from . import runtime  # noqa: F401  (lrqgraph.runtime after a plain ``import lrqgraph``)
+from .api import Result, optimize, run
+from .config import AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig, VerifyConfig
+from .errors import InternalError, LrqError, VerificationError
+from .io import load_model, save_model
+from .methods import (GPTQConfig, KashinConfig, KMeansConfig, LPLRConfig, Method, MethodConfig, QLRConfig, RTNConfig,
+                      SVDConfig, register_method)
+from .passmanager import Context, Pass, PassManager, PassResult, register_analysis, register_pass
 
-__all__ = ["optimize", "run", "Result", "OptimizeConfig", "AllocateConfig", "FactorizeConfig", "SelectConfig", "VerifyConfig",
-           "LrqError", "load_model", "save_model", "Pass", "PassManager", "PassResult", "Context",
-           "register_pass", "register_analysis", "__version__"]
+__all__ = ["optimize", "run", "Result", "OptimizeConfig", "AllocateConfig", "FactorizeConfig", "SelectConfig",
+           "VerifyConfig", "LrqError", "VerificationError", "InternalError", "load_model", "save_model", "Pass",
+           "PassManager", "PassResult", "Context", "register_pass", "register_analysis", "Method", "MethodConfig",
+           "register_method", "RTNConfig", "GPTQConfig", "SVDConfig", "LPLRConfig", "QLRConfig", "KMeansConfig",
+           "KashinConfig", "runtime", "__version__"]

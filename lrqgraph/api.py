@@ -1,4 +1,8 @@
-"""The Python entry points: ``optimize(model, config)`` and ``run`` (which also returns the report)."""
+"""The Python entry points: ``optimize(model, config)`` and ``run`` (which also returns the report).
+
+This is the top layer: it imports the built-in passes (which registers them) and assembles the
+report from the pipeline's typed results.
+"""
 from __future__ import annotations
 
 import json
@@ -6,14 +10,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import onnx
 
-from . import __version__
-from .config import OptimizeConfig, VerifyConfig, as_dict
-from .io import load_model, tensor_bytes
+import lrqgraph.passes  # noqa: F401  (registers the built-in passes and analyses)
+from lrqgraph.passes.factorize import describe_plan
+from lrqgraph.passes.verify import compare_outputs
+
+from .config import OptimizeConfig, VerifyConfig, describe_config
+from .io import load_model
 from .model import ModelState
 from .passmanager import Context, Pass, PassManager
+from .report import build_report
+from .version import __version__
 
 
 def default_pipeline(config: OptimizeConfig) -> str:
@@ -26,13 +34,15 @@ def default_pipeline(config: OptimizeConfig) -> str:
 class Result:
     model: onnx.ModelProto
     report: dict[str, Any]
+    rewritten: int = 0         # layers rewritten; 0 means ``model`` is the input, unchanged
 
 
 def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | None = None,
         passes: str | list[Pass] | None = None) -> Result:
     """Run a pipeline (default: discover, factorize, lower, cleanup, verify) and build the report.
 
-    ``model`` is a ModelProto or a path; the input is never modified.
+    ``model`` is a ModelProto or a path; the input is never modified. When no layer is rewritten,
+    the result's model is the input itself and the report says why.
     """
     config = config or OptimizeConfig()
     if isinstance(model, (str, os.PathLike)):
@@ -44,16 +54,20 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
                           check_each=config.check_each_pass)
     ctx = Context(ModelState(proto), config, original=original)
     manager.run(ctx)
-    ctx.model.set_metadata("lrqgraph.pipeline", repr(manager))
-    ctx.model.set_metadata("lrqgraph.config", json.dumps(as_dict(config), sort_keys=True, default=str))
-    result = ctx.model.to_onnx()
-    ctx.report["model"] = summarize(proto, result, ctx.report["layers"])
-    ctx.report["version"] = __version__
-    ctx.report["pipeline"] = repr(manager)
-    ctx.report.setdefault("calibration", f"H = XᵀX from {config.calib}" if config.calib
-                          else "none: all methods ran data-free")
-    ctx.report["layers"] = list(ctx.report["layers"].values())
-    return Result(result, ctx.report)
+    rewritten = len(ctx.lowered)
+    if rewritten or _changed(ctx):
+        ctx.model.set_metadata("lrqgraph.pipeline", repr(manager))
+        ctx.model.set_metadata("lrqgraph.config", json.dumps(describe_config(config), sort_keys=True, default=str))
+        result = ctx.model.to_onnx()
+    else:
+        result = proto
+    report = build_report(ctx, proto, result, pipeline=repr(manager), version=__version__)
+    return Result(result, report, rewritten)
+
+
+def _changed(ctx: Context) -> bool:
+    """Whether a pass other than cleanup modified the graph (e.g. relower), without lowering layers."""
+    return any(t.modified and not t.name.startswith("cleanup") for t in ctx.timings)
 
 
 def optimize(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | None = None,
@@ -65,8 +79,6 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig 
 def inspect_layers(model: onnx.ModelProto | str | os.PathLike,
                    config: OptimizeConfig | None = None) -> list[dict[str, Any]]:
     """Per layer: name, op, shape, params, the action optimize would take and why (no rewriting)."""
-    from lrqgraph.passes.factorize import describe_plan
-
     config = config or OptimizeConfig()
     proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     ctx = Context(ModelState(proto), config, original=model)
@@ -74,8 +86,7 @@ def inspect_layers(model: onnx.ModelProto | str | os.PathLike,
     for layer in ctx.analysis("layers"):
         rewrite, why = layer.rewrite, layer.reason
         if rewrite:
-            cfg = config.factorize.for_layer(layer.name, layer.weight)
-            rewrite, why = describe_plan(cfg, *layer.shape, np.dtype(layer.dtype).itemsize * 8)
+            rewrite, why = describe_plan(config.factorize.for_layer(layer.name, layer.weight), layer)
             if len(layer.nodes) > 1:
                 why += f" (shared by {len(layer.nodes)} nodes)"
         rows.append({"name": layer.name, "op": layer.op, "shape": list(layer.shape), "params": layer.params,
@@ -86,31 +97,6 @@ def inspect_layers(model: onnx.ModelProto | str | os.PathLike,
 def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike,
                    config: VerifyConfig | None = None) -> dict[str, Any]:
     """Run two models with the same signature on the same inputs and compare their outputs."""
-    from lrqgraph.passes.verify import compare_outputs
-
     config = config or VerifyConfig()
     ref, cand = load_model(reference), load_model(candidate)
     return compare_outputs(os.fspath(reference), os.fspath(candidate), cand, ModelState(ref).graph, config)
-
-
-def _float_params(model: onnx.ModelProto) -> int:
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats)
-
-
-def summarize(before: onnx.ModelProto, after: onnx.ModelProto, layers: dict[str, dict]) -> dict[str, Any]:
-    rewritten = [e for e in layers.values() if e.get("action") == "rewrite" and "stored_bytes" in e]
-    params = sum(e["params"] for e in rewritten)
-    stored = sum(e["stored_bytes"] for e in rewritten)
-    original_params = _float_params(before)
-    bytes_after = tensor_bytes(after)
-    return {
-        "weight_bytes_before": tensor_bytes(before),
-        "weight_bytes_after": bytes_after,
-        "layers_rewritten": len(rewritten),
-        "params_rewritten": params,
-        # every stored byte of the rewritten layers' codes, scales and zero points
-        "rewritten_bpw": round(stored * 8 / params, 4) if params else None,
-        # all initializer bytes of the output over the float parameters of the input
-        "model_bpw": round(bytes_after * 8 / original_params, 4) if original_params else None,
-    }

@@ -128,9 +128,11 @@ def batches(model: onnx.ModelProto, feeds: dict[str, np.ndarray], max_batch: int
     specs = input_specs(model)
     fixed = {s.batch_fixed for s in specs if s.batch_fixed is not None}
     step = fixed.pop() if len(fixed) == 1 else max_batch
-    total = next(iter(feeds.values())).shape[0] if feeds else 0
+    # scalar inputs (an If condition, a step count) have no batch axis: every run gets them whole
+    batched = [v for v in feeds.values() if np.ndim(v) > 0]
+    total = batched[0].shape[0] if batched else 1
     for start in range(0, total, step):
-        yield {k: v[start:start + step] for k, v in feeds.items()}
+        yield {k: v[start:start + step] if np.ndim(v) > 0 else v for k, v in feeds.items()}
 
 
 @dataclass(frozen=True)

@@ -1,52 +1,57 @@
 """The ``lrqgraph`` command: optimize, inspect, lower, verify.
 
-Errors the user can act on print one line and exit 2; a failed verification exits 1; a bug prints
-one line too (``--debug`` shows the traceback).
+Exit codes: 0 done; 1 verification failed (--max-error); 2 bad input or options (one line naming
+the file, node or option and what to do); 3 a bug in lrqgraph (one line naming the pass;
+``--debug`` prints the traceback). Every output path is checked before any work, and nothing is
+written unless the whole command succeeds.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .config import (LOWERINGS, METHODS, AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig,
-                     VerifyConfig)
-from .errors import LrqError, VerificationError
+from .config import AllocateConfig, OptimizeConfig, SelectConfig, VerifyConfig
+from .errors import InternalError, LrqError
+from .methods import LOWERINGS, METHODS, GPTQConfig, QLRConfig, method_config
+from .version import __version__
 
 log = logging.getLogger("lrqgraph")
 
-DEFAULTS = FactorizeConfig()
+DEFAULTS = GPTQConfig()
+# method options the CLI has flags for; only the ones given reach the method's config
+METHOD_FLAGS = ("bits", "block_size", "symmetric", "clip_search", "rank", "rank_ratio", "rank_bpw", "lr_bits",
+                "seed", "scale_dtype")
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("representation")
-    g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
-                   help=f"rtn: dense block quantization; gptq: with error feedback (needs calibration, "
-                        f"else = rtn); svd: truncated SVD, quantized factors; lplr: randomized low-rank "
-                        f"low-precision factors; qlr: Q + L·R; kmeans, kashin: codebooks (--lowering lrq only) "
-                        f"(default {DEFAULTS.method})")
-    g.add_argument("--bits", type=int, default=DEFAULTS.bits, help=f"code bits, 2..8 (default {DEFAULTS.bits})")
-    g.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
+    g.add_argument("--method", choices=list(METHODS), default=DEFAULTS.method,
+                   help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+                        + f" (default {DEFAULTS.method})")
+    g.add_argument("--bits", type=int, help=f"code bits, 2..8 (default {DEFAULTS.bits})")
+    g.add_argument("--block-size", type=int,
                    help=f"quantization block along K, 16..256, 0 = per channel (default {DEFAULTS.block_size})")
     sym = g.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=DEFAULTS.symmetric,
+    sym.add_argument("--symmetric", dest="symmetric", action="store_const", const=True,
                      help="symmetric codes, no zero points (default)")
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-block zero points")
-    g.add_argument("--scale-dtype", choices=("auto", "float16", "float32"), default=DEFAULTS.scale_dtype,
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False,
+                     help="per-block zero points")
+    g.add_argument("--scale-dtype", choices=("auto", "float16", "float32"),
                    help="scale type: auto = the weight's; float16 halves the scales of float32 models, whose "
                         "rewritten layers then compute in float16 between Casts (default auto)")
-    g.add_argument("--no-clip-search", dest="clip_search", action="store_false", default=DEFAULTS.clip_search,
+    g.add_argument("--no-clip-search", dest="clip_search", action="store_const", const=False,
                    help="plain min/max scales instead of the per-block MSE-optimal clipping")
     rank = g.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="rank of low-rank factors")
     rank.add_argument("--rank-ratio", type=float, help="rank as a fraction of min(K, N)")
     rank.add_argument("--rank-bpw", type=float, help="per-layer rank from a bits-per-weight budget")
-    g.add_argument("--lr-bits", type=int, default=DEFAULTS.lr_bits,
-                   help=f"qlr: bits of the low-rank factors (default {DEFAULTS.lr_bits})")
-    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of randomized methods (default 0)")
+    g.add_argument("--lr-bits", type=int, help=f"qlr: bits of the low-rank factors (default {QLRConfig.lr_bits})")
+    g.add_argument("--seed", type=int, help="seed of randomized methods (default 0)")
     s = p.add_argument_group("layer selection")
     s.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="only rewrite layers whose node or weight name matches (repeatable)")
@@ -160,10 +165,9 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     select = SelectConfig(op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()),
                           include=tuple(args.include), exclude=tuple(args.exclude),
                           min_params=args.min_params, keep_output_layers=not args.include_output_layers)
-    factorize = FactorizeConfig(method=args.method, bits=args.bits, block_size=args.block_size,
-                                symmetric=args.symmetric, clip_search=args.clip_search, rank=args.rank,
-                                rank_ratio=args.rank_ratio, target_bpw=args.rank_bpw, seed=args.seed,
-                                lr_bits=args.lr_bits, scale_dtype=args.scale_dtype)
+    given = {("target_bpw" if k == "rank_bpw" else k): getattr(args, k) for k in METHOD_FLAGS
+             if getattr(args, k, None) is not None}
+    factorize = method_config(args.method, **given)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
                                                                       "max_kl")})
@@ -177,36 +181,46 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from .api import run
-    from .io import save_model
-    from .report import layer_table, summary, write_json
+    from .io import Outputs, save_model
+    from .report import layer_table, summary
 
     src, dst = Path(args.model), Path(args.output)
-    _check_paths(src, dst)
+    _check_outputs(src, dst, args.external_data, args.report, args.report_html)
     config = config_from_args(args)
     if args.report_html:
-        from .html_report import require_matplotlib
+        from .html_report import render as render_html, require_matplotlib
         require_matplotlib()  # before the work, not after
     result = run(src, config, passes=args.passes)
-    save_model(result.model, dst, external_data=True if args.external_data else None, source=src)
-    result.report["model"]["file_bytes_before"] = _file_bytes(src)
-    result.report["model"]["file_bytes_after"] = _file_bytes(dst)
-    if args.report:
-        write_json(result.report, args.report)
-    if args.report_html:
-        from .html_report import write_html
-        write_html(result.report, args.report_html)
+    with Outputs() as outputs:
+        save_model(result.model, dst, external_data=True if args.external_data else None, source=src,
+                   outputs=outputs)
+        result.report["model"]["file_bytes_before"] = _file_bytes(src)
+        result.report["model"]["file_bytes_after"] = sum(p.stat().st_size for p, _ in outputs._staged)
+        text = layer_table(result.report["layers"]) + "\n" + summary(result.report)
+        if args.report:
+            outputs.stage(args.report).write_text(json.dumps(result.report, indent=2, default=str) + "\n",
+                                                  encoding="utf-8")
+        if args.report_html:
+            outputs.stage(args.report_html).write_text(render_html(result.report), encoding="utf-8")
+        outputs.commit()
     if not args.quiet:
-        print(layer_table(result.report["layers"]))
-        print(summary(result.report))
+        print(text)
         print(f"wrote {dst}")
     return 0
 
 
-def _check_paths(src: Path, dst: Path) -> None:
-    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-        raise LrqError(f"{dst}: output path is the input model; choose another output path")
-    if not dst.parent.exists():
-        raise LrqError(f"{dst.parent}: output folder does not exist")
+def _check_outputs(src: Path, dst: Path, external_data: bool, *reports: str | None) -> None:
+    """Every path the command will write, checked before any work (rule: nothing partial)."""
+    from .io import check_output_path
+
+    check_output_path(dst, "output", src)
+    check_output_path(dst.with_name(dst.name + ".data"), "external data", src)
+    named = [Path(dst)]
+    for path in filter(None, reports):
+        check_output_path(path, "report", src)
+        if any(Path(path).resolve() == p.resolve() for p in named):
+            raise LrqError(f"{path}: written twice (model, report and HTML report need distinct paths)")
+        named.append(Path(path))
 
 
 def cmd_lower(args: argparse.Namespace) -> int:
@@ -216,7 +230,7 @@ def cmd_lower(args: argparse.Namespace) -> int:
     from .io import save_model
 
     src, dst = Path(args.model), Path(args.output)
-    _check_paths(src, dst)
+    _check_outputs(src, dst, args.external_data)
     level = "" if args.accuracy_level is None else f",accuracy_level={args.accuracy_level}"
     result = run(src, OptimizeConfig(), passes=f"relower({args.to}{level}),cleanup")
     converted = sum(n.domain == "lrq" for n in onnx.load(str(src), load_external_data=False).graph.node)
@@ -261,21 +275,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"optimize": cmd_optimize, "inspect": cmd_inspect, "lower": cmd_lower, "verify": cmd_verify}[args.command]
     try:
         return handler(args)
-    except VerificationError as exc:
-        print(f"lrqgraph: {exc}", file=sys.stderr)
-        return 1
     except LrqError as exc:
-        print(f"lrqgraph: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"lrqgraph: {'' if exc.exit_code == 1 else 'error: '}{_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("lrqgraph: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # never a traceback for users unless asked
+    except Exception as exc:  # a bug: one line for users, the traceback with --debug
         if args.debug:
-            raise
-        print(f"lrqgraph: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            traceback.print_exception(exc)
+        where = "" if isinstance(exc, InternalError) else f"{type(exc).__name__}: "
+        print(f"lrqgraph: internal error: {where}{_one_line(exc)}"
+              f"{'' if args.debug else ' (a bug in lrqgraph; rerun with --debug for the traceback)'}",
               file=sys.stderr)
-        return 3
+        return InternalError.exit_code
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import LrqError
-from .numerics import QuantSpec
-
-METHODS = ("rtn", "gptq", "svd", "lplr", "qlr", "kmeans", "kashin")
-LOWERINGS = ("ort", "std", "lrq")
+from .methods import LOWERINGS, GPTQConfig, MethodConfig, get_method, method_config
 
 
 @dataclass(frozen=True)
@@ -27,73 +24,10 @@ class SelectConfig:
         return any(re.search(p, n) for p in patterns for n in names if n)
 
 
-@dataclass(frozen=True)
-class FactorizeConfig:
-    """How each selected weight is compressed."""
-
-    method: str = "gptq"           # = rtn when no calibration data is given
-    bits: int = 4                  # code bits (of every factor for low-rank methods)
-    block_size: int = 32
-    symmetric: bool = True
-    clip_search: bool = True       # MSE-optimal clipping per block
-    rank: int | None = None
-    rank_ratio: float | None = None
-    target_bpw: float | None = None
-    seed: int = 0
-    oversample: int = 8            # lplr: extra sketch columns
-    power_iters: int = 0           # lplr: power iterations on the sketch
-    init: str = "sketch"           # lplr: first factor from a Gaussian sketch or the SVD
-    refits: int = 0                # lplr/qlr: alternating refits of L and R (best iterate kept)
-    lr_bits: int = 8               # qlr: bits of the low-rank factors (Q takes ``bits``)
-    iters: int = 5                 # qlr: outer Q / L·R alternations
-    sweeps: int = 2                # gptq/qlr with H: coordinate-descent passes over codes and scales
-    scale_dtype: str = "auto"      # auto: the weight's float type; float16 halves scale storage of fp32
-                                   # models (the layer then computes in float16 between two Casts)
-    transform: str = "hadamard"    # kashin: dct, hadamard or qr
-    tol: float = 1e-3              # kashin: relative residual that ends the decomposition
-    max_iter: int = 200            # kashin: decomposition steps before falling back to kmeans
-    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (regex, fields) per layer
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise LrqError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if not 2 <= self.bits <= 8 or not 2 <= self.lr_bits <= 8:
-            raise LrqError(f"bits must be in 2..8, got {self.bits} (lr_bits {self.lr_bits})")
-        if not 0 <= self.sweeps <= 100:
-            raise LrqError(f"sweeps must be in 0..100, got {self.sweeps}")
-        if self.scale_dtype not in ("auto", "float16", "float32"):
-            raise LrqError(f"scale dtype must be auto, float16 or float32, got '{self.scale_dtype}'")
-        if self.init not in ("sketch", "svd"):
-            raise LrqError(f"init must be sketch or svd, got '{self.init}'")
-        if self.transform not in ("dct", "hadamard", "qr"):
-            raise LrqError(f"transform must be dct, hadamard or qr, got '{self.transform}'")
-        if not (self.block_size == 0 or 16 <= self.block_size <= 256):
-            raise LrqError(f"block size must be 0 (per-channel) or in 16..256, got {self.block_size}")
-        if sum(x is not None for x in (self.rank, self.rank_ratio, self.target_bpw)) > 1:
-            raise LrqError("give at most one of rank, rank_ratio and target_bpw")
-        if self.rank is not None and self.rank < 1:
-            raise LrqError(f"rank must be positive, got {self.rank}")
-        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
-            raise LrqError(f"rank ratio must be in (0, 1], got {self.rank_ratio}")
-        if self.target_bpw is not None and self.target_bpw <= 0:
-            raise LrqError(f"target bits per weight must be positive, got {self.target_bpw}")
-
-    def scales_for(self, weight_dtype: str) -> str:
-        """The scale type for a weight of ``weight_dtype``."""
-        return str(weight_dtype) if self.scale_dtype == "auto" else self.scale_dtype
-
-    def spec(self, scale_dtype: str = "float32", bits: int | None = None) -> QuantSpec:
-        """The factor quantizer; scales take the weight's float type so that kernels accept them."""
-        return QuantSpec(bits=bits or self.bits, block_size=self.block_size, symmetric=self.symmetric,
-                         clip_search=self.clip_search, scale_dtype=scale_dtype)
-
-    def for_layer(self, *names: str) -> "FactorizeConfig":
-        """This config with the per-layer overrides whose regex matches one of ``names`` applied."""
-        cfg = self
-        for pattern, fields in self.overrides:
-            if any(re.search(pattern, n) for n in names if n):
-                cfg = with_fields(cfg, dict(fields), overrides=())
-        return cfg
+def FactorizeConfig(method: str = "gptq", **fields: Any) -> MethodConfig:  # noqa: N802 - reads as a config
+    """The config of compression ``method`` (a registered method's own frozen dataclass, e.g.
+    ``GPTQConfig``) with ``fields`` set; fields the method does not have are refused."""
+    return method_config(method, **fields)
 
 
 @dataclass(frozen=True)
@@ -160,7 +94,7 @@ class AllocateConfig:
 @dataclass(frozen=True)
 class OptimizeConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
-    factorize: FactorizeConfig = field(default_factory=FactorizeConfig)
+    factorize: MethodConfig = field(default_factory=GPTQConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     allocate: AllocateConfig = field(default_factory=AllocateConfig)
     lowering: str = "ort"
@@ -179,6 +113,13 @@ class OptimizeConfig:
             raise LrqError(f"--accuracy-level must be 0 (float activations) or 4 (int8), got {self.accuracy_level}")
         if self.calib_samples < 1:
             raise LrqError(f"--calib-samples must be at least 1, got {self.calib_samples}")
+        if not isinstance(self.factorize, MethodConfig):
+            raise LrqError(f"factorize must be a method config (e.g. FactorizeConfig(method='lplr', rank=64)), "
+                           f"got {type(self.factorize).__name__}")
+        if not self.allocate.active:  # a method the lowering cannot run is refused before any work
+            why = get_method(self.factorize.method).check_lowering(self.factorize, self.lowering)
+            if why:
+                raise LrqError(why)
 
 
 def with_fields(cfg: Any, fields: dict[str, Any], **extra: Any) -> Any:
@@ -191,5 +132,8 @@ def with_fields(cfg: Any, fields: dict[str, Any], **extra: Any) -> Any:
     return dataclasses.replace(cfg, **fields, **extra)
 
 
-def as_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def describe_config(config: "OptimizeConfig") -> dict[str, Any]:
+    """The config as plain data (model metadata, reports), the method named."""
+    out = dataclasses.asdict(config)
+    out["factorize"] = config.factorize.describe()
+    return out

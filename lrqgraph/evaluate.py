@@ -63,6 +63,47 @@ def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
 
 
+def _detach_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """Turn the constant tensors ``names`` (initializers, or outputs of Constant / Identity /
+    Transpose / Cast chains over constants) into graph inputs of ``model``, in place; returns their values."""
+    graph = model.graph
+    wanted = set(names)
+    values: dict[str, np.ndarray] = {}
+    kept = []
+    for init in graph.initializer:
+        if init.name in wanted:
+            values[init.name] = onnx.numpy_helper.to_array(init)
+        else:
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    missing = wanted - set(values)
+    if missing:  # node-produced constants: evaluate them once, then cut their producers off
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.helper.make_value_info(n, onnx.TypeProto()) for n in sorted(missing))
+        outs = open_session(probe).run(sorted(missing), {i.name: _zeros(i) for i in probe.graph.input
+                                                         if i.name not in {t.name for t in probe.graph.initializer}})
+        values.update(zip(sorted(missing), outs))
+        nodes = [n for n in graph.node if not set(n.output) & missing]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    listed = {i.name for i in graph.input}
+    for name in names:
+        if name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), values[name].shape))
+    return values
+
+
+def _zeros(value: onnx.ValueInfoProto) -> np.ndarray:
+    """A placeholder feed for an input constants do not depend on (shape dims of 1)."""
+    t = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+    return np.zeros([d.dim_value or 1 for d in t.shape.dim], dtype)
+
+
 class Degradation:
     """End-to-end effect of replacing chosen weights, on fixed inputs, in one onnxruntime session."""
 
@@ -76,24 +117,7 @@ class Degradation:
             raise LrqError("measuring degradation needs at least one input batch")
         graph_model = onnx.ModelProto()
         graph_model.CopyFrom(model)
-        wanted = set(weights)
-        self.weights: dict[str, np.ndarray] = {}
-        kept = []
-        for init in graph_model.graph.initializer:
-            if init.name in wanted:
-                self.weights[init.name] = onnx.numpy_helper.to_array(init)
-            else:
-                kept.append(init)
-        missing = wanted - set(self.weights)
-        if missing:
-            raise LrqError(f"weights {sorted(missing)[:3]} are not initializers of the model")
-        del graph_model.graph.initializer[:]
-        graph_model.graph.initializer.extend(kept)
-        listed = {i.name for i in graph_model.graph.input}
-        for name, value in self.weights.items():
-            if name not in listed:
-                graph_model.graph.input.append(onnx.helper.make_tensor_value_info(
-                    name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+        self.weights = _detach_constants(graph_model, list(weights))
         self.session = open_session(graph_model)
         self.output = self.session.get_outputs()[0].name
         self.reference = self._outputs({})

@@ -4,7 +4,8 @@ The model is run in onnxruntime with the layers' input tensors exposed as extra 
 batch's activations are folded into the running sums right away, so only H (K×K per layer) is
 kept, never the activations. Features are the last axis, except for 4-D (NCHW) inputs of
 convolutions, whose channels are the features and whose pixels are the rows. Rows where the mask
-input is 0 (padding tokens) are left out.
+input is 0 (padding tokens) are left out. Nothing is written beside the user's model: the session
+is built from memory (or, for models past protobuf's limit, from a private temporary folder).
 """
 from __future__ import annotations
 
@@ -14,27 +15,30 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from .runtime import session
+from .evaluate import open_session
+from .io import load_model
 
 
-def collect_hessians(model_path: str | os.PathLike, inputs: dict[str, str],
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``tensors`` (the input is not modified)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {o.name for o in out.graph.output}
+    for tensor in sorted(set(tensors) - known):
+        out.graph.output.append(onnx.helper.make_value_info(tensor, onnx.TypeProto()))
+    return out
+
+
+def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
                      batches: Iterable[dict[str, np.ndarray]], mask_input: str | None = None) -> dict[str, np.ndarray]:
     """H per weight for ``inputs`` = {weight name: activation tensor name}, summed over ``batches``.
 
-    ``mask_input`` names a [batch, seq] feed whose zeros mark rows to ignore (e.g. an attention mask).
+    ``model`` is a ModelProto or a path (external data beside it is read). ``mask_input`` names a
+    [batch, seq] feed whose zeros mark rows to ignore (e.g. an attention mask).
     """
-    model = onnx.load(str(model_path), load_external_data=False)
-    known = {o.name for o in model.graph.output}
-    for tensor in sorted(set(inputs.values()) - known):
-        model.graph.output.append(onnx.helper.make_value_info(tensor, onnx.TypeProto()))
-    folder = os.path.dirname(os.path.abspath(model_path))
-    path = os.path.join(folder, f".lrqgraph-hessian-{os.getpid()}.onnx")
-    onnx.save(model, path)  # beside the original so external data paths still resolve
-    try:
-        sess = session(path)
-    finally:
-        os.remove(path)
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     names = sorted(set(inputs.values()))
+    sess = open_session(with_outputs(proto, names))
     sums: dict[str, np.ndarray] = {}
     for feed in batches:
         acts = dict(zip(names, sess.run(names, feed)))

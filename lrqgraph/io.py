@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from .cache import cache_dir  # noqa: F401  (re-exported)
 from .errors import LrqError
 
 log = logging.getLogger(__name__)
@@ -20,13 +21,6 @@ MIN_OPSET = 7
 # Past this many weight bytes a model is written with external data (protobuf's 2 GB ceiling
 # leaves room for the graph itself).
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-
-
-def cache_dir(*parts: str) -> Path:
-    """lrqgraph's on-disk cache (``$LRQGRAPH_CACHE``, default ``~/.cache/lrqgraph``), created on use."""
-    root = Path(os.environ.get("LRQGRAPH_CACHE", Path.home() / ".cache" / "lrqgraph")).joinpath(*parts)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -86,14 +80,64 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def constant_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of constant data: :func:`tensor_bytes` plus the values of Constant nodes."""
+    return tensor_bytes(model) + sum(len(a.t.raw_data) or a.t.ByteSize() for n in model.graph.node
+                                     if n.op_type == "Constant" for a in n.attribute if a.name == "value")
+
+
+class Outputs:
+    """Files that appear together or not at all: each is written to a temporary file beside its
+    target (:meth:`stage`), and all are renamed into place by :meth:`commit`. Leaving the ``with``
+    block without a commit (an error) removes every temporary."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+        self._dirs: list[Path] = []
+
+    def stage(self, target: str | os.PathLike) -> Path:
+        """A temporary path to write ``target``'s content to."""
+        target = Path(target)
+        tmp = Path(tempfile.mkdtemp(prefix=".lrqgraph-", dir=target.parent))
+        self._dirs.append(tmp)
+        self._staged.append((tmp / target.name, target))
+        return tmp / target.name
+
+    def commit(self) -> None:
+        for tmp, target in self._staged:
+            os.replace(tmp, target)
+        self._staged.clear()
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tmp in self._dirs:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_path(path: str | os.PathLike, what: str = "output", source: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work, an output path that cannot be written or would overwrite the input."""
+    path = Path(path)
+    if path.is_dir():
+        raise LrqError(f"{path}: is a directory; give a file path for the {what}")
+    if not path.parent.exists():
+        raise LrqError(f"{path.parent}: {what} folder does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise LrqError(f"{path.parent}: {what} folder is not writable")
+    if source is not None and _same_file(path, Path(source)):
+        raise LrqError(f"{path}: {what} path is the input model; choose another path")
+    return path
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
-               source: str | os.PathLike | None = None) -> Path:
+               source: str | os.PathLike | None = None, outputs: Outputs | None = None) -> Path:
     """Write ``model`` atomically to ``path``; with external data the weights go to ``<name>.data``.
 
     ``external_data=None`` picks external data only when the model would pass protobuf's 2 GB
-    limit. The files appear complete or not at all: they are written into a temporary folder
-    beside the target and renamed into place. Refuses to overwrite ``source`` (the input model).
-    With external data, the in-memory tensors are converted to external references.
+    limit. The files appear complete or not at all: they are written to temporaries beside the
+    target and renamed into place, now or by ``outputs.commit()`` when ``outputs`` is given.
+    Refuses to overwrite ``source`` (the input model) or its data.
     """
     path = Path(path)
     if source is not None and _same_file(path, Path(source)):
@@ -107,15 +151,19 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     data_name = path.name + ".data"
     if source is not None and external_data and _same_file(path.parent / data_name, Path(source)):
         raise LrqError(f"{path}: its data file would overwrite the input model; choose another name")
-    tmp = Path(tempfile.mkdtemp(prefix=".lrqgraph-", dir=path.parent))
-    try:
-        onnx.save_model(model, str(tmp / path.name), save_as_external_data=external_data,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    with Outputs() as own:
+        staging = outputs or own
+        tmp = staging.stage(path)
         if external_data:
-            os.replace(tmp / data_name, path.parent / data_name)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            data_tmp = staging.stage(path.parent / data_name)
+            # onnx writes the data file beside the model under ``location``: point it at our temporary
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(tmp.parent / data_name, data_tmp)
+        else:
+            onnx.save_model(model, str(tmp))
+        if outputs is None:
+            own.commit()
     log.info("wrote %s%s", path, f" (+ {data_name})" if external_data else "")
     return path
 

@@ -1,8 +1,13 @@
 """The model as the passes see it: an onnx-graphsurgeon graph plus the ModelProto fields around it."""
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+from .graph import Namer
 
 # IR version 10 introduced int4/uint4 tensors; onnxruntime 1.31 refuses IR 14, onnx 1.23's
 # default for new models, so lowerings raise the IR version only as far as they need.
@@ -19,7 +24,10 @@ class ModelState:
         for name in _SHELL_FIELDS:
             setattr(self.shell, name, getattr(model, name))
         self.shell.metadata_props.extend(model.metadata_props)
+        self.shell.graph.input.extend(model.graph.input)  # the signature, for calibration data
+        self.shell.graph.initializer.extend(onnx.TensorProto(name=t.name) for t in model.graph.initializer)
         self.min_ir_version = 0
+        self._namer: Namer | None = None
 
     @property
     def opset(self) -> int:
@@ -38,6 +46,36 @@ class ModelState:
                 return
         self.shell.metadata_props.add(key=key, value=value)
 
+    def unique_name(self, base: str) -> str:
+        """A node or tensor name no part of the graph uses yet (reserved once returned)."""
+        if self._namer is None:
+            self._namer = Namer(self.graph)
+        return self._namer(base)
+
+    def constant_bytes(self) -> int:
+        """Bytes of constant data: initializers and Constant-node values of the main graph."""
+        seen: set[int] = set()
+        total = 0
+        for t in self.graph.tensors().values():
+            value = t if isinstance(t, gs.Constant) else None
+            if value is None and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+                value = t.inputs[0].attrs.get("value")
+            if isinstance(value, gs.Constant) and id(value) not in seen:
+                seen.add(id(value))
+                total += _nbytes(value)
+        return total
+
+    def signature(self) -> onnx.ModelProto:
+        """A weightless ModelProto with the graph inputs (what calibration data must match)."""
+        return self.shell
+
+    def digest(self) -> str:
+        """SHA-256 of the graph and every weight, hashed node by node and tensor by tensor (no
+        whole-model serialization, so models past protobuf's 2 GB limit hash too)."""
+        h = hashlib.sha256()
+        _hash_graph(h, self.graph)
+        return h.hexdigest()
+
     def to_onnx(self) -> onnx.ModelProto:
         model = gs.export_onnx(self.graph, do_type_check=False)
         for name in _SHELL_FIELDS:
@@ -46,3 +84,37 @@ class ModelState:
         del model.metadata_props[:]
         model.metadata_props.extend(self.shell.metadata_props)
         return model
+
+
+def _nbytes(const: gs.Constant) -> int:
+    tensor = getattr(const._values, "tensor", None)  # lazily loaded: read the proto, not the values
+    if tensor is not None and tensor.raw_data:
+        return len(tensor.raw_data)
+    return int(np.asarray(const.values).nbytes)
+
+
+def _hash_value(h, value) -> None:
+    if isinstance(value, gs.Constant):
+        arr = np.ascontiguousarray(value.values)
+        h.update(f"const|{value.name}|{arr.dtype}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    elif isinstance(value, gs.Graph):
+        _hash_graph(h, value)
+    elif isinstance(value, gs.Tensor):
+        h.update(f"tensor|{value.name}|".encode())
+    else:
+        h.update(repr(value).encode())
+
+
+def _hash_graph(h, graph: gs.Graph) -> None:
+    h.update(f"graph|{graph.opset}|".encode())
+    for t in graph.inputs + graph.outputs:
+        h.update(f"io|{t.name}|{t.dtype}|{t.shape}|".encode())
+    for node in graph.nodes:
+        h.update(f"node|{node.op}|{node.domain}|{node.name}|".encode())
+        for t in node.inputs:
+            _hash_value(h, t)
+        h.update(("->" + "|".join(t.name for t in node.outputs)).encode())
+        for key in sorted(node.attrs):
+            h.update(f"|{key}=".encode())
+            _hash_value(h, node.attrs[key])

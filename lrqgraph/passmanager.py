@@ -1,14 +1,24 @@
 """Passes, analyses and the manager that runs them (after LLVM's new pass manager and onnx_ir).
 
-- A pass has a registered name, declares the analyses it reads, and returns a PassResult saying
-  whether it changed the graph and which analyses stay valid.
-- Analyses are computed lazily, cached, and dropped when a pass changes what they depend on.
+- A pass has a registered name, validates its parameters when it is built (so a pipeline string is
+  checked before any work), and returns a PassResult saying whether it changed the graph and
+  which analyses stay valid.
+- An analysis declares the analyses it reads (``requires``) and the config sections it reads
+  (``config``). It is computed lazily and cached per value of those sections (a pass may ask for
+  it with its own section, e.g. ``ctx.analysis("tolerance", allocate=cfg)``); when a pass changes
+  the graph, every analysis it does not preserve is dropped, and so is every analysis that
+  requires a dropped one.
 - Pipelines are strings (``discover,factorize(method=lplr,rank_ratio=0.25),lower(ort)``) or lists.
-- The manager is itself a pass, times every pass, and can check the graph after each one.
+- The manager is itself a pass, times every pass, and can check the graph after each one. An
+  LrqError inside a pass becomes a PassError naming the pass (bad input: exit 2); any other
+  exception is a bug and becomes an InternalError naming the pass (exit 3).
+- Passes hand results forward through the typed fields of :class:`Context` (plans, lowered
+  layers, calibration, allocation, verification); the report is assembled from them at the end.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 import re
 import time
@@ -18,13 +28,23 @@ from typing import Any, Callable, ClassVar
 import onnx
 
 from .config import OptimizeConfig
-from .errors import LrqError, PassError, VerificationError
+from .errors import InternalError, LrqError, PassError
 from .model import ModelState
 
 log = logging.getLogger(__name__)
 
 PASSES: dict[str, type["Pass"]] = {}
-ANALYSES: dict[str, Callable[["Context"], Any]] = {}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    compute: Callable[..., Any]       # compute(ctx, config) with config = ctx.config plus overrides
+    requires: tuple[str, ...] = ()    # analyses it reads
+    config: tuple[str, ...] = ()      # OptimizeConfig fields it reads (and may be asked with)
+
+
+ANALYSES: dict[str, Analysis] = {}
 
 
 @dataclass(frozen=True)
@@ -34,35 +54,77 @@ class PassResult:
     preserved: frozenset[str] | None = None
 
 
+@dataclass(frozen=True)
+class PassTiming:
+    name: str          # the pass as written in a pipeline
+    seconds: float
+    modified: bool
+
+
 @dataclass
 class Context:
-    """Everything a pipeline run shares: the model, the config, cached analyses, results, report."""
+    """Everything a pipeline run shares: the model, the config, cached analyses and typed results.
+
+    ``discovered`` is set by ``discover``; ``plans`` (weight name -> LayerPlan) are written by the decide step (factorize, allocate) and
+    consumed by ``lower``, which records what it emitted in ``lowered``; ``calibration``,
+    ``allocation`` and ``verification`` hold those passes' typed results.
+    """
 
     model: ModelState
     config: OptimizeConfig = field(default_factory=OptimizeConfig)
     original: Any = None      # the input model (path or ModelProto), for verification
-    plans: dict[str, Any] = field(default_factory=dict)      # weight name -> Representation
-    report: dict[str, Any] = field(default_factory=lambda: {"layers": {}, "passes": [], "notes": []})
-    _cache: dict[str, Any] = field(default_factory=dict)
+    discovered: list[Any] = field(default_factory=list)  # every Layer discover found, with its verdict
+    plans: dict[str, Any] = field(default_factory=dict)
+    lowered: dict[str, Any] = field(default_factory=dict)
+    calibration: Any = None
+    allocation: Any = None
+    verification: Any = None
+    timings: list[PassTiming] = field(default_factory=list)
+    _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
-    def analysis(self, name: str) -> Any:
-        """The named analysis, computed on first use and cached until invalidated."""
-        if name not in ANALYSES:
-            raise LrqError(f"unknown analysis '{name}'")
-        if name not in self._cache:
+    def analysis(self, name: str, **sections: Any) -> Any:
+        """The named analysis, computed on first use and cached until invalidated. ``sections``
+        replace config sections the analysis declared (e.g. ``allocate=cfg``)."""
+        spec = ANALYSES.get(name)
+        if spec is None:
+            raise LrqError(f"unknown analysis '{name}'; registered: {', '.join(sorted(ANALYSES))}")
+        undeclared = sorted(set(sections) - set(spec.config))
+        if undeclared:
+            raise LrqError(f"analysis '{name}' does not read config section(s) {', '.join(undeclared)}")
+        config = dataclasses.replace(self.config, **sections) if sections else self.config
+        key = (name, *(_key(getattr(config, s)) for s in spec.config))
+        if key not in self._cache:
             start = time.perf_counter()
-            self._cache[name] = ANALYSES[name](self)
+            self._cache[key] = spec.compute(self, config)
             log.debug("analysis %s: %.3f s", name, time.perf_counter() - start)
-        return self._cache[name]
+        return self._cache[key]
 
     def invalidate(self, preserved: frozenset[str] | None) -> None:
-        for name in list(self._cache):
-            if preserved is None or name not in preserved:
-                del self._cache[name]
+        """Drop analyses not in ``preserved`` (None: all), then those that require a dropped one."""
+        dropped = {k[0] for k in self._cache if preserved is None or k[0] not in preserved}
+        changed = True
+        while changed:
+            changed = False
+            for k in self._cache:
+                if k[0] not in dropped and set(ANALYSES[k[0]].requires) & dropped:
+                    dropped.add(k[0])
+                    changed = True
+        for k in [k for k in self._cache if k[0] in dropped]:
+            del self._cache[k]
+
+    def cached(self) -> frozenset[str]:
+        return frozenset(k[0] for k in self._cache)
+
+
+def _key(section: Any) -> Any:
+    # config sections are frozen dataclasses; callables inside (metric=) compare by identity
+    return (section, tuple(id(v) for v in vars(section).values() if callable(v))) \
+        if dataclasses.is_dataclass(section) else section
 
 
 class Pass:
-    """Base class: subclasses set ``name`` (and ``positional`` parameter names) and implement ``run``."""
+    """Base class: subclasses set ``name`` (and ``positional`` parameter names), implement ``run``
+    and may override ``validate`` to check their parameters when the pass is built."""
 
     name: ClassVar[str] = ""
     positional: ClassVar[tuple[str, ...]] = ()
@@ -71,6 +133,13 @@ class Pass:
         if len(args) > len(self.positional):
             raise LrqError(f"pass '{self.name}' takes at most {len(self.positional)} positional argument(s)")
         self.params = {**dict(zip(self.positional, args)), **params}
+        try:
+            self.validate()
+        except LrqError as exc:
+            raise LrqError(f"pass '{self.name}': {exc}") from None
+
+    def validate(self) -> None:
+        """Raise LrqError for parameters this pass cannot take (before any pass runs)."""
 
     def run(self, ctx: Context) -> PassResult:
         raise NotImplementedError
@@ -89,9 +158,17 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def register_analysis(name: str) -> Callable[[Callable[[Context], Any]], Callable[[Context], Any]]:
-    def wrap(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
-        ANALYSES[name] = fn
+def register_analysis(name: str, requires: tuple[str, ...] = (), config: tuple[str, ...] = ()
+                      ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(ctx)`` or ``fn(ctx, config)`` as an analysis (see the module docstring)."""
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(OptimizeConfig)})
+    if unknown:
+        raise TypeError(f"analysis '{name}' declares unknown config section(s) {unknown}")
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        takes_config = fn.__code__.co_argcount >= 2
+        compute = fn if takes_config else (lambda ctx, config: fn(ctx))
+        ANALYSES[name] = Analysis(name, compute, tuple(requires), tuple(config))
         return fn
     return wrap
 
@@ -113,8 +190,7 @@ def _value(text: str) -> Any:
 
 
 def parse_pipeline(text: str) -> list[Pass]:
-    """``"discover,factorize(method=lplr,rank=64),lower(ort)"`` -> pass instances."""
-    _ensure_builtin_passes()
+    """``"discover,factorize(method=lplr,rank=64),lower(ort)"`` -> validated pass instances."""
     passes: list[Pass] = []
     pos = 0
     text = text.strip()
@@ -136,14 +212,9 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 
 def make_pass(name: str, *args: Any, **kwargs: Any) -> Pass:
-    _ensure_builtin_passes()
     if name not in PASSES:
         raise LrqError(f"unknown pass '{name}'; registered passes: {', '.join(sorted(PASSES))}")
     return PASSES[name](*args, **kwargs)
-
-
-def _ensure_builtin_passes() -> None:
-    from . import passes  # noqa: F401  (registers the built-in passes on import)
 
 
 class PassManager(Pass):
@@ -165,18 +236,19 @@ class PassManager(Pass):
                 result = p.run(ctx)
                 if self.check_each and result.modified:
                     check_graph(ctx.model)
-            except (PassError, VerificationError):
+            except (PassError, InternalError):
                 raise
             except LrqError as exc:
+                if exc.exit_code != PassError.exit_code:  # e.g. a failed verification keeps its kind
+                    raise
                 raise PassError(f"{exc} [in pass '{p.name}'{_after(done)}]") from exc
-            except Exception as exc:  # a bug or an unexpected model: say where it happened
-                raise PassError(f"pass '{p.name}' failed{_after(done)}: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # a bug: say where it happened; --debug shows the traceback
+                raise InternalError(f"pass '{p.name}' failed{_after(done)}: {type(exc).__name__}: {exc}") from exc
             seconds = time.perf_counter() - start
-            ctx.invalidate(result.preserved if result.modified else frozenset(ctx._cache))
+            ctx.invalidate(result.preserved if result.modified else ctx.cached())
             modified |= result.modified
             done.append(p.name)
-            ctx.report["passes"].append({"pass": repr(p), "seconds": round(seconds, 4),
-                                         "modified": result.modified})
+            ctx.timings.append(PassTiming(repr(p), round(seconds, 4), result.modified))
             log.info("pass %-10s %7.3f s%s", p.name, seconds, "  (modified)" if result.modified else "")
         return PassResult(modified, frozenset() if modified else None)
 

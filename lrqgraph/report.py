@@ -1,11 +1,84 @@
-"""Human-readable tables and the JSON report of a run."""
+"""Human-readable tables and the JSON report of a run, assembled from the pipeline's typed results."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from .io import constant_bytes
+
+
+def layer_entries(ctx) -> list[dict[str, Any]]:
+    """One entry per discovered layer: its verdict, the plan made for it and what was emitted."""
+    entries = []
+    for layer in ctx.discovered:
+        e = {"name": layer.name, "op": layer.op, "weight": layer.weight, "shape": list(layer.shape),
+             "params": layer.params, "nodes": len(layer.nodes), "action": "rewrite" if layer.rewrite else "keep",
+             "reason": layer.reason}
+        plan = ctx.plans.get(layer.weight) if layer.rewrite else None
+        if plan is not None:
+            e.update(action="rewrite" if plan.rewrite else "keep", reason=plan.reason, **plan.settings)
+            if plan.allocation:
+                e.update(plan.allocation)
+            if plan.rewrite:
+                e.update(info=plan.rep.info, bpw=round(plan.rep.bits_per_weight(), 4), rel_error=plan.rel_error,
+                         act_error=plan.act_error, seconds=plan.seconds)
+        lowered = ctx.lowered.get(layer.weight) if layer.rewrite else None
+        if lowered is not None:
+            e.update(stored_bytes=lowered.stored_bytes, stored_bpw=round(lowered.stored_bytes * 8 / layer.params, 4))
+        entries.append(e)
+    return entries
+
+
+def _float_params(model: onnx.ModelProto) -> int:
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats)
+
+
+def summarize(before: onnx.ModelProto, after: onnx.ModelProto, layers: list[dict]) -> dict[str, Any]:
+    rewritten = [e for e in layers if e.get("action") == "rewrite" and "stored_bytes" in e]
+    params = sum(e["params"] for e in rewritten)
+    stored = sum(e["stored_bytes"] for e in rewritten)
+    original_params = _float_params(before)
+    out = {
+        "weight_bytes_before": constant_bytes(before),
+        "weight_bytes_after": constant_bytes(after),
+        "layers_rewritten": len(rewritten),
+        "params_rewritten": params,
+        # every stored byte of the rewritten layers' codes, scales and zero points
+        "rewritten_bpw": round(stored * 8 / params, 4) if params else None,
+        # all constant bytes of the output over the float parameters of the input
+        "model_bpw": round(constant_bytes(after) * 8 / original_params, 4) if original_params else None,
+    }
+    if not rewritten:
+        reasons = Counter(e.get("reason") or "not selected" for e in layers)
+        out["why_none"] = ("the model has no MatMul / Gemm layers" if not layers else
+                           "; ".join(f"{why} ({count})" for why, count in reasons.most_common()))
+    return out
+
+
+def build_report(ctx, before: onnx.ModelProto, after: onnx.ModelProto, **extra: Any) -> dict[str, Any]:
+    layers = layer_entries(ctx)
+    report: dict[str, Any] = {"layers": layers, "model": summarize(before, after, layers), **extra,
+                              "passes": [{"pass": t.name, "seconds": t.seconds, "modified": t.modified}
+                                         for t in ctx.timings],
+                              "calibration": (ctx.calibration.describe() if ctx.calibration is not None else
+                                              f"H = XᵀX from {ctx.config.calib}" if ctx.config.calib else
+                                              "none: all methods ran data-free")}
+    if ctx.allocation is not None:
+        report["allocation"] = dataclasses.asdict(ctx.allocation)
+    if ctx.verification is not None:
+        report["verify"] = ctx.verification
+    return report
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -60,9 +133,12 @@ def _short(name: str, width: int) -> str:
 def summary(report: dict) -> str:
     m = report.get("model", {})
     lines = []
-    if m:
+    if m and not m["layers_rewritten"]:
+        lines.append(f"no layer rewritten, the model is written unchanged: {m.get('why_none', '')}")
+    elif m:
         before, after = m["weight_bytes_before"], m["weight_bytes_after"]
-        lines.append(f"weights: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({after / before:.1%}); "
+        ratio = f" ({after / before:.1%})" if before else ""
+        lines.append(f"weights: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB{ratio}; "
                      f"{m['layers_rewritten']} layers rewritten at {m['rewritten_bpw']} bits per weight "
                      f"(codes + scales + zero points); whole model {m['model_bpw']} bits per parameter")
     v = report.get("verify")

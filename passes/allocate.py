@@ -20,17 +20,35 @@ import logging
 
 import numpy as np
 
-from lrqgraph.config import with_fields
+from lrqgraph.config import AllocateConfig, with_fields
 from lrqgraph.errors import LrqError
-from lrqgraph.io import tensor_bytes
 from lrqgraph.numerics import Representation, activation_error
 from lrqgraph.numerics.allocation import frontier, within_budget, within_loss
 from lrqgraph.numerics.refine import refine
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
+from lrqgraph.plan import LayerPlan
 
 from .tolerance import LayerTolerance, spearman, stored_layout
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationSummary:
+    """What ``allocate`` decided for the whole model (the report's "allocation" entry)."""
+
+    mode: str
+    metric: str
+    goal: dict
+    bpw: float                  # over the selected layers, every stored bit counted
+    predicted: float
+    measured: float
+    target_loss: float | None
+    met: bool
+    repairs: int
+    spearman: float | None      # predicted vs measured one-layer degradation at the check candidates
+    frontier: list              # (bits per weight, predicted degradation) of the knapsack's frontier
+    uniform: list               # one grid for every layer, measured: the baselines
 
 
 def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
@@ -40,7 +58,7 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
         return "budget", cfg.target_bpw * params
     if cfg.target_size is not None:
         selected_bytes = sum(t.candidates[-1].bits for t in tols) / 8  # their float storage today
-        other = tensor_bytes(ctx.model.to_onnx()) - selected_bytes
+        other = ctx.model.constant_bytes() - selected_bytes
         if cfg.target_size <= other:
             raise LrqError(f"--target-size {cfg.target_size} bytes is below the {int(other)} bytes the model "
                            f"keeps outside the selected layers; raise it or select more layers")
@@ -87,17 +105,20 @@ class Allocate(Pass):
 
     name = "allocate"
 
+    def validate(self) -> None:
+        with_fields(AllocateConfig(), self.params)  # unknown or bad options fail at parse time
+
     def run(self, ctx: Context) -> PassResult:
         cfg = with_fields(ctx.config.allocate, self.params)
         if not cfg.active:
             raise LrqError("allocate needs a goal: --target-bpw, --target-size, --min-cosine or --max-kl")
-        if cfg != ctx.config.allocate:
-            ctx.config = dataclasses.replace(ctx.config, allocate=cfg)
-            ctx.invalidate(frozenset({"layers", "hessians", "calib_data"}))
-        tols = [t for t in ctx.analysis("tolerance") if len(t.candidates) > 1]
+        tols = [t for t in ctx.analysis("tolerance", allocate=cfg) if len(t.candidates) > 1]
+        layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         if not tols:
+            ctx.plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
+                         for layer in layers}
             return PassResult(modified=False)
-        meter = ctx.analysis("degradation")
+        meter = ctx.analysis("degradation", allocate=cfg)
         costs = [np.array([c.bits for c in t.candidates], np.float64) for t in tols]
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
         params = sum(t.layer.params for t in tols)
@@ -135,20 +156,21 @@ class Allocate(Pass):
 
     @staticmethod
     def _apply(ctx: Context, tols: list[LayerTolerance], choice: list[int]) -> None:
+        plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
+                 for layer in ctx.analysis("layers") if layer.rewrite}
         for t, c in zip(tols, choice):
             cand = t.candidates[c]
-            entry = ctx.report["layers"].setdefault(t.layer.name, {"name": t.layer.name})
-            base = {"choice": cand.label, "predicted": cand.predicted, "sensitivity": t.sensitivity,
-                    "probe": t.probe, "check": t.check}
+            allocation = {"choice": cand.label, "predicted": cand.predicted, "sensitivity": t.sensitivity,
+                          "probe": t.probe, "check": t.check}
             if cand.rep is None:
-                ctx.plans.pop(t.layer.weight, None)
-                entry.update(action="keep", reason="allocate: kept in float", **base)
+                plans[t.layer.weight] = LayerPlan(t.layer, None, "allocate: kept in float", allocation=allocation)
                 continue
-            ctx.plans[t.layer.weight] = cand.rep
             q = cand.rep.chains[0][0]
-            entry.update(action="rewrite", reason="", method=cand.rep.method, rank=cand.rep.rank, bits=q.bits,
-                         block=q.block_size, symmetric=q.symmetric, info=cand.rep.info,
-                         bpw=round(cand.rep.bits_per_weight(), 4), act_error=round(cand.error, 6), **base)
+            settings = {"method": cand.rep.method, "rank": cand.rep.rank, "bits": q.bits, "block": q.block_size,
+                        "symmetric": q.symmetric}
+            plans[t.layer.weight] = LayerPlan(t.layer, cand.rep, "", settings, act_error=round(cand.error, 6),
+                                              allocation=allocation)
+        ctx.plans = plans
 
     @staticmethod
     def _report(ctx, cfg, tols, choice, costs, losses, params, kind, target, measured, repairs, met, meter):
@@ -160,18 +182,14 @@ class Allocate(Pass):
                      for t in tols]
             bits = sum(t.candidates[j].bits for t, j in zip(tols, picks))
             uniform.append({"label": label, "bpw": bits / params, "measured": _measure(meter, tols, picks)})
-        ctx.report["allocation"] = {
-            "mode": cfg.mode, "metric": metric, "goal": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                          if k in ("target_bpw", "target_size", "min_cosine",
-                                                                   "max_kl", "max_metric") and v is not None},
-            "bpw": sum(t.candidates[c].bits for t, c in zip(tols, choice)) / params,
-            "predicted": float(sum(t.candidates[c].predicted for t, c in zip(tols, choice))),
-            "measured": measured, "target_loss": target if kind == "loss" else None,
-            "met": met, "repairs": repairs,
-            "spearman": spearman([c[1] for c in checks], [c[2] for c in checks]) if len(checks) > 2 else None,
-            "frontier": [(cost / params, loss) for cost, loss in frontier(costs, losses)],
-            "uniform": uniform,
-        }
+        ctx.allocation = AllocationSummary(
+            mode=cfg.mode, metric=metric, goal={k: v for k, v in dataclasses.asdict(cfg).items()
+                                                if k in ("target_bpw", "target_size", "min_cosine", "max_kl",
+                                                         "max_metric") and v is not None},
+            bpw=sum(t.candidates[c].bits for t, c in zip(tols, choice)) / params,
+            predicted=float(sum(t.candidates[c].predicted for t, c in zip(tols, choice))),
+            measured=measured, target_loss=target if kind == "loss" else None, met=met, repairs=repairs,
+            spearman=spearman([c[1] for c in checks], [c[2] for c in checks]) if len(checks) > 2 else None,
+            frontier=[(cost / params, loss) for cost, loss in frontier(costs, losses)], uniform=uniform)
         log.info("allocate: %.3f bits per weight, predicted %s %.4g, measured %.4g%s",
-                 ctx.report["allocation"]["bpw"], metric, ctx.report["allocation"]["predicted"], measured,
-                 "" if met else " (goal missed)")
+                 ctx.allocation.bpw, metric, ctx.allocation.predicted, measured, "" if met else " (goal missed)")

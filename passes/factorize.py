@@ -1,16 +1,14 @@
-"""factorize: compute each selected weight's compressed representation (the graph is not touched).
+"""factorize: plan each selected weight's compressed representation (the graph is not touched).
 
 Cases:
- 1. ``rtn``: dense block quantization at ``bits``; ``gptq`` (the default): the same grid with
-    GPTQ error feedback through the layer's input statistics H from ``calibrate``; without
-    calibration data it is plain RTN, and the report says "data-free".
- 2. ``svd`` / ``lplr``: quantized low-rank factors; ``qlr``: Q at ``bits`` plus low-rank factors
-    at ``lr_bits``. The rank comes from ``rank``, ``rank_ratio`` or ``target_bpw`` (in that order;
-    with none given, ``target_bpw = bits``, or ``bits + 1`` for qlr).
- 3. ``kmeans``: per-tensor codebook; ``kashin``: Kashin decomposition with 2-D codebook.
- 4. A layer whose representation would not take fewer bytes than the stored weight is kept, and
+ 1. The method comes from the registry (lrqgraph.methods): ``gptq`` (the default) uses the
+    layer's input statistics H from ``calibrate``; without calibration data it is plain RTN, and
+    the plan says "data-free". Options given to the pass override the config's, and an option
+    the method does not have is refused when the pipeline is parsed.
+ 2. A method that cannot make a representation (no rank fits the budget) keeps the layer, with its reason.
+ 3. A layer whose representation would not take fewer bytes than the stored weight is kept, and
     the report says so.
-Per-layer overrides (``FactorizeConfig.overrides``) apply before any of this.
+Per-layer overrides (``overrides`` of the method config) apply before any of this.
 """
 from __future__ import annotations
 
@@ -18,135 +16,86 @@ import logging
 import time
 
 import numpy as np
-from tqdm import tqdm
 
-from lrqgraph.config import FactorizeConfig, with_fields
-from lrqgraph.numerics import (HessianInfo, Representation, activation_error, codebook_quantize, gptq_factorize, lplr_factorize,
-                               qlr_factorize, rank_for_bpw, relative_error, rtn_factorize, svd_factorize)
-from lrqgraph.numerics.quant import CODEBOOK_BITS
-from lrqgraph.numerics.kashin import kashin_quantize
-from lrqgraph.numerics.lowrank import lowrank_storage_bits
-from lrqgraph.numerics.pack import packed_nbytes
-from lrqgraph.numerics.quant import spec_storage_bits
+from lrqgraph.errors import LrqError
+from lrqgraph.methods import METHODS, MethodConfig, configure, method_config, method_of
+from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
+from lrqgraph.plan import Layer, LayerPlan
+from lrqgraph.progress import progress
 
 log = logging.getLogger(__name__)
-LOWRANK = ("svd", "lplr", "qlr")
 
 
-def _lr_specs(cfg: FactorizeConfig, scale_dtype: str = "float32"):
-    """(dense Q spec or None, factor spec) of a low-rank method."""
-    if cfg.method == "qlr":
-        return cfg.spec(scale_dtype), cfg.spec(scale_dtype, cfg.lr_bits)
-    return None, cfg.spec(scale_dtype)
+def plan_settings(cfg: MethodConfig, rep: Representation) -> dict:
+    """What the report says about a representation: method as run, rank, and the first factor's grid."""
+    first = rep.chains[0][0]
+    settings = {"method": rep.method, "rank": rep.rank, "bits": getattr(first, "bits", cfg.bits)}
+    if hasattr(cfg, "block_size"):
+        settings.update(block=cfg.block_size, symmetric=cfg.symmetric)
+    return settings
 
 
-def choose_rank(cfg: FactorizeConfig, k: int, n: int) -> tuple[int, str]:
-    """(rank, '') or (0, why no rank fits)."""
-    full = min(k, n)
-    if cfg.rank is not None:
-        return min(cfg.rank, full), ""
-    if cfg.rank_ratio is not None:
-        return max(1, int(round(cfg.rank_ratio * full))), ""
-    dense, factor = _lr_specs(cfg, cfg.scales_for("float32"))  # the scales the budget pays for
-    target = cfg.target_bpw if cfg.target_bpw is not None else float(cfg.bits + (cfg.method == "qlr"))
-    fixed = spec_storage_bits(k, n, dense) if dense else 0
-    rank = rank_for_bpw(k, n, target, factor, factor, multiple=16, fixed_bits=fixed)
-    if rank == 0:
-        return 0, f"no rank fits {target:g} bits per weight with {factor.bits}-bit factors"
-    return rank, ""
+def factorize_weight(w: np.ndarray, cfg: MethodConfig, scale_dtype: str = "float32",
+                     h: "np.ndarray | HessianInfo | None" = None) -> tuple[Representation | None, str]:
+    """The representation ``cfg`` asks for, or (None, why not). ``h``: the layer's XᵀX, if known."""
+    return method_of(cfg).factorize(w, cfg, scale_dtype, HessianInfo.of(h))
 
 
-def planned_bpw(cfg: FactorizeConfig, k: int, n: int, rank: int | None) -> float:
-    """Bits per weight of the plan, from shapes alone (Kashin adds its 2-D codebook)."""
-    if cfg.method in ("rtn", "gptq"):
-        bits = spec_storage_bits(k, n, cfg.spec())
-    elif cfg.method in ("kmeans", "kashin"):
-        entries = (1 << cfg.bits) * (2 if cfg.method == "kashin" else 1)
-        bits = packed_nbytes(k * n, cfg.bits) * 8 + entries * CODEBOOK_BITS
-    else:
-        dense, factor = _lr_specs(cfg)
-        bits = lowrank_storage_bits(k, n, rank, factor, factor) + (spec_storage_bits(k, n, dense) if dense else 0)
-    return bits / (k * n)
+def plan_layer(layer: Layer, cfg: MethodConfig, h: np.ndarray | None) -> LayerPlan:
+    start = time.perf_counter()
+    w = layer.weight_matrix()
+    rep, why = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), h)
+    if rep is not None and rep.storage_bits() >= layer.stored_bits:
+        why = (f"{cfg.method}{f' at rank {rep.rank}' if rep.rank else ''} takes {rep.bits_per_weight():.2f} bits "
+               f"per weight, no fewer than the {layer.source.stored_dtype} weight")
+        rep = None
+    if rep is None:
+        return LayerPlan(layer, None, why)
+    if rep.info.get("fallback"):
+        log.warning("layer '%s': %s", layer.name, rep.info["fallback"])
+    approx = rep.dequantize()
+    return LayerPlan(layer, rep, "", plan_settings(cfg, rep), rel_error=round(relative_error(w, approx), 6),
+                     act_error=round(activation_error(w, approx, h), 6) if h is not None else None,
+                     seconds=round(time.perf_counter() - start, 4))
 
 
-def describe_plan(cfg: FactorizeConfig, k: int, n: int, stored_bits_per_weight: int) -> tuple[bool, str]:
-    """(rewrite?, what and why) for a K x N weight, from shapes alone (no factorization)."""
-    rank = None
-    if cfg.method in LOWRANK:
-        rank, why = choose_rank(cfg, k, n)
-        if not rank:
-            return False, why
-    bpw = planned_bpw(cfg, k, n, rank)
-    what = f"{cfg.method}{f' rank {rank}' if rank else ''}, {cfg.bits}-bit"
-    if bpw >= stored_bits_per_weight:
+def describe_plan(cfg: MethodConfig, layer: Layer) -> tuple[bool, str]:
+    """(rewrite?, what and why) for a layer, from shapes alone (no factorization): ``inspect``."""
+    k, n = layer.shape
+    bits, what = method_of(cfg).storage(cfg, k, n, cfg.scales_for(layer.dtype))
+    if bits is None:
+        return False, what
+    bpw = bits / (k * n)
+    if bits >= layer.stored_bits:
         return False, f"{what} takes {bpw:.2f} bits per weight, no saving"
     return True, f"{what}: {bpw:.3f} bits per weight"
 
 
-def factorize_weight(w: np.ndarray, cfg: FactorizeConfig, scale_dtype: str = "float32",
-                     h: "np.ndarray | HessianInfo | None" = None) -> tuple[Representation | None, str]:
-    """The representation ``cfg`` asks for, or (None, why not). ``h``: the layer's XᵀX, if known."""
-    spec = cfg.spec(scale_dtype)
-    if cfg.method == "rtn" or (cfg.method == "gptq" and h is None):
-        rep = rtn_factorize(w, spec)
-        if cfg.method == "gptq":  # without statistics GPTQ's feedback has nothing to weigh: RTN
-            rep = Representation(rep.chains, "rtn", info={"requested": "gptq", "data_free": True})
-        return rep, ""
-    if cfg.method == "gptq":
-        return gptq_factorize(w, spec, h, cfg.sweeps), ""
-    if cfg.method == "kmeans":
-        return Representation(((codebook_quantize(w, cfg.bits),),), "kmeans"), ""
-    if cfg.method == "kashin":
-        return kashin_quantize(w, cfg.bits, cfg.transform, cfg.seed, cfg.tol, cfg.max_iter), ""
-    rank, why = choose_rank(cfg, *w.shape)
-    if not rank:
-        return None, why
-    dense, factor = _lr_specs(cfg, scale_dtype)
-    if cfg.method == "svd":
-        return svd_factorize(w, rank, factor, factor), ""
-    if cfg.method == "qlr":
-        return qlr_factorize(w, rank, dense, factor, h=h, iters=cfg.iters, refits=cfg.refits, seed=cfg.seed,
-                             sweeps=cfg.sweeps), ""
-    return lplr_factorize(w, rank, factor, factor, h=h, init=cfg.init, refits=cfg.refits, seed=cfg.seed,
-                          oversample=cfg.oversample, power_iters=cfg.power_iters), ""
-
-
 @register_pass
 class Factorize(Pass):
-    """Plan a Representation for every layer that ``discover`` selected; options override the config."""
+    """Plan a representation for every layer that ``discover`` selected; options override the config."""
 
     name = "factorize"
 
+    def validate(self) -> None:
+        fields = dict(self.params)
+        if "method" in fields:
+            method_config(**fields)
+            return
+        known = {f for m in METHODS.values() for f in m.config.__dataclass_fields__}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise LrqError(f"unknown option(s) {', '.join(unknown)} for factorize; known: {', '.join(sorted(known))}")
+
     def run(self, ctx: Context) -> PassResult:
-        base = with_fields(ctx.config.factorize, self.params)
+        base = configure(ctx.config.factorize, **self.params)
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         hessians = ctx.analysis("hessians")
-        for layer in tqdm(layers, desc="factorize", unit="layer", disable=None, leave=False):
-            cfg = base.for_layer(layer.name, layer.weight)
-            start = time.perf_counter()
-            w = layer.weight_matrix()
-            rep, why = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), hessians.get(layer.weight))
-            entry = ctx.report["layers"].setdefault(layer.name, {"name": layer.name})
-            stored_bits = np.dtype(layer.dtype).itemsize * 8 * w.size
-            if rep is not None and rep.storage_bits() >= stored_bits:
-                why = (f"{cfg.method} at rank {rep.rank} takes {rep.bits_per_weight():.2f} bits per weight, "
-                       f"no fewer than the {layer.dtype} weight")
-                rep = None
-            if rep is None:
-                entry.update(action="keep", reason=why)
-                ctx.plans.pop(layer.weight, None)
-                continue
-            ctx.plans[layer.weight] = rep
-            if rep.info.get("fallback"):
-                log.warning("layer '%s': %s", layer.name, rep.info["fallback"])
-            entry.update(action="rewrite", reason="", method=rep.method, rank=rep.rank, bits=cfg.bits,
-                         block=cfg.block_size, symmetric=cfg.symmetric,
-                         info=rep.info,
-                         bpw=round(rep.bits_per_weight(), 4),
-                         rel_error=round(relative_error(w, approx := rep.dequantize()), 6),
-                         act_error=(round(activation_error(w, approx, hessians[layer.weight]), 6)
-                                    if layer.weight in hessians else None),
-                         seconds=round(time.perf_counter() - start, 4))
-        log.info("factorize: planned %d layers", len(ctx.plans))
+        plans = {}
+        for layer in progress(layers, "factorize"):
+            plans[layer.weight] = plan_layer(layer, base.for_layer(layer.name, layer.weight),
+                                             hessians.get(layer.weight))
+        ctx.plans = plans
+        log.info("factorize: planned %d of %d layers", sum(p.rewrite for p in plans.values()), len(plans))
         return PassResult(modified=False)

@@ -4,43 +4,50 @@ Targets:
  - ``ort``: ``com.microsoft::MatMulNBits`` per factor (onnxruntime's fast MLAS / CUDA kernels).
  - ``std``: standard ONNX only: ``DequantizeLinear(axis=0, block_size)`` over int4/uint4 or
    int8/uint8 initializers, then MatMul (opset 21; older models are converted first).
- - ``lrq``: lrqgraph's native custom ops (any code width 2..8, float16 or float32 scales with
-   float32 activations; lrqgraph.runtime.session registers the library): ``lrq::QLowRankMatMul``
-   for L·R and Q + L·R in one node, ``lrq::QMatMul`` for a dense factor, ``lrq::KashinMatMul``
-   for codebook forms (Kashin with Hadamard transforms, k-means).
-Cases, per node multiplying X by a planned weight W ≈ Σ_chains Π factors:
- 1. Each chain becomes a MatMul chain from X; several chains are summed with Add (lrq: L·R and
-    Q + L·R become one fused node).
- 2. Gemm: alpha becomes a Mul after the sum; beta·C becomes the MatMulNBits bias (constant 1-D C,
-    single chain, alpha = 1) or an Add.
- 3. The last node writes the original output tensor, so names and graph outputs are unchanged.
+ - ``lrq``: lrqgraph's native custom ops (runtime/op_schema.py; any code width 2..8, float16 or
+   float32 scales with float32 activations; lrqgraph.runtime.session registers the library).
+Lowering is a table of rules, one per (representation form, target) (see Representation.form):
+ 1. dense / lowrank / dense+lowrank / chains on ort and std: each chain becomes a chain of
+    MatMulNBits (ort) or DequantizeLinear + MatMul (std) from X; chains are summed with Add.
+ 2. dense on lrq: one ``lrq::QMatMul``; lowrank and dense+lowrank: one ``lrq::QLowRankMatMul``;
+    chains: QMatMul chains; codebook (Kashin with Hadamard transforms, k-means): ``lrq::KashinMatMul``.
+ 3. A form with no rule for the target is refused, naming the layer and the lowering that runs it.
+Around the rule, per node:
+ 4. Gemm: alpha becomes a Mul after the sum; beta·C becomes the last node's bias input when the
+    rule ends in one node (constant [N] C, alpha = 1) or an Add.
+ 5. The last node writes the original output tensor, so names and graph outputs are unchanged;
+    every new node and tensor gets a name no part of the graph uses.
 Factor initializers are created once per weight, so shared weights stay shared.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import numpy_helper, version_converter
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from lrqgraph import __version__
 from lrqgraph.errors import LrqError
+from lrqgraph.graph import constant_values
+from lrqgraph.methods import LOWERINGS
+from lrqgraph.methods.kashin import transform_refusal
 from lrqgraph.model import IR_VERSION_INT4, ModelState
-from lrqgraph.numerics import QuantizedTensor, pack_bits
+from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits
 from lrqgraph.numerics.kashin import KashinTensor
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
+from lrqgraph.plan import Layer, LoweredLayer
 from lrqgraph.runtime.native_ops import library_path
-
-from .discover import Layer, constant_values
+from lrqgraph.runtime.op_schema import DOMAIN, OPS
+from lrqgraph.version import __version__
 
 log = logging.getLogger(__name__)
 
 STD_OPSET = 21            # DequantizeLinear with block_size and int4 types
 ORT_BITS = (2, 4, 8)      # MatMulNBits code widths onnxruntime's CPU kernel accepts
-TARGETS = ("ort", "std", "lrq")
+TARGETS = LOWERINGS
 
 
 def _const(name: str, proto: onnx.TensorProto) -> gs.Constant:
@@ -53,10 +60,6 @@ def _stored_nbytes(const: gs.Constant) -> int:
     return len(const._values.tensor.raw_data)
 
 
-def _array(name: str, array: np.ndarray) -> gs.Constant:
-    return _const(name, numpy_helper.from_array(np.ascontiguousarray(array), name))
-
-
 def _packed_tensor(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
     """A 4-bit tensor: values (< 16, any shape) packed two per byte in row-major order."""
     flat = values.reshape(-1).astype(np.uint8) & 0xF
@@ -66,185 +69,226 @@ def _packed_tensor(name: str, values: np.ndarray, data_type: int) -> gs.Constant
 
 
 class Emitter:
-    """Creates the factor initializers of one weight once, and the nodes for each consumer."""
+    """Emits one weight's nodes: factor initializers once per weight, nodes for each consumer,
+    every name unique in the model."""
 
-    def __init__(self, graph: gs.Graph, target: str, prefix: str, dtype: np.dtype,
+    def __init__(self, model: ModelState, target: str, prefix: str, dtype: np.dtype,
                  accuracy_level: int | None = None, io_dtype: np.dtype | None = None):
-        self.graph, self.target, self.prefix, self.dtype = graph, target, prefix, np.dtype(dtype)
+        self.model, self.graph, self.target, self.prefix = model, model.graph, target, prefix
+        self.dtype = np.dtype(dtype)
         self.io_dtype = np.dtype(io_dtype or dtype)  # the layer's own activations
         # lrq: int8 activations unless told otherwise (its kernels are built for them)
         self.accuracy_level = 4 if accuracy_level is None and target == "lrq" else accuracy_level
-        self._factors: dict[tuple[int, int], list[gs.Tensor]] = {}
+        self._factors: dict[object, object] = {}
         self.stored_bytes = 0
+        self.nodes = 0
 
-    def factor(self, key: tuple[int, int], q: QuantizedTensor) -> list[gs.Tensor]:
+    def array(self, name: str, array: np.ndarray) -> gs.Constant:
+        name = self.model.unique_name(name)
+        return _const(name, numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def once(self, key: object, make: Callable[[str], "list[gs.Tensor] | dict[str, gs.Tensor]"]):
+        """The initializers of one factor of this weight (a list or a dict), made on first use."""
         if key not in self._factors:
-            name = f"{self.prefix}.lrq{key[0]}_{key[1]}"
-            make = {"ort": self._ort_factor, "std": self._std_factor, "lrq": self._lrq_factor}[self.target]
-            tensors = make(name, q)
-            self.stored_bytes += sum(_stored_nbytes(t) for t in tensors)
+            tensors = make(f"{self.prefix}.lrq{key}" if not isinstance(key, tuple) else
+                           f"{self.prefix}.lrq{key[0]}_{key[1]}")
+            values = tensors.values() if isinstance(tensors, dict) else tensors
+            self.stored_bytes += sum(_stored_nbytes(t) for t in values if isinstance(t, gs.Constant))
             self._factors[key] = tensors
         return self._factors[key]
 
-    def _ort_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
-        packed, _, _ = q.packed_columns()  # MatMulNBits stores row n = column n of W, blocks along K
-        tensors = [_array(f"{name}.q", packed),
-                   _array(f"{name}.scales", q.scales.T.astype(self.dtype).reshape(-1))]
-        if q.zero_points is not None:
-            tensors.append(_array(f"{name}.zp", pack_bits(q.zero_points.T, q.bits)))
-        return tensors
-
-    def _lrq_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
-        codes, scales, zero_points = q.packed_columns()
-        tensors = [_array(f"{name}.q", codes), _array(f"{name}.scales", scales)]
-        if zero_points is not None:
-            tensors.append(_array(f"{name}.zp", zero_points))
-        return tensors
-
-    def _std_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
-        half = 1 << (q.bits - 1)
-        scales = _array(f"{name}.scales", q.scales.astype(self.dtype))
-        if q.bits <= 4:
-            if q.symmetric:  # signed two's-complement nibbles, implicit zero point 0
-                return [_packed_tensor(f"{name}.q", q.codes.astype(np.int16) - half, onnx.TensorProto.INT4), scales]
-            return [_packed_tensor(f"{name}.q", q.codes, onnx.TensorProto.UINT4), scales,
-                    _packed_tensor(f"{name}.zp", q.zero_points, onnx.TensorProto.UINT4)]
-        if q.symmetric:
-            return [_array(f"{name}.q", (q.codes.astype(np.int16) - half).astype(np.int8)), scales]
-        return [_array(f"{name}.q", q.codes), scales, _array(f"{name}.zp", q.zero_points)]
-
-    def matmul(self, x: gs.Tensor, q: QuantizedTensor, key: tuple[int, int], tag: str,
-               bias: np.ndarray | None = None) -> gs.Variable:
-        """Emit X·dequant(q) (+ bias); returns the output variable."""
-        out = gs.Variable(f"{tag}/lrq{key[0]}_{key[1]}", dtype=self.dtype)
-        factors = self.factor(key, q)
-        if self.target == "lrq":
-            inputs = [x, *factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
-            if bias is not None:
-                inputs.append(_array(f"{tag}.bias", bias.astype(np.float32)))
-            k, n = q.shape
-            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
-                     "accuracy_level": self.accuracy_level}
-            self.graph.nodes.append(gs.Node("QMatMul", f"{tag}/QMatMul{key[0]}_{key[1]}", attrs, inputs, [out],
-                                            domain="lrq"))
-            return out
-        if self.target == "ort":
-            inputs = [x, *factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
-            if bias is not None:
-                inputs += [gs.Variable.empty(), _array(f"{tag}.bias", bias.astype(self.dtype))]
-            k, n = q.shape
-            level = self.accuracy_level
-            if level is None:  # 8-bit codes only have a fast CPU path with int8 activations
-                level = 4 if q.bits == 8 else 0
-            attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": level}
-            self.graph.nodes.append(gs.Node("MatMulNBits", f"{tag}/MatMulNBits{key[0]}_{key[1]}", attrs,
-                                            inputs, [out], domain="com.microsoft"))
-            return out
-        deq = gs.Variable(f"{tag}/lrq{key[0]}_{key[1]}_w", dtype=self.dtype)
-        attrs = {"axis": 0, "block_size": q.block_size}
-        self.graph.nodes.append(gs.Node("DequantizeLinear", f"{tag}/DequantizeLinear{key[0]}_{key[1]}",
-                                        attrs, list(factors), [deq]))
-        self.graph.nodes.append(gs.Node("MatMul", f"{tag}/MatMul{key[0]}_{key[1]}", {}, [x, deq], [out]))
-        return out
-
-    def fused(self, x: gs.Tensor, form: tuple, tag: str, bias: np.ndarray | None) -> gs.Variable:
-        """One lrq::QLowRankMatMul node for X·L·R (+ X·Q) (+ bias)."""
-        (dense, dense_key), (left, left_key), (right, right_key) = form
-        k, rank, n = left.shape[0], left.shape[1], right.shape[1]
-        attrs = {"K": k, "N": n, "rank": rank, "accuracy_level": self.accuracy_level}
-        inputs = [x]
-        for prefix, q, key in (("l", left, left_key), ("r", right, right_key), ("q", dense, dense_key)):
-            if q is None:
-                inputs += [gs.Variable.empty()] * 3
-                continue
-            factors = self.factor(key, q)
-            inputs += [*factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
-            attrs[f"{prefix}_bits"], attrs[f"{prefix}_block_size"] = q.bits, q.block_size
-        if bias is not None:
-            inputs.append(_array(f"{tag}.bias", bias.astype(np.float32)))
-        out = gs.Variable(f"{tag}/lrq_lowrank", dtype=self.dtype)
-        self.graph.nodes.append(gs.Node("QLowRankMatMul", f"{tag}/QLowRankMatMul", attrs, inputs, [out],
-                                        domain="lrq"))
-        return out
-
-    def codebook(self, x: gs.Tensor, t: "KashinTensor | QuantizedTensor", tag: str,
-                 bias: np.ndarray | None) -> gs.Variable:
-        """One lrq::KashinMatMul node: X·(U + F1·V·F2ᵀ) for Kashin, X·U for a k-means codebook."""
-        kashin = isinstance(t, KashinTensor)
-        codes = t.pairs if kashin else t
-        k, n = codes.shape
-        if (0, 0) not in self._factors:
-            name = f"{self.prefix}.lrq0_0"
-            book = (codes.codebook * t.norm if kashin else codes.codebook.reshape(-1, 1)).astype(np.float32)
-            tensors = [_array(f"{name}.codes", pack_bits(codes.codes.T, codes.bits)), _array(f"{name}.codebook", book)]
-            for axis, label in ((t.transform.rows, "row"), (t.transform.cols, "col")) if kashin else ():
-                tensors.append(_array(f"{name}.{label}_signs", axis.signs.astype(np.float32)))
-                tensors.append(_array(f"{name}.{label}_small", axis.small) if axis.small is not None
-                               else gs.Variable.empty())
-            self.stored_bytes += sum(_stored_nbytes(c) for c in tensors if isinstance(c, gs.Constant))
-            self._factors[(0, 0)] = tensors
-        inputs = [x, *self._factors[(0, 0)]]
-        inputs += [gs.Variable.empty()] * (7 - len(inputs))
-        if bias is not None:
-            inputs.append(_array(f"{tag}.bias", bias.astype(np.float32)))
-        out = gs.Variable(f"{tag}/lrq_codebook", dtype=self.dtype)
-        self.graph.nodes.append(gs.Node("KashinMatMul", f"{tag}/KashinMatMul", {"K": k, "N": n, "bits": codes.bits},
-                                        inputs, [out], domain="lrq"))
-        return out
-
-    def op(self, op: str, tag: str, inputs: list[gs.Tensor], dtype: np.dtype | None = None,
-           attrs: dict | None = None) -> gs.Variable:
-        out = gs.Variable(f"{tag}/{op}_out", dtype=dtype or self.dtype)
-        self.graph.nodes.append(gs.Node(op, f"{tag}/{op}", attrs or {}, inputs, [out]))
+    def node(self, op: str, tag: str, inputs: list[gs.Tensor], attrs: dict | None = None, domain: str | None = None,
+             dtype: np.dtype | None = None) -> gs.Variable:
+        out = gs.Variable(self.model.unique_name(f"{tag}/{op}_out"), dtype=dtype or self.dtype)
+        self.graph.nodes.append(gs.Node(op, self.model.unique_name(f"{tag}/{op}"), attrs or {}, inputs, [out],
+                                        domain=domain))
+        self.nodes += 1
         return out
 
     def cast(self, x: gs.Tensor, dtype: np.dtype, tag: str) -> gs.Variable:
         to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        return self.op("Cast", tag, [x], dtype=np.dtype(dtype), attrs={"to": to})
+        return self.node("Cast", tag, [x], {"to": to}, dtype=np.dtype(dtype))
+
+    # -- factor layouts -------------------------------------------------------------------------
+    def ort_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
+        packed, _, _ = q.packed_columns()  # MatMulNBits stores row n = column n of W, blocks along K
+        tensors = [self.array(f"{name}.q", packed), self.array(f"{name}.scales", q.scales.T.astype(self.dtype).reshape(-1))]
+        if q.zero_points is not None:
+            tensors.append(self.array(f"{name}.zp", pack_bits(q.zero_points.T, q.bits)))
+        return tensors
+
+    def lrq_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
+        """codes, scales, zero points (or an empty placeholder): the three inputs of an lrq weight."""
+        codes, scales, zero_points = q.packed_columns()
+        return [self.array(f"{name}.q", codes), self.array(f"{name}.scales", scales),
+                self.array(f"{name}.zp", zero_points) if zero_points is not None else gs.Variable.empty()]
+
+    def std_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
+        half = 1 << (q.bits - 1)
+        scales = self.array(f"{name}.scales", q.scales.astype(self.dtype))
+        if q.bits <= 4:
+            if q.symmetric:  # signed two's-complement nibbles, implicit zero point 0
+                return [_packed_tensor(self.model.unique_name(f"{name}.q"), q.codes.astype(np.int16) - half,
+                                       onnx.TensorProto.INT4), scales]
+            return [_packed_tensor(self.model.unique_name(f"{name}.q"), q.codes, onnx.TensorProto.UINT4), scales,
+                    _packed_tensor(self.model.unique_name(f"{name}.zp"), q.zero_points, onnx.TensorProto.UINT4)]
+        if q.symmetric:
+            return [self.array(f"{name}.q", (q.codes.astype(np.int16) - half).astype(np.int8)), scales]
+        return [self.array(f"{name}.q", q.codes), scales, self.array(f"{name}.zp", q.zero_points)]
+
+    def bias(self, tag: str, bias: np.ndarray, dtype: np.dtype) -> gs.Constant:
+        return self.array(f"{tag}.bias", bias.astype(dtype))
 
 
-def codebook_form(rep):
-    """The one KashinTensor or codebook tensor W is, else None."""
-    if len(rep.chains) == 1 and len(rep.chains[0]) == 1:
-        t = rep.chains[0][0]
-        if isinstance(t, KashinTensor) or (t.codebook is not None and t.codebook.ndim == 1 and t.scales is None):
-            return t
-    return None
+def lrq_node(em: Emitter, op: str, tag: str, named: dict[str, gs.Tensor], attrs: dict) -> gs.Variable:
+    """One lrq custom-op node, its inputs placed by name as runtime/op_schema.py orders them."""
+    schema = OPS[op]
+    unknown = set(named) - {i.name for i in schema.inputs}
+    missing = [a for a in schema.attributes if a not in attrs]
+    if unknown or missing:
+        raise ValueError(f"lrq::{op}: inputs {sorted(unknown)} unknown, attributes {missing} missing")
+    last = max(schema.index(name) for name in named)
+    inputs = [named.get(i.name) or gs.Variable.empty() for i in schema.inputs[:last + 1]]
+    return em.node(op, tag, inputs, attrs, domain=DOMAIN)
 
 
-def check_lowerable(layer: Layer, rep, target: str) -> None:
-    # the ort and std kernels take uniform grids blocked down K; codebooks need the native ops
-    t = codebook_form(rep)
-    if target == "lrq" and t is not None:
-        if isinstance(t, KashinTensor) and t.transform.kind != "hadamard":
-            raise LrqError(f"layer '{layer.name}': lrq::KashinMatMul runs Hadamard transforms, this weight "
-                           f"used '{t.transform.kind}'; use --transform hadamard")
-        return
-    if not all(isinstance(q, QuantizedTensor) and q.codebook is None and q.axis == 0
-               for chain in rep.chains for q in chain):
-        raise LrqError(f"layer '{layer.name}': method {rep.method} has codebooks, which only the native ops run; "
-                       f"use --lowering lrq, or choose rtn, gptq, svd, lplr or qlr")
+# -- rules: (form, target) -> emit(em, x, rep, tag, bias) -> output --------------------------------
+Rule = Callable[[Emitter, gs.Tensor, Representation, str, "np.ndarray | None"], gs.Variable]
+RULES: dict[tuple[str, str], Rule] = {}
+# rules that end in one node, which can carry the bias
+FUSES_BIAS: set[tuple[str, str]] = set()
 
 
-def check_ort_compatible(layer: Layer, rep) -> None:
+def rule(forms: tuple[str, ...], targets: tuple[str, ...], fuses_bias: bool = False) -> Callable[[Rule], Rule]:
+    def wrap(fn: Rule) -> Rule:
+        for form in forms:
+            for target in targets:
+                RULES[form, target] = fn
+                if fuses_bias:
+                    FUSES_BIAS.add((form, target))
+        return fn
+    return wrap
+
+
+def _ort_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias) -> gs.Variable:
+    factors = em.once(key, lambda name: em.ort_factor(name, q))
+    inputs = [x, *factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
+    if bias is not None:
+        inputs += [gs.Variable.empty(), em.bias(tag, bias, em.dtype)]
+    level = em.accuracy_level
+    if level is None:  # 8-bit codes only have a fast CPU path with int8 activations
+        level = 4 if q.bits == 8 else 0
+    k, n = q.shape
+    attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": level}
+    return em.node("MatMulNBits", tag, inputs, attrs, domain="com.microsoft")
+
+
+def _std_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias) -> gs.Variable:
+    factors = em.once(key, lambda name: em.std_factor(name, q))
+    deq = em.node("DequantizeLinear", tag, list(factors), {"axis": 0, "block_size": q.block_size})
+    return em.node("MatMul", tag, [x, deq])
+
+
+def _lrq_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias) -> gs.Variable:
+    codes, scales, zp = em.once(key, lambda name: em.lrq_factor(name, q))
+    named = {"X": x, "B_codes": codes, "B_scales": scales, "B_zero_points": zp}
+    if bias is not None:
+        named["bias"] = em.bias(tag, bias, np.float32)
+    k, n = q.shape
+    return lrq_node(em, "QMatMul", tag, named, {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
+                                                 "accuracy_level": em.accuracy_level})
+
+
+def _chains(matmul) -> Rule:
+    def emit(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -> gs.Variable:
+        sums = []
+        for ci, chain in enumerate(rep.chains):
+            h = x
+            for fi, q in enumerate(chain):
+                last = fi == len(chain) - 1
+                h = matmul(em, h, q, (ci, fi), tag, bias if last and ci == 0 else None)
+            sums.append(h)
+        out = sums[0]
+        for other in sums[1:]:
+            out = em.node("Add", tag, [out, other])
+        return out
+    return emit
+
+
+rule(("dense",), ("ort",), fuses_bias=True)(_chains(_ort_matmul))
+rule(("lowrank", "dense+lowrank", "chains"), ("ort",))(_chains(_ort_matmul))
+rule(("dense", "lowrank", "dense+lowrank", "chains"), ("std",))(_chains(_std_matmul))
+rule(("dense",), ("lrq",), fuses_bias=True)(_chains(_lrq_matmul))
+rule(("chains",), ("lrq",))(_chains(_lrq_matmul))
+
+
+@rule(("lowrank", "dense+lowrank"), ("lrq",), fuses_bias=True)
+def _lrq_lowrank(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -> gs.Variable:
+    """One lrq::QLowRankMatMul node for X·L·R (+ X·Q) (+ bias)."""
+    dense = next(((c[0], (i, 0)) for i, c in enumerate(rep.chains) if len(c) == 1), None)
+    i, (left, right) = next((i, c) for i, c in enumerate(rep.chains) if len(c) == 2)
+    attrs = {"K": left.shape[0], "N": right.shape[1], "rank": left.shape[1], "accuracy_level": em.accuracy_level}
+    named = {"X": x}
+    for prefix, q, key in (("L", left, (i, 0)), ("R", right, (i, 1)), ("Q", *(dense or (None, None)))):
+        if q is None:
+            continue
+        codes, scales, zp = em.once(key, lambda name, q=q: em.lrq_factor(name, q))
+        named.update({f"{prefix}_codes": codes, f"{prefix}_scales": scales, f"{prefix}_zero_points": zp})
+        attrs[f"{prefix.lower()}_bits"], attrs[f"{prefix.lower()}_block_size"] = q.bits, q.block_size
+    if bias is not None:
+        named["bias"] = em.bias(tag, bias, np.float32)
+    return lrq_node(em, "QLowRankMatMul", tag, named, attrs)
+
+
+@rule(("codebook",), ("lrq",), fuses_bias=True)
+def _lrq_codebook(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -> gs.Variable:
+    """One lrq::KashinMatMul node: X·(U + F1·V·F2ᵀ) for Kashin, X·U for a k-means codebook."""
+    t = rep.chains[0][0]
+    kashin = isinstance(t, KashinTensor)
+    codes = t.pairs if kashin else t
+    k, n = codes.shape
+
+    def make(name: str) -> dict[str, gs.Tensor]:
+        book = (codes.codebook * t.norm if kashin else codes.codebook.reshape(-1, 1)).astype(np.float32)
+        tensors = {"codes": em.array(f"{name}.codes", pack_bits(codes.codes.T, codes.bits)),
+                   "codebook": em.array(f"{name}.codebook", book)}
+        for axis, label in ((t.transform.rows, "row"), (t.transform.cols, "col")) if kashin else ():
+            tensors[f"{label}_signs"] = em.array(f"{name}.{label}_signs", axis.signs.astype(np.float32))
+            if axis.small is not None:
+                tensors[f"{label}_small"] = em.array(f"{name}.{label}_small", axis.small)
+        return tensors
+
+    named = {"X": x, **em.once("codebook", make)}
+    if bias is not None:
+        named["bias"] = em.bias(tag, bias, np.float32)
+    return lrq_node(em, "KashinMatMul", tag, named, {"K": k, "N": n, "bits": codes.bits})
+
+
+def check_ort_compatible(name: str, rep: Representation) -> None:
     for chain in rep.chains:
         for q in chain:
             if q.bits not in ORT_BITS:
-                raise LrqError(f"layer '{layer.name}': {q.bits}-bit codes have no MatMulNBits kernel "
-                               f"(bits {', '.join(map(str, ORT_BITS))}); use --lowering std or --bits 4")
+                raise LrqError(f"layer '{name}': {q.bits}-bit codes have no MatMulNBits kernel "
+                               f"(bits {', '.join(map(str, ORT_BITS))}); use --lowering std or lrq, or --bits 4")
             if q.block_size & (q.block_size - 1) or not 16 <= q.block_size <= 256:
-                raise LrqError(f"layer '{layer.name}': MatMulNBits needs a power-of-two block size in "
+                raise LrqError(f"layer '{name}': MatMulNBits needs a power-of-two block size in "
                                f"16..256, got {q.block_size}; use --block-size 32 or --lowering std")
 
 
-def fused_form(rep) -> tuple | None:
-    """((Q, key) or (None, None), (L, key), (R, key)) when W is L·R or Q + L·R, else None."""
-    singles = [(c[0], (i, 0)) for i, c in enumerate(rep.chains) if len(c) == 1]
-    pairs = [(c, i) for i, c in enumerate(rep.chains) if len(c) == 2]
-    if len(pairs) != 1 or len(singles) > 1 or len(singles) + len(pairs) != len(rep.chains):
-        return None
-    (left, right), i = pairs[0]
-    return (singles[0] if singles else (None, None)), (left, (i, 0)), (right, (i, 1))
+def check_lowerable(name: str, rep: Representation, target: str, io_dtype: str) -> None:
+    """Rule 3 and each target's limits: a one-line error naming the layer and the fix."""
+    if (rep.form, target) not in RULES:
+        runs = sorted(t for (form, t) in RULES if form == rep.form)
+        raise LrqError(f"layer '{name}': method {rep.method} gives a {rep.form} weight, which "
+                       f"{'only --lowering ' + ' or '.join(runs) + ' runs' if runs else 'no lowering runs'}")
+    if target == "ort":
+        check_ort_compatible(name, rep)
+    kashin = rep.chains[0][0] if rep.form == "codebook" else None
+    if isinstance(kashin, KashinTensor) and transform_refusal(kashin.transform.kind):
+        raise LrqError(f"layer '{name}': {transform_refusal(kashin.transform.kind)}")
+    if target == "lrq" and np.dtype(io_dtype) != np.float32:
+        raise LrqError(f"layer '{name}': the lrq lowering takes float32 layers, this one is {io_dtype}; "
+                       f"use --lowering ort")
 
 
 def _gemm_bias(node: gs.Node) -> tuple[gs.Tensor | None, np.ndarray | None, float]:
@@ -255,45 +299,49 @@ def _gemm_bias(node: gs.Node) -> tuple[gs.Tensor | None, np.ndarray | None, floa
     return c, constant_values(c), float(node.attrs.get("beta", 1.0))
 
 
-def rewrite_node(em: Emitter, node: gs.Node, rep, tag: str) -> None:
+def rewrite_node(em: Emitter, node: gs.Node, rep: Representation, tag: str) -> None:
+    """Replace one MatMul/Gemm node by the rule's nodes (cases 4 and 5)."""
     x, y = node.inputs[0], node.outputs[0]
     c, c_values, beta = _gemm_bias(node)
     alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+    key = (rep.form, em.target)
     vector_bias = None
-    form = fused_form(rep) if em.target == "lrq" else None
-    book = codebook_form(rep) if em.target == "lrq" else None
-    # a [N] or [1, N] constant C rides in the last node's bias input; any other C gets an Add
     if c_values is not None and c_values.size == rep.shape[1] and c_values.shape[-1:] == (rep.shape[1],) \
-            and alpha == 1.0 and (len(rep.chains) == 1 or form or book is not None) and em.target in ("ort", "lrq"):
+            and alpha == 1.0 and key in FUSES_BIAS:
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
     node.outputs.clear()
     if em.dtype != em.io_dtype:
         x = em.cast(x, em.dtype, f"{tag}/in")
-    sums = [em.fused(x, form, tag, vector_bias)] if form else []
-    if book is not None:
-        sums = [em.codebook(x, book, tag, vector_bias)]
-    for ci, chain in enumerate(rep.chains if not sums else ()):
-        h = x
-        for fi, q in enumerate(chain):
-            last = fi == len(chain) - 1
-            h = em.matmul(h, q, (ci, fi), tag, bias=vector_bias if (last and ci == 0) else None)
-        sums.append(h)
-    h = sums[0]
-    for other in sums[1:]:
-        h = em.op("Add", tag, [h, other])
-    if em.dtype != em.io_dtype:
-        h = em.cast(h, em.io_dtype, f"{tag}/out")
+    h = RULES[key](em, x, rep, tag, vector_bias)
     io = em.io_dtype
+    if em.dtype != io:
+        h = em.cast(h, io, f"{tag}/out")
     if alpha != 1.0:
-        h = em.op("Mul", f"{tag}/alpha", [h, _array(f"{tag}.alpha", np.array(alpha, io))], dtype=io)
+        h = em.node("Mul", f"{tag}/alpha", [h, em.array(f"{tag}.alpha", np.array(alpha, io))], dtype=io)
     if c is not None and vector_bias is None:
         if beta != 1.0:
-            c = em.op("Mul", f"{tag}/beta", [c, _array(f"{tag}.beta", np.array(beta, io))], dtype=io)
-        h = em.op("Add", f"{tag}/bias", [h, c], dtype=io)
+            c = em.node("Mul", f"{tag}/beta", [c, em.array(f"{tag}.beta", np.array(beta, io))], dtype=io)
+        h = em.node("Add", f"{tag}/bias", [h, c], dtype=io)
     producer = h.inputs[0]
     producer.outputs.clear()
     producer.outputs.append(y)
+
+
+def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: str,
+                accuracy_level: int | None) -> LoweredLayer:
+    """Rewrite every node of ``layer`` (the replaced nodes are dropped; cleanup removes the rest)."""
+    check_lowerable(layer.name, rep, target, layer.dtype)
+    # float16 scales of a float32 layer: MatMulNBits and DequantizeLinear then compute in
+    # float16; the lrq ops take either scale type with float32 activations
+    scales = getattr(rep.chains[0][0], "scales", None)
+    compute = layer.dtype if target == "lrq" or scales is None else scales.dtype
+    em = Emitter(model, target, layer.weight, compute, accuracy_level, io_dtype=np.dtype(layer.dtype))
+    for node, label in zip(layer.nodes, layer.labels):
+        rewrite_node(em, node, rep, label)
+    replaced = {id(node) for node in layer.nodes}
+    model.graph.nodes = [n for n in model.graph.nodes if id(n) not in replaced]
+    return LoweredLayer(target, em.stored_bytes, em.nodes)
 
 
 @register_pass
@@ -308,60 +356,49 @@ class Lower(Pass):
     name = "lower"
     positional = ("target",)
 
+    def validate(self) -> None:
+        target = self.params.get("target")
+        if target is not None and target not in TARGETS:
+            raise LrqError(f"unknown lowering target '{target}'; choose one of {', '.join(TARGETS)}")
+        if self.params.get("accuracy_level") not in (None, 0, 4):
+            raise LrqError(f"accuracy_level must be 0 or 4, got {self.params['accuracy_level']}")
+        unknown = sorted(set(self.params) - {"target", "accuracy_level"})
+        if unknown:
+            raise LrqError(f"unknown option(s) {', '.join(unknown)}; lower takes target and accuracy_level")
+
     def run(self, ctx: Context) -> PassResult:
         target = self.params.get("target", ctx.config.lowering)
-        if target not in TARGETS:
-            raise LrqError(f"unknown lowering target '{target}'; choose one of {', '.join(TARGETS)}")
-        if not ctx.plans:
+        todo = [(p.layer, p.rep) for p in ctx.plans.values() if p.rep is not None]
+        if not todo:
             return PassResult(modified=False)
+        for layer, rep in todo:  # every refusal before the first rewrite
+            check_lowerable(layer.name, rep, target, layer.dtype)
+        if target == "lrq":
+            library_path()  # a clear error now if the native ops are missing
+        if target == "ort" and any(q.bits == 2 for _, rep in todo for chain in rep.chains for q in chain):
+            log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
+                        "dequantizes the weight on every call; --lowering std runs 2-bit codes "
+                        "(stored as int4) through the fast 4-bit kernel")
         if target == "std":
-            _upgrade_opset(ctx)
-        graph = ctx.model.graph
-        rewritten = 0
-        warned_2bit = False
-        for layer in ctx.analysis("layers"):
-            rep = ctx.plans.get(layer.weight) if layer.rewrite else None
-            if rep is None:
-                continue
-            check_lowerable(layer, rep, target)
-            if target == "lrq":
-                library_path()  # a clear error now if the native ops are missing
-                if np.dtype(layer.dtype) != np.float32:
-                    raise LrqError(f"layer '{layer.name}': the lrq lowering takes float32 layers, this one is "
-                                   f"{layer.dtype}; use --lowering ort")
-            if target == "ort":
-                check_ort_compatible(layer, rep)
-                if any(q.bits == 2 for chain in rep.chains for q in chain) and not warned_2bit:
-                    warned_2bit = True
-                    log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
-                                "dequantizes the weight on every call; --lowering std runs 2-bit codes "
-                                "(stored as int4) through the fast 4-bit kernel")
-            # float16 scales of a float32 layer: MatMulNBits and DequantizeLinear then compute in
-            # float16; the lrq op takes either scale type with float32 activations
-            compute = layer.dtype if target == "lrq" else rep.chains[0][0].scales.dtype
-            level = self.params.get("accuracy_level", ctx.config.accuracy_level)
-            em = Emitter(graph, target, layer.weight, compute, level,
-                         io_dtype=np.dtype(layer.dtype))
-            for node in layer.nodes:
-                rewrite_node(em, node, rep, node.name or layer.name)
-            replaced = {id(node) for node in layer.nodes}
-            graph.nodes = [n for n in graph.nodes if id(n) not in replaced]
-            entry = ctx.report["layers"].setdefault(layer.name, {"name": layer.name})
-            entry["stored_bytes"] = em.stored_bytes
-            entry["stored_bpw"] = round(em.stored_bytes * 8 / layer.params, 4)
-            rewritten += 1
-        graph.toposort()  # new nodes were appended at the end
+            upgrade_opset(ctx)
+            layers = {layer.weight: layer for layer in ctx.analysis("layers")}
+            todo = [(layers[layer.weight], rep) for layer, rep in todo]
+        level = self.params.get("accuracy_level", ctx.config.accuracy_level)
+        lowered = {}
+        for layer, rep in todo:
+            lowered[layer.weight] = lower_layer(ctx.model, layer, rep, target, level)
+        ctx.model.graph.toposort()  # new nodes were appended at the end
         if target == "std":
             ctx.model.min_ir_version = max(ctx.model.min_ir_version, IR_VERSION_INT4)
         ctx.model.set_metadata("lrqgraph.version", __version__)
         ctx.model.set_metadata("lrqgraph.lowering", target)
-        ctx.plans.clear()
-        log.info("lower(%s): rewrote %d layers", target, rewritten)
+        ctx.lowered = lowered
+        log.info("lower(%s): rewrote %d layers", target, len(lowered))
         return PassResult(modified=True)
 
 
-def _upgrade_opset(ctx: Context) -> None:
-    """Blocked DequantizeLinear needs opset 21: convert older models first, keeping the plans."""
+def upgrade_opset(ctx: Context) -> None:
+    """Blocked DequantizeLinear needs opset 21: convert older models first (layers are found anew)."""
     if ctx.model.opset >= STD_OPSET:
         return
     old = ctx.model.opset

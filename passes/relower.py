@@ -1,26 +1,27 @@
 """relower: turn lrqgraph's custom-op nodes back into ops every onnxruntime has.
 
-``lrqgraph lower MODEL --to ort|std`` runs it on a model written with ``--lowering lrq``: each
-``lrq::QMatMul`` / ``lrq::QLowRankMatMul`` node is read back into its quantized factors (the same
-codes, scales and zero points, nothing requantized) and emitted by the ``lower`` pass's emitter
-as MatMulNBits chains (ort) or DequantizeLinear + MatMul (std), bias included.
+``lrqgraph lower MODEL --to ort|std`` runs it on a model written with ``--lowering lrq``:
+ 1. each ``lrq::QMatMul`` / ``lrq::QLowRankMatMul`` node is read back (inputs placed by
+    runtime/op_schema.py) into its quantized factors (the same codes, scales and zero points,
+    nothing requantized) and emitted by the ``lower`` pass's rules as MatMulNBits chains (ort) or
+    DequantizeLinear + MatMul (std), bias included;
+ 2. ``lrq::KashinMatMul`` (Kashin and k-means codebooks) has no standard-op equivalent of its size:
+    the whole conversion is refused, naming the node, before anything is changed.
 """
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrqgraph.errors import LrqError
+from lrqgraph.graph import constant_values
 from lrqgraph.model import IR_VERSION_INT4
 from lrqgraph.numerics import QuantizedTensor, Representation, unpack_bits
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
-from lrqgraph.runtime.native_ops import DOMAIN
+from lrqgraph.runtime.op_schema import DOMAIN, OPS
 
-from .discover import constant_values
-from .lower import Emitter, _upgrade_opset, check_ort_compatible, rewrite_node
+from .lower import Emitter, upgrade_opset, check_lowerable, rewrite_node
 
 log = logging.getLogger(__name__)
 TARGETS = ("ort", "std")
@@ -41,8 +42,9 @@ def _constant(node: gs.Node, index: int, what: str) -> np.ndarray:
     return np.asarray(values)
 
 
-def read_factor(node: gs.Node, first: int, k: int, n: int, bits: int, block: int, what: str) -> QuantizedTensor:
-    """The factor held by inputs first (codes [N, blocks, blob]), first+1 (scales), first+2 (zero points)."""
+def read_factor(node: gs.Node, prefix: str, k: int, n: int, bits: int, block: int, what: str) -> QuantizedTensor:
+    """The factor held by inputs <prefix>codes [N, blocks, blob], <prefix>scales, <prefix>zero_points."""
+    first = OPS[node.op].index(f"{prefix}codes")
     blocks = -(-k // block)
     packed = _constant(node, first, f"{what} codes").reshape(n * blocks, -1)
     codes = unpack_bits(packed, bits, block).reshape(n, blocks * block)[:, :k].T
@@ -59,18 +61,20 @@ def read_node(node: gs.Node) -> tuple[Representation, gs.Tensor | None]:
     a = node.attrs
     try:
         if node.op == "QMatMul":
-            q = read_factor(node, 1, a["K"], a["N"], a["bits"], a["block_size"], "B")
-            return Representation(((q,),), "lrq"), _input(node, 4)
+            q = read_factor(node, "B_", a["K"], a["N"], a["bits"], a["block_size"], "B")
+            return Representation(((q,),), "lrq"), _input(node, OPS[node.op].index("bias"))
         if node.op == "QLowRankMatMul":
-            left = read_factor(node, 1, a["K"], a["rank"], a["l_bits"], a["l_block_size"], "L")
-            right = read_factor(node, 4, a["rank"], a["N"], a["r_bits"], a["r_block_size"], "R")
+            left = read_factor(node, "L_", a["K"], a["rank"], a["l_bits"], a["l_block_size"], "L")
+            right = read_factor(node, "R_", a["rank"], a["N"], a["r_bits"], a["r_block_size"], "R")
             chains = [(left, right)]
-            if _input(node, 7) is not None:
-                chains.insert(0, (read_factor(node, 7, a["K"], a["N"], a["q_bits"], a["q_block_size"], "Q"),))
-            return Representation(tuple(chains), "lrq", rank=a["rank"]), _input(node, 10)
+            if _input(node, OPS[node.op].index("Q_codes")) is not None:
+                chains.insert(0, (read_factor(node, "Q_", a["K"], a["N"], a["q_bits"], a["q_block_size"], "Q"),))
+            return Representation(tuple(chains), "lrq", rank=a["rank"]), _input(node, OPS[node.op].index("bias"))
     except KeyError as exc:
         raise LrqError(f"node '{node.name}' ({node.op}): missing attribute {exc}") from None
-    raise LrqError(f"node '{node.name}': lrq::{node.op} has no conversion to standard ops")
+    raise LrqError(f"node '{node.name}': lrq::{node.op} (a codebook weight) has no conversion to standard ops; "
+                   f"keep --lowering lrq for it, or re-run lrqgraph optimize with a uniform-grid method "
+                   f"(rtn, gptq, svd, lplr, qlr)")
 
 
 @register_pass
@@ -80,23 +84,25 @@ class Relower(Pass):
     name = "relower"
     positional = ("target",)
 
+    def validate(self) -> None:
+        if self.params.get("target", "ort") not in TARGETS:
+            raise LrqError(f"cannot lower lrq ops to '{self.params['target']}'; choose one of {', '.join(TARGETS)}")
+
     def run(self, ctx: Context) -> PassResult:
         target = self.params.get("target", "ort")
-        if target not in TARGETS:
-            raise LrqError(f"cannot lower lrq ops to '{target}'; choose one of {', '.join(TARGETS)}")
         nodes = [node for node in ctx.model.graph.nodes if node.domain == DOMAIN]
         if not nodes:
             return PassResult(modified=False)
         if target == "std":
-            _upgrade_opset(ctx)
+            upgrade_opset(ctx)
             nodes = [node for node in ctx.model.graph.nodes if node.domain == DOMAIN]
         graph = ctx.model.graph
-        for node in nodes:
-            rep, bias = read_node(node)
-            if target == "ort":
-                check_ort_compatible(SimpleNamespace(name=node.name), rep)
-            em = Emitter(graph, target, node.name, rep.chains[0][0].scales.dtype, self.params.get("accuracy_level"),
-                         io_dtype=np.float32)
+        read = [(node, *read_node(node)) for node in nodes]  # every refusal before the first change
+        for node, rep, _ in read:
+            check_lowerable(node.name, rep, target, "float32")
+        for node, rep, bias in read:
+            em = Emitter(ctx.model, target, node.name, rep.chains[0][0].scales.dtype,
+                         self.params.get("accuracy_level"), io_dtype=np.float32)
             # rewrite_node reads a MatMul (or a Gemm with its bias as C): present the node as one
             node.op, node.domain, node.attrs = ("Gemm" if bias is not None else "MatMul"), "", {}
             x = node.inputs[0]

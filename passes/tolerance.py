@@ -1,8 +1,9 @@
 """tolerance: per layer, the candidate representations and each one's predicted share of the
 end-to-end degradation.
 
-1. Candidates: the lowering's menu of dense grids (bits, block), each computed for real (GPTQ
-   with calibration statistics, RTN without), with its exact storage bits and
+1. Candidates: every registered method's menu for the lowering (today: gptq's dense grids
+   (bits, block), or AllocateConfig.menu), each computed for real (GPTQ with calibration
+   statistics, RTN without), with its exact storage bits and
    its activation-aware error e = sqrt(tr(ΔWᵀHΔW) / tr(WᵀHW)) (relative Frobenius error when
    data-free). Keeping the float weight is always a candidate (e = 0).
 2. Calibration of the proxy: each layer alone is replaced by its cheapest candidate (the probe)
@@ -21,25 +22,20 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
-from lrqgraph import calib
-from lrqgraph.config import with_fields
+import lrqgraph.calib as calib
+from lrqgraph.errors import LrqError
 from lrqgraph.evaluate import Degradation
+from lrqgraph.methods import METHODS, MethodConfig, configure
 from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
 from lrqgraph.passmanager import Context, register_analysis
+from lrqgraph.plan import Layer
+from lrqgraph.progress import progress
 
-from .discover import Layer
 from .factorize import factorize_weight
+from .lower import check_lowerable
 
 log = logging.getLogger(__name__)
-
-# (bits, block) menus: MatMulNBits runs 2/4/8-bit codes; standard DequantizeLinear int4/int8.
-DEFAULT_MENUS = {
-    "ort": ((2, 128), (2, 64), (2, 32), (2, 16), (4, 256), (4, 128), (4, 64), (4, 32), (8, 128)),
-    "lrq": ((2, 64), (2, 32), (2, 16), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (8, 128)),
-    "std": ((4, 128), (4, 64), (4, 32), (8, 128)),
-}
 
 
 @dataclass
@@ -78,19 +74,31 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def candidates_for(layer: Layer, menu, method_cfg, h: np.ndarray | None) -> list[Candidate]:
-    """Every menu entry for one layer (cheapest first), then keeping the float weight."""
+def menu_for(lowering: str, custom: tuple[tuple[int, int], ...] = ()) -> list[tuple[str, dict]]:
+    """(method, fields) of every candidate: each registered method's menu for the lowering, or a
+    custom (bits, block) menu of gptq grids."""
+    if custom:
+        return [("gptq", {"bits": bits, "block_size": block, "sweeps": 0}) for bits, block in custom]
+    return [(name, fields) for name, m in METHODS.items() for fields in m.menu(lowering)]
+
+
+def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: MethodConfig,
+                   h: np.ndarray | None, lowering: str) -> list[Candidate]:
+    """Every menu entry the lowering runs for this layer (cheapest first), then keeping the float
+    weight. (A menu block longer than K shrinks to K, which e.g. MatMulNBits cannot take.)"""
     w = layer.weight_matrix()
-    float_bits = np.dtype(layer.dtype).itemsize * 8 * w.size
+    float_bits = layer.stored_bits
     info = HessianInfo.of(h)  # factorized once for every candidate
     out = []
-    for bits, block in menu:
-        # GPTQ alone to rank the menu; allocate polishes the chosen ones with coordinate descent
-        cfg = with_fields(method_cfg, {"bits": bits, "block_size": block, "method": "gptq", "sweeps": 0})
+    for method, fields in menu:
+        cfg = configure(method_cfg, method=method, **fields)
         rep, _ = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), info)
-        if rep is None or rep.storage_bits() >= float_bits:
+        if rep is None or rep.storage_bits() >= float_bits or not lowerable(layer, rep, lowering):
             continue
-        label = f"{rep.method} {bits}b g{block}"
+        first = rep.chains[0][0]
+        label = f"{rep.method} {first.bits}b g{first.block_size}"  # the grid as stored (blocks shrink to K)
+        if any(c.label == label for c in out):
+            continue  # a block longer than K is K: that grid is on the menu already
         dense = rep.dequantize()
         error = activation_error(w, dense, h) if h is not None else relative_error(w, dense)
         out.append(Candidate(label, rep, rep.storage_bits(), error))
@@ -99,45 +107,54 @@ def candidates_for(layer: Layer, menu, method_cfg, h: np.ndarray | None) -> list
     return out
 
 
-def measurement_batches(ctx: Context) -> tuple[list[dict[str, np.ndarray]], str]:
+def lowerable(layer: Layer, rep: Representation, lowering: str) -> bool:
+    try:
+        check_lowerable(layer.name, rep, lowering, layer.dtype)
+        return True
+    except LrqError:
+        return False
+
+
+def measurement_batches(ctx: Context, config) -> tuple[list[dict[str, np.ndarray]], str]:
     """The first ``measure_samples`` calibration samples (synthetic inputs without --calib)."""
     data = ctx.analysis("calib_data")
     if data is not None:
         runs, count = [], 0
         for run in data.batches:
-            if count >= ctx.config.allocate.measure_samples:
+            if count >= config.allocate.measure_samples:
                 break
             runs.append(run)
             count += len(next(iter(run.values())))
         return runs, f"{count} samples of {data.source}"
-    model = ctx.model.to_onnx()
-    feeds = calib.synthesize(model, ctx.model.graph, ctx.config.verify.samples, ctx.config.verify.seed)
+    signature = ctx.model.signature()
+    feeds = calib.synthesize(signature, ctx.model.graph, config.verify.samples, config.verify.seed)
     log.warning("tolerance: no --calib data; layer sensitivities are measured on synthetic inputs")
-    return list(calib.batches(model, feeds)), f"{ctx.config.verify.samples} synthetic samples"
+    return list(calib.batches(signature, feeds)), f"{config.verify.samples} synthetic samples"
 
 
-@register_analysis("degradation")
-def degradation_meter(ctx: Context) -> Degradation:
+@register_analysis("degradation", requires=("layers", "calib_data"), config=("allocate", "verify"))
+def degradation_meter(ctx: Context, config) -> Degradation:
     """The original model with every selected weight swappable, on the calibration inputs."""
-    cfg = ctx.config.allocate
+    cfg = config.allocate
     weights = [layer.weight for layer in ctx.analysis("layers") if layer.rewrite]
-    batches, _ = measurement_batches(ctx)
+    batches, _ = measurement_batches(ctx, config)
     return Degradation(ctx.model.to_onnx(), weights, batches, metric="kl" if cfg.max_kl is not None else "cosine",
                        custom=cfg.metric)
 
 
-@register_analysis("tolerance")
-def layer_tolerance(ctx: Context) -> list[LayerTolerance]:
-    cfg = ctx.config.allocate
-    menu = cfg.menu or DEFAULT_MENUS[ctx.config.lowering]
+@register_analysis("tolerance", requires=("layers", "hessians", "degradation"),
+                   config=("allocate", "factorize", "lowering"))
+def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
+    cfg = config.allocate
+    menu = menu_for(config.lowering, cfg.menu)
     hessians = ctx.analysis("hessians")
-    meter = ctx.analysis("degradation")
+    meter = ctx.analysis("degradation", allocate=cfg)
     start = time.perf_counter()
     result = []
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
-    for layer in tqdm(layers, desc="tolerance", unit="layer", disable=None, leave=False):
-        method_cfg = ctx.config.factorize.for_layer(layer.name, layer.weight)
-        cands = candidates_for(layer, menu, method_cfg, hessians.get(layer.weight))
+    for layer in progress(layers, "tolerance"):
+        method_cfg = config.factorize.for_layer(layer.name, layer.weight)
+        cands = candidates_for(layer, menu, method_cfg, hessians.get(layer.weight), config.lowering)
         tol = LayerTolerance(layer, cands)
         lossy = [c for c in cands if c.rep is not None]
         if lossy:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lrqgraph import calib
+import lrqgraph.calib as calib
 from lrqgraph.config import VerifyConfig, with_fields
 from lrqgraph.errors import LrqError, VerificationError
 from lrqgraph.evaluate import cosines, per_sample, run_batches
@@ -82,6 +82,9 @@ class Verify(Pass):
 
     name = "verify"
 
+    def validate(self) -> None:
+        with_fields(VerifyConfig(), self.params)
+
     def run(self, ctx: Context) -> PassResult:
         cfg = with_fields(ctx.config.verify, self.params)
         if ctx.original is None:
@@ -89,5 +92,5 @@ class Verify(Pass):
         # The rewrite keeps the graph's inputs, so the rewritten model describes the signature.
         rewritten = ctx.model.to_onnx()
         data = ctx.analysis("calib_data") if cfg.calib in (None, ctx.config.calib) else None
-        ctx.report["verify"] = compare_outputs(ctx.original, rewritten, rewritten, ctx.model.graph, cfg, data)
+        ctx.verification = compare_outputs(ctx.original, rewritten, rewritten, ctx.model.graph, cfg, data)
         return PassResult(modified=False)

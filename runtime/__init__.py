@@ -1,5 +1,8 @@
-"""Running rewritten models: onnxruntime sessions with lrqgraph's settings (``lrqgraph.runtime``)."""
-from .native_ops import available, library_path
-from .session import interleaved_latency_ms, session, session_options
+"""Running rewritten models: onnxruntime sessions with lrqgraph's settings (``lrqgraph.runtime``).
 
-__all__ = ["session", "session_options", "interleaved_latency_ms", "library_path", "available"]
+Imports nothing of lrqgraph but ``lrqgraph.errors``: the runtime sits beside the core.
+"""
+from .native_ops import available, library_path
+from .session import interleaved_latency_ms, register, session, session_options
+
+__all__ = ["session", "register", "session_options", "interleaved_latency_ms", "library_path", "available"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lrqgraph.errors import LrqError
-from lrqgraph.io import cache_dir
+from lrqgraph.cache import cache_dir
 from lrqgraph.numerics import QuantizedTensor
 
 if TYPE_CHECKING:  # torch is imported where the kernels run, not on import

@@ -20,14 +20,33 @@ QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 
 
 def session_options(threads: int | None = None, config: dict[str, str] | None = None) -> ort.SessionOptions:
+    """Fresh SessionOptions with lrqgraph's config entries (``config`` added on top)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    entries = {QDQ_ACCURACY_KEY: "0", **(config or {})}
-    for key, value in entries.items():
+    for key, value in (config or {}).items():
         so.add_session_config_entry(key, str(value))
-    return so
+    return register(so, library=False)
+
+
+def _has_entry(so: ort.SessionOptions, key: str) -> bool:
+    try:
+        so.get_session_config_entry(key)
+        return True
+    except RuntimeError:  # onnxruntime raises for keys that were never set
+        return False
+
+
+def register(sess_options: ort.SessionOptions, library: bool = True) -> ort.SessionOptions:
+    """Add lrqgraph's custom-op library (when ``library``) and its config entries to
+    ``sess_options``, keeping every entry the caller set; returns the same object. For hosts that
+    build their own InferenceSession."""
+    if not _has_entry(sess_options, QDQ_ACCURACY_KEY):
+        sess_options.add_session_config_entry(QDQ_ACCURACY_KEY, "0")
+    if library:
+        sess_options.register_custom_ops_library(str(library_path()))
+    return sess_options
 
 
 def _uses_lrq_ops(model: str | bytes) -> bool:
@@ -39,22 +58,20 @@ def _uses_lrq_ops(model: str | bytes) -> bool:
     return any(o.domain == DOMAIN for o in proto.opset_import)
 
 
-def session(model: str | os.PathLike | bytes, providers: Sequence[str] | None = None,
-            threads: int | None = None, config: dict[str, str] | None = None,
-            **options: Any) -> ort.InferenceSession:
-    """An InferenceSession for ``model`` (a path or serialized bytes).
-
-    Models lowered with ``--lowering lrq`` get lrqgraph's custom-op library registered.
-    ``config`` adds session config entries; other keyword arguments set SessionOptions attributes
-    (e.g. ``graph_optimization_level``).
-    """
-    so = session_options(threads, config)
-    for key, value in options.items():
-        setattr(so, key, value)
-    source = os.fspath(model) if not isinstance(model, bytes) else model
-    if _uses_lrq_ops(source):
-        so.register_custom_ops_library(str(library_path()))
-    return ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
+def session(path_or_bytes: str | os.PathLike | bytes, sess_options: ort.SessionOptions | None = None,
+            providers: Sequence[str | tuple[str, dict]] | None = None,
+            provider_options: Sequence[dict] | None = None, **kwargs: Any) -> ort.InferenceSession:
+    """``onnxruntime.InferenceSession`` with the same arguments in the same order, plus lrqgraph:
+    its config entries are added to ``sess_options`` (or fresh options) without overwriting what
+    the caller set, and its custom-op library is registered for models lowered with
+    ``--lowering lrq``. ``providers`` defaults to the CPU provider."""
+    source = os.fspath(path_or_bytes) if not isinstance(path_or_bytes, bytes) else path_or_bytes
+    so = sess_options if sess_options is not None else ort.SessionOptions()
+    if sess_options is None:
+        so.log_severity_level = 3
+    register(so, library=_uses_lrq_ops(source))
+    return ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]),
+                                provider_options=provider_options, **kwargs)
 
 
 def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int, threads: int = 2,
@@ -68,7 +85,7 @@ def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int,
     """
     copies = copies or [1] * len(paths)
     # Idle sessions' worker threads would spin and steal the cores from the one being timed.
-    sessions = [[session(str(p), threads=threads, config={"session.intra_op.allow_spinning": "0"})
+    sessions = [[session(str(p), session_options(threads, {"session.intra_op.allow_spinning": "0"}))
                  for _ in range(c)] for p, c in zip(paths, copies)]
     for group in sessions:
         for sess in group:

@@ -103,22 +103,29 @@ def token_model(vocab: int = 50, dim: int = 64) -> onnx.ModelProto:
                  {"E": weight(vocab, dim), "W": weight(dim, dim, 1), "axes": np.array([-1], np.int64)})
 
 
+def entry(ctx, name: str) -> dict:
+    """The report entry of layer ``name`` as the run's report would give it."""
+    from lrqgraph.report import layer_entries
+    return {e["name"]: e for e in layer_entries(ctx)}[name]
+
+
 def lowered_both_ways(model_path, factorize, folder, lowerings=("ort", "lrq")) -> dict:
     """One factorization of the model's layers, lowered to each target: {lowering: saved path}."""
     import lrqgraph
     from lrqgraph import OptimizeConfig
     from lrqgraph.model import ModelState
     from lrqgraph.passmanager import Context, PassManager
+    from lrqgraph.plan import use_plans
 
     proto = onnx.load(str(model_path))
     ctx = Context(ModelState(proto), OptimizeConfig(factorize=factorize), original=proto)
     PassManager("discover,factorize").run(ctx)
-    plans = dict(ctx.plans)
+    plans = {w: p.rep for w, p in ctx.plans.items() if p.rep is not None}
     paths = {}
     for lowering in lowerings:
         ctx = Context(ModelState(proto), OptimizeConfig(factorize=factorize, lowering=lowering), original=proto)
         PassManager("discover").run(ctx)
-        ctx.plans.update(plans)
+        use_plans(ctx, plans)
         PassManager(f"lower({lowering}),cleanup").run(ctx)
         paths[lowering] = folder / f"{lowering}.onnx"
         lrqgraph.save_model(ctx.model.to_onnx(), paths[lowering], external_data=True)

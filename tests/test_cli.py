@@ -2,12 +2,14 @@
 input is never modified and no partial output is left behind."""
 import hashlib
 import json
+import re
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
+from lrqgraph import Pass, register_pass
 from lrqgraph.cli import main
 
 import builders
@@ -24,11 +26,17 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+LOG_LINE = re.compile(r"^[DIWEC] lrqgraph[\w.]*: ")
+
+
 def one_line_error(capsys, rc, expected_rc=2):
+    """The error: exactly one line on stderr besides log records, and no traceback."""
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == expected_rc
-    assert len(err) >= 1 and "Traceback" not in "\n".join(err)
-    return err[-1]
+    errors = [line for line in err if not LOG_LINE.match(line)]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("lrqgraph: ") and "Traceback" not in "\n".join(err)
+    return errors[0]
 
 
 def test_optimize_writes_model_and_report(model_path, tmp_path, capsys):
@@ -172,3 +180,78 @@ def test_pipeline_option(model_path, tmp_path):
     assert main(["optimize", str(model_path), "-o", str(out), "-q",
                  "--passes", "discover,factorize(method=svd,rank=16),lower(std),cleanup,verify"]) == 0
     assert {n.op_type for n in onnx.load(out).graph.node} >= {"DequantizeLinear", "MatMul"}
+
+
+def test_report_in_a_missing_folder_is_refused_before_any_work(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    rc = main(["optimize", str(model_path), "-o", str(out), "--report", str(tmp_path / "missing" / "r.json")])
+    assert "report folder does not exist" in one_line_error(capsys, rc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_html_report_path_that_is_a_folder_is_refused(model_path, tmp_path, capsys):
+    rc = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--report-html", str(tmp_path)])
+    assert "is a directory" in one_line_error(capsys, rc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@register_pass
+class _Buggy(Pass):
+    name = "test_buggy"
+
+    def run(self, ctx):
+        return {}["missing"]  # a bug: KeyError
+
+
+def test_a_bug_in_a_pass_exits_3_naming_the_pass(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    rc = main(["optimize", str(model_path), "-o", str(out), "--passes", "discover,test_buggy"])
+    line = one_line_error(capsys, rc, expected_rc=3)
+    assert "internal error" in line and "pass 'test_buggy'" in line and "--debug" in line
+    assert not out.exists()
+    rc = main(["optimize", str(model_path), "-o", str(out), "--passes", "discover,test_buggy", "--debug"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "Traceback" in err and "KeyError" in err
+
+
+def test_a_verification_failure_exits_1(model_path, tmp_path, capsys):
+    rc = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--max-error", "1e-9"])
+    assert "verification failed" in one_line_error(capsys, rc, expected_rc=1)
+
+
+def test_options_of_another_method_are_refused(model_path, tmp_path, capsys):
+    rc = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--method", "gptq", "--rank", "16"])
+    assert "method gptq has no option rank (rank belongs to" in one_line_error(capsys, rc)
+    rc = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--method", "kashin",
+               "--block-size", "64", "--lowering", "lrq"])
+    assert "method kashin has no option block_size" in one_line_error(capsys, rc)
+
+
+def test_codebook_method_with_a_lowering_that_cannot_run_it_is_refused_before_work(model_path, tmp_path, capsys):
+    rc = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--method", "kmeans"])
+    assert "method kmeans runs only with --lowering lrq" in one_line_error(capsys, rc)
+
+
+def test_kashin_transform_error_names_a_real_option(model_path, tmp_path, capsys):
+    rc = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"),
+               "--passes", "discover,factorize(method=kashin,transform=dct),lower(lrq),cleanup"])
+    line = one_line_error(capsys, rc)
+    assert "transform=hadamard" in line and "--transform" not in line
+
+
+def test_inspect_counts_float16_scales(model_path, capsys):
+    assert main(["inspect", str(model_path), "--scale-dtype", "float16", "--method", "rtn"]) == 0
+    assert "4.500 bits per weight" in capsys.readouterr().out  # 4-bit codes + a float16 scale per 32
+    assert main(["inspect", str(model_path), "--method", "rtn"]) == 0
+    assert "5.000 bits per weight" in capsys.readouterr().out
+
+
+def test_lower_refuses_codebook_nodes_with_one_line_and_no_output(model_path, tmp_path, capsys):
+    from lrqgraph.runtime import available
+    if not available():
+        pytest.fail("the native library is needed to write a KashinMatMul model")
+    lrq = tmp_path / "k.onnx"
+    assert main(["optimize", str(model_path), "-o", str(lrq), "--method", "kmeans", "--lowering", "lrq", "-q"]) == 0
+    out = tmp_path / "k.ort.onnx"
+    rc = main(["lower", str(lrq), "-o", str(out), "--to", "ort"])
+    assert "KashinMatMul" in one_line_error(capsys, rc) and not out.exists()

@@ -45,3 +45,21 @@ def test_conv_inputs_use_channels_as_features(tmp_path):
     h = collect_hessians(path, {"W": "x"}, [{"x": x}])["W"]
     pixels = x.transpose(0, 2, 3, 1).reshape(-1, 4).astype(np.float64)
     np.testing.assert_allclose(h, pixels.T @ pixels, rtol=1e-6)
+
+
+def test_nothing_is_written_beside_the_users_model(tmp_path, monkeypatch):
+    """Collecting H builds its session from memory: the model's folder may be read-only."""
+    m = builders.matmul_model(32, 16)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    writes = []
+    for name in ("save", "save_model"):
+        real = getattr(onnx, name)
+
+        def spy(proto, target, *args, _real=real, **kwargs):
+            writes.append(str(target))
+            return _real(proto, target, *args, **kwargs)
+        monkeypatch.setattr(onnx, name, spy)
+    x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    collect_hessians(path, {"W": "x"}, [{"x": x}])
+    assert not [w for w in writes if str(tmp_path) in w]

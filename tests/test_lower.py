@@ -34,7 +34,7 @@ def planned_weight(model, **factorize):
     cfg = OptimizeConfig(factorize=FactorizeConfig(**factorize), select=SelectConfig(min_params=1))
     ctx = lrqgraph.Context(lrqgraph.model.ModelState(model), cfg)
     lrqgraph.PassManager("discover,factorize").run(ctx)
-    (rep,) = ctx.plans.values()
+    (rep,) = [p.rep for p in ctx.plans.values()]
     return rep.dequantize()
 
 
@@ -119,13 +119,16 @@ def test_8bit_codes_default_to_int8_activations_on_ort():
 
 @pytest.mark.parametrize("method", ["kashin", "kmeans"])
 def test_codebook_methods_need_the_native_ops(method):
-    cfg = OptimizeConfig(factorize=FactorizeConfig(method=method))
+    for lowering in ("ort", "std"):  # refused with the config, before any work
+        with pytest.raises(lrqgraph.LrqError, match=f"method {method} runs only with --lowering lrq"):
+            OptimizeConfig(factorize=FactorizeConfig(method=method), lowering=lowering)
+    cfg = OptimizeConfig(factorize=FactorizeConfig(method=method), lowering="lrq")
     ctx = lrqgraph.Context(lrqgraph.model.ModelState(builders.matmul_model()), cfg)
     lrqgraph.PassManager("discover,factorize").run(ctx)
-    entry = ctx.report["layers"]["mm"]
+    entry = builders.entry(ctx, "mm")
     assert entry["method"] == method and entry["bpw"] < 4.1 and entry["rel_error"] < 0.2
-    for target in ("ort", "std"):
-        with pytest.raises(lrqgraph.LrqError, match=f"method {method} has codebooks, which only the native ops run"):
+    for target in ("ort", "std"):  # a pipeline that lowers them elsewhere is refused by lower's rules
+        with pytest.raises(lrqgraph.LrqError, match="gives a codebook weight, which only --lowering lrq runs"):
             lrqgraph.PassManager(f"lower({target})").run(ctx)
 
 

@@ -114,12 +114,16 @@ def test_activation_aware_low_rank_lowers_output_error():
     assert activation_error(w, aware.dequantize(), h) < activation_error(w, plain.dequantize(), h)
 
 
-def test_refits_keep_the_best_iterate():
+@pytest.mark.parametrize("init, gain", [("svd", 0.04), ("sketch", 0.10)])
+def test_refits_lower_the_error(init, gain):
+    # Alternating L <- W·R⁺, R <- fit on a 3-bit low-rank-plus-noise matrix: 3 refits cut the
+    # error by 6.4-7.2% from an SVD start and 13-22% from a sketch (seeds 0-4, measured); the
+    # bars sit below both.
     w = low_rank_plus_noise(128, 128, 16, 0.1, seed=4)
     spec = QuantSpec(3, 32, False)
-    once = relative_error(w, lplr_factorize(w, 16, spec, spec, init="svd").dequantize())
-    refit = relative_error(w, lplr_factorize(w, 16, spec, spec, init="svd", refits=3).dequantize())
-    assert refit <= once + 1e-6
+    once = relative_error(w, lplr_factorize(w, 16, spec, spec, init=init).dequantize())
+    refit = relative_error(w, lplr_factorize(w, 16, spec, spec, init=init, refits=3).dequantize())
+    assert refit < once * (1 - gain)
 
 
 def test_oversampling_improves_on_the_papers_exact_sketch():

@@ -22,7 +22,7 @@ import lrqgraph
 from lrqgraph import FactorizeConfig, OptimizeConfig, SelectConfig
 from lrqgraph.model import ModelState
 from lrqgraph.passmanager import Context, PassManager
-from lrqgraph.runtime import available, session
+from lrqgraph.runtime import available, session, session_options
 
 pytestmark = pytest.mark.skipif(not available(), reason="native ops not built (no C++ compiler or headers "
                                                         "at install time)")
@@ -50,7 +50,7 @@ def lowered(model, accuracy_level=None, **factorize):
                          lowering="lrq", accuracy_level=accuracy_level)
     ctx = Context(ModelState(model), cfg, original=model)
     PassManager("discover,factorize").run(ctx)
-    plan = dict(ctx.plans)
+    plan = {w: p.rep for w, p in ctx.plans.items()}
     PassManager("lower(lrq),cleanup").run(ctx)
     return ctx.model.to_onnx(), plan
 
@@ -233,7 +233,8 @@ def test_lower_cli_rejects_what_ort_cannot_run(tmp_path, capsys):
 def test_codebook_op_matches_numpy(shape, bits, method, batch, isa, seed):
     """lrq::KashinMatMul: X·(U + F1·V·F2ᵀ) with Hadamard transforms (odd factors too), and k-means."""
     k, n = shape
-    model, plan = lowered(builders.matmul_model(k, n, seed=seed), method=method, bits=bits, max_iter=400)
+    model, plan = lowered(builders.matmul_model(k, n, seed=seed), method=method, bits=bits,
+                          **({"max_iter": 400} if method == "kashin" else {}))
     assert [node.op_type for node in model.graph.node if node.domain == "lrq"] == ["KashinMatMul"]
     w = plan["W"].dequantize().astype(np.float64)
     x = np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)

@@ -45,9 +45,10 @@ def test_quantize_round_trip_error_is_bounded_by_half_a_step(spec, k, n, seed):
         inside = (q.codes > 0) & (q.codes < (1 << spec.bits) - 1)
         assert np.all(np.abs(w - deq)[inside] <= step[inside] * 0.5 + 1e-5)
         assert np.all(np.abs(w - deq) <= step * 1.0 + 1e-5)
-    # Requantizing the dequantized matrix is exact (the grid is a fixed point).
+    # Requantizing the dequantized matrix gives it back (the grid is a fixed point), to float32
+    # rounding of the scale arithmetic: measured at most 1e-7 of the largest value.
     again = quantize(deq, QuantSpec(spec.bits, spec.block_size, spec.symmetric, False))
-    assert relative_error(deq, again.dequantize()) <= relative_error(w, deq) + 1e-6
+    assert np.abs(again.dequantize() - deq).max() <= 1e-6 * max(float(np.abs(deq).max()), 1e-30)
 
 
 @FAST

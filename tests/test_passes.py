@@ -21,9 +21,9 @@ def test_factorize_plans_without_touching_the_graph():
     before = ctx.model.to_onnx().SerializeToString()
     PassManager("discover,factorize").run(ctx)
     assert ctx.model.to_onnx().SerializeToString() == before
-    rep = ctx.plans["W"]
+    rep = ctx.plans["W"].rep
     assert rep.method == "svd" and rep.rank == 16
-    entry = ctx.report["layers"]["mm"]
+    entry = builders.entry(ctx, "mm")
     assert entry["rel_error"] == pytest.approx(relative_error(builders.weight(128, 64), rep.dequantize()), rel=1e-5)
     assert entry["bpw"] == pytest.approx(rep.bits_per_weight(), rel=1e-4)
 
@@ -33,23 +33,23 @@ def test_factorize_keeps_layers_where_factors_save_no_bytes():
     # than the float16 weight itself.
     ctx = context(builders.matmul_model(128, 128, dtype=np.float16), method="lplr", bits=8, rank=128)
     PassManager("discover,factorize").run(ctx)
-    entry = ctx.report["layers"]["mm"]
+    entry = builders.entry(ctx, "mm")
     assert entry["action"] == "keep" and "no fewer than the float16 weight" in entry["reason"]
-    assert "W" not in ctx.plans
+    assert ctx.plans["W"].rep is None
 
 
 def test_factorize_options_override_the_config_and_per_layer_overrides_apply():
     overrides = (("^mm$", (("bits", 8),)),)
     ctx = context(builders.matmul_model(), overrides=overrides)
     PassManager("discover,factorize(block_size=64)").run(ctx)
-    q = ctx.plans["W"].chains[0][0]
+    q = ctx.plans["W"].rep.chains[0][0]
     assert q.bits == 8 and q.block_size == 64
 
 
 def test_target_bpw_picks_the_rank():
     ctx = context(builders.matmul_model(256, 256), method="lplr", target_bpw=2.0)
     PassManager("discover,factorize").run(ctx)
-    rep = ctx.plans["W"]
+    rep = ctx.plans["W"].rep
     assert rep.bits_per_weight() <= 2.0 and rep.rank % 16 == 0
 
 
@@ -69,7 +69,7 @@ def test_cleanup_drops_dead_nodes_and_initializers_but_keeps_inputs():
 def test_verify_reports_every_output_and_enforces_max_error():
     ctx = context(builders.matmul_model())
     PassManager("discover,factorize,lower,cleanup,verify").run(ctx)
-    out = ctx.report["verify"]["outputs"]["y"]
+    out = ctx.verification["outputs"]["y"]
     assert 0 < out["max_abs"] and 0 < out["max_rel"] < 0.5 and 0.98 < out["cosine_min"] <= out["cosine_mean"] <= 1
     strict = Context(ModelState(builders.matmul_model()),
                      OptimizeConfig(verify=VerifyConfig(max_error=1e-9)), original=builders.matmul_model())
@@ -80,7 +80,7 @@ def test_verify_reports_every_output_and_enforces_max_error():
 def test_verify_of_an_unchanged_model_is_exact():
     ctx = context(builders.gemm_model())
     PassManager("verify").run(ctx)
-    assert ctx.report["verify"]["max_rel"] == 0.0
+    assert ctx.verification["max_rel"] == 0.0
 
 
 def _calib_file(tmp_path, model, samples=64, seed=0):

@@ -2,13 +2,14 @@
 import pytest
 
 import lrqgraph
-from lrqgraph import Context, LrqError, OptimizeConfig, Pass, PassManager, PassResult, register_analysis, register_pass
+from lrqgraph import Context, InternalError, LrqError, OptimizeConfig, Pass, PassManager, PassResult, register_analysis, register_pass
 from lrqgraph.model import ModelState
 from lrqgraph.passmanager import PASSES, parse_pipeline
 
 from builders import matmul_model
 
 CALLS = {"count": 0}
+SEEN = []
 
 
 @register_analysis("test_counter")
@@ -22,7 +23,7 @@ class ReadCounter(Pass):
     name = "test_read"
 
     def run(self, ctx):
-        ctx.report.setdefault("seen", []).append(ctx.analysis("test_counter"))
+        SEEN.append(ctx.analysis("test_counter"))
         return PassResult(False)
 
 
@@ -69,10 +70,11 @@ def test_builtin_passes_are_registered():
 
 def test_analyses_are_cached_until_a_pass_invalidates_them():
     CALLS["count"] = 0
+    SEEN.clear()
     ctx = _ctx()
     PassManager("test_read,test_read,test_touch(true),test_read,test_touch,test_read").run(ctx)
     # computed once, preserved by test_touch(true), recomputed after the plain test_touch
-    assert ctx.report["seen"] == [1, 1, 1, 2]
+    assert SEEN == [1, 1, 1, 2]
 
 
 def test_managers_nest_and_time_every_pass():
@@ -81,14 +83,16 @@ def test_managers_nest_and_time_every_pass():
     result = PassManager([inner, parse_pipeline("test_read")[0]]).run(ctx)
     assert result.modified
     # the inner manager's passes, then the inner manager itself as one pass of the outer one
-    assert [p["pass"] for p in ctx.report["passes"]] == ["test_read", "test_touch", "test_read,test_touch",
-                                                          "test_read"]
-    assert all(p["seconds"] >= 0 for p in ctx.report["passes"])
+    assert [t.name for t in ctx.timings] == ["test_read", "test_touch", "test_read,test_touch", "test_read"]
+    assert all(t.seconds >= 0 for t in ctx.timings)
 
 
-def test_a_failing_pass_is_named_with_the_passes_before_it():
-    with pytest.raises(LrqError, match=r"pass 'test_boom' failed after test_read, test_touch: ValueError: kaput"):
+def test_a_bug_in_a_pass_is_an_internal_error_naming_the_pass_and_those_before_it():
+    with pytest.raises(InternalError, match=r"pass 'test_boom' failed after test_read, test_touch: ValueError: kaput") \
+            as caught:
         PassManager("test_read,test_touch,test_boom").run(_ctx())
+    assert not isinstance(caught.value, LrqError)  # a bug is not bad input (exit 3, not 2)
+    assert isinstance(caught.value.__cause__, ValueError)  # --debug prints this traceback
 
 
 def test_unknown_pass_option_is_a_clear_error():
@@ -100,3 +104,55 @@ def test_check_each_pass_runs_the_checker_after_modifying_passes():
     cfg = OptimizeConfig(check_each_pass=True, select=lrqgraph.SelectConfig(min_params=1))
     result = lrqgraph.run(matmul_model(), cfg, passes="discover,factorize,lower,cleanup")
     assert any(n.op_type == "MatMulNBits" for n in result.model.graph.node)
+
+
+BUILT = []
+
+
+@register_analysis("test_base")
+def _base(ctx):
+    BUILT.append("base")
+    return 1
+
+
+@register_analysis("test_derived", requires=("test_base",), config=("select",))
+def _derived(ctx, config):
+    BUILT.append(f"derived:{config.select.min_params}")
+    return ctx.analysis("test_base") + 1
+
+
+@register_pass
+class KeepDerivedOnly(Pass):
+    name = "test_keep_derived"
+
+    def run(self, ctx):
+        return PassResult(True, frozenset({"test_derived"}))
+
+
+def test_an_analysis_is_dropped_with_what_it_requires():
+    BUILT.clear()
+    ctx = _ctx()
+    assert ctx.analysis("test_derived") == 2
+    PassManager("test_keep_derived").run(ctx)  # preserves derived, not base: derived must go too
+    assert ctx.analysis("test_derived") == 2
+    assert BUILT == ["derived:4096", "base", "derived:4096", "base"]
+
+
+def test_analyses_are_cached_per_config_section_they_declare():
+    BUILT.clear()
+    ctx = _ctx()
+    ctx.analysis("test_derived")
+    ctx.analysis("test_derived", select=lrqgraph.SelectConfig(min_params=1))
+    ctx.analysis("test_derived")
+    assert BUILT == ["derived:4096", "base", "derived:1"]
+    with pytest.raises(LrqError, match="does not read config section"):
+        ctx.analysis("test_derived", allocate=lrqgraph.AllocateConfig())
+
+
+def test_pass_parameters_are_validated_when_the_pipeline_is_parsed():
+    with pytest.raises(LrqError, match="pass 'lower'.*unknown lowering target 'gpu'"):
+        parse_pipeline("discover,factorize,lower(gpu)")
+    with pytest.raises(LrqError, match="pass 'allocate'.*unknown option"):
+        parse_pipeline("discover,allocate(target_bits=3)")
+    with pytest.raises(LrqError, match="pass 'verify'.*unknown option"):
+        parse_pipeline("verify(sample=3)")

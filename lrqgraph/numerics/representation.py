@@ -34,6 +34,19 @@ class Representation:
     def shape(self) -> tuple[int, int]:
         return (self.chains[0][0].shape[0], self.chains[0][-1].shape[1])
 
+    @property
+    def form(self) -> str:
+        """What lowerings match on: ``dense`` (one uniform grid), ``lowrank`` (L·R),
+        ``dense+lowrank`` (Q + L·R), ``codebook`` (one codebook tensor: Kashin or k-means), or
+        ``chains`` (any other sum of products of uniform grids)."""
+        factors = [q for chain in self.chains for q in chain]
+        if len(factors) == 1 and not _uniform(factors[0]):
+            return "codebook"
+        if not all(_uniform(q) for q in factors):
+            return "mixed"
+        lengths = sorted(len(chain) for chain in self.chains)
+        return {(1,): "dense", (2,): "lowrank", (1, 2): "dense+lowrank"}.get(tuple(lengths), "chains")
+
     def dequantize(self) -> np.ndarray:
         return sum(reduce(np.matmul, (q.dequantize() for q in chain)) for chain in self.chains)
 
@@ -43,6 +56,11 @@ class Representation:
     def bits_per_weight(self) -> float:
         k, n = self.shape
         return self.storage_bits() / (k * n)
+
+
+def _uniform(q) -> bool:
+    """A block grid down K (what MatMulNBits, DequantizeLinear and lrq::QMatMul store)."""
+    return isinstance(q, QuantizedTensor) and q.codebook is None and q.axis == 0
 
 
 def relative_error(w: np.ndarray, approx: np.ndarray) -> float:

@@ -1,0 +1,49 @@
+"""gptq: dense block quantization with GPTQ error feedback through the layer's input statistics
+H = XᵀX, then coordinate descent over codes and scales (numerics/refine.py). Without
+calibration data there is nothing to weigh and it is plain round-to-nearest, which the plan says.
+The allocator's dense menus come from here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lrqgraph.errors import LrqError
+from lrqgraph.numerics import Representation, gptq_factorize, rtn_factorize
+
+from .base import GridConfig, Method, register_method
+from .rtn import dense_storage
+
+# (bits, block) menus per lowering: MatMulNBits runs 2/4/8-bit codes; the native ops any width;
+# standard DequantizeLinear int4/int8.
+MENUS = {
+    "ort": ((2, 128), (2, 64), (2, 32), (2, 16), (4, 256), (4, 128), (4, 64), (4, 32), (8, 128)),
+    "lrq": ((2, 64), (2, 32), (2, 16), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (8, 128)),
+    "std": ((4, 128), (4, 64), (4, 32), (8, 128)),
+}
+
+
+@dataclass(frozen=True)
+class GPTQConfig(GridConfig):
+    method = "gptq"
+    sweeps: int = 2     # coordinate-descent passes over codes and scales after GPTQ (with H)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.sweeps <= 100:
+            raise LrqError(f"sweeps must be in 0..100, got {self.sweeps}")
+
+
+def factorize(w, cfg: GPTQConfig, scale_dtype: str, h=None):
+    if h is None:
+        rep = rtn_factorize(w, cfg.spec(scale_dtype))
+        return Representation(rep.chains, "rtn", info={"requested": "gptq", "data_free": True}), ""
+    return gptq_factorize(w, cfg.spec(scale_dtype), h, cfg.sweeps), ""
+
+
+def menu(lowering: str) -> tuple[dict, ...]:
+    # no coordinate descent while ranking the menu: allocate polishes the candidates it chooses
+    return tuple({"bits": bits, "block_size": block, "sweeps": 0} for bits, block in MENUS[lowering])
+
+
+METHOD = register_method(Method(
+    "gptq", GPTQConfig, factorize, dense_storage, forms=("dense",), menu=menu,
+    summary="dense block quantization with GPTQ error feedback (uses --calib; without it, equals rtn)"))

@@ -1,0 +1,80 @@
+"""The typed results that flow forward through a pipeline: layers found by ``discover``, the plan
+the decide step (``factorize`` or ``allocate``) makes for each, and what ``lower`` emitted."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import WeightSource
+from .numerics import Representation
+
+
+@dataclass
+class Layer:
+    """One weight tensor and the nodes that multiply by it."""
+
+    name: str                       # the first consumer's label (unique in the report)
+    op: str
+    weight: str                     # the tensor the nodes read as their weight
+    nodes: list[gs.Node] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)   # node_label of each node (unnamed nodes too)
+    shape: tuple[int, ...] = ()     # (K, N) of the effective MatMul weight when 2-D
+    transposed: bool = False        # stored as Wᵀ (Gemm transB=1)
+    dtype: str = ""                 # the weight's element type as the nodes read it
+    source: WeightSource | None = None
+    rewrite: bool = False
+    reason: str = ""
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 0
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits the model spends on this weight today."""
+        return self.source.stored_bits if self.source is not None else 0
+
+    def weight_matrix(self) -> np.ndarray:
+        """W[K, N] as float32, whatever the stored layout."""
+        w = np.asarray(self.source.values, dtype=np.float32)
+        return np.ascontiguousarray(w.T) if self.transposed else w
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one layer: a representation to emit, or why the layer stays as it is."""
+
+    layer: Layer
+    rep: Representation | None
+    reason: str = ""                                   # why it is kept ('' when rewritten)
+    settings: dict[str, Any] = field(default_factory=dict)  # method, bits, block, ... as chosen
+    rel_error: float | None = None
+    act_error: float | None = None
+    seconds: float | None = None
+    allocation: dict[str, Any] | None = None           # choice, predicted, sensitivity, probe, check
+
+    @property
+    def rewrite(self) -> bool:
+        return self.rep is not None
+
+
+@dataclass(frozen=True)
+class LoweredLayer:
+    """What ``lower`` wrote for one layer."""
+
+    target: str
+    stored_bytes: int           # every initializer byte of its codes, scales, zero points, codebooks
+    nodes: int                  # nodes emitted
+
+
+def use_plans(ctx, reps: dict[str, Representation]) -> None:
+    """Plan the given representations (weight name -> Representation) for the context's layers, as
+    the decide step would: for handing plans made elsewhere (another context, a benchmark) to ``lower``."""
+    layers = {layer.weight: layer for layer in ctx.analysis("layers")}
+    unknown = sorted(set(reps) - set(layers))
+    if unknown:
+        raise KeyError(f"no layer reads weight(s) {unknown}")
+    ctx.plans = {**ctx.plans, **{w: LayerPlan(layers[w], rep) for w, rep in reps.items()}}
