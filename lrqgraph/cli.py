@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", parents=[common], help="per-layer table: what optimize would do and why")
     ins.add_argument("model")
+    ins.add_argument("--lowering", choices=LOWERINGS, default="ort", help="the lowering optimize would use (default ort)")
     _add_method_options(ins)
 
     low = sub.add_parser("lower", parents=[common], help="convert a model's lrq custom ops (--lowering lrq) to ops "
@@ -186,6 +187,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     src, dst = Path(args.model), Path(args.output)
     _check_outputs(src, dst, args.external_data, args.report, args.report_html)
+    _check_inputs(args)
     config = config_from_args(args)
     if args.report_html:
         from .html_report import render as render_html, require_matplotlib
@@ -207,6 +209,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(text)
         print(f"wrote {dst}")
     return 0
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Files the command will read besides the model, checked before any work."""
+    for flag, value in (("--calib", getattr(args, "calib", None)), ("--tokenizer", getattr(args, "tokenizer", None))):
+        if value and not Path(value).exists():
+            raise LrqError(f"{value}: no such file or folder (given as {flag})")
 
 
 def _check_outputs(src: Path, dst: Path, external_data: bool, *reports: str | None) -> None:
@@ -263,6 +272,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .api import compare_models
     from .report import summary
 
+    _check_inputs(args)
     report = compare_models(args.reference, args.candidate, verify_config(args))
     print(summary({"verify": report}))
     return 0

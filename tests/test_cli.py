@@ -239,6 +239,11 @@ def test_kashin_transform_error_names_a_real_option(model_path, tmp_path, capsys
     assert "transform=hadamard" in line and "--transform" not in line
 
 
+def test_inspect_takes_the_lowering_a_method_needs(model_path, capsys):
+    assert main(["inspect", str(model_path), "--method", "kmeans", "--lowering", "lrq"]) == 0
+    assert "kmeans, 4-bit codebook" in capsys.readouterr().out
+
+
 def test_inspect_counts_float16_scales(model_path, capsys):
     assert main(["inspect", str(model_path), "--scale-dtype", "float16", "--method", "rtn"]) == 0
     assert "4.500 bits per weight" in capsys.readouterr().out  # 4-bit codes + a float16 scale per 32
@@ -255,3 +260,10 @@ def test_lower_refuses_codebook_nodes_with_one_line_and_no_output(model_path, tm
     out = tmp_path / "k.ort.onnx"
     rc = main(["lower", str(lrq), "-o", str(out), "--to", "ort"])
     assert "KashinMatMul" in one_line_error(capsys, rc) and not out.exists()
+
+
+def test_missing_calibration_data_is_refused_before_any_work(model_path, tmp_path, capsys):
+    rc = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "no.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == f"lrqgraph: error: {tmp_path / 'no.npz'}: no such file or folder (given as --calib)"
+    # (no pass ran: the discover pass would have logged a line first)

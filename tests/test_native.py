@@ -22,7 +22,7 @@ import lrqgraph
 from lrqgraph import FactorizeConfig, OptimizeConfig, SelectConfig
 from lrqgraph.model import ModelState
 from lrqgraph.passmanager import Context, PassManager
-from lrqgraph.runtime import available, session, session_options
+from lrqgraph.runtime import available, session
 
 pytestmark = pytest.mark.skipif(not available(), reason="native ops not built (no C++ compiler or headers "
                                                         "at install time)")
