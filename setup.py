@@ -27,6 +27,7 @@ NPM_TARBALL = "https://registry.npmjs.org/com.github.asus4.onnxruntime/-/com.git
 NPM_SHA512 = "BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7IsojBgqO4ouD1jXah8OYyJbCN29Fg=="
 HEADERS_IN_TARBALL = ("package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-simulator/"
                       "onnxruntime.framework/Headers/")
+REQUIRED = os.environ.get("LRQGRAPH_REQUIRE_NATIVE") == "1"  # a failed build fails the install
 
 
 def _cache() -> Path:
@@ -72,7 +73,7 @@ class BuildNative(build_ext):
             ext.include_dirs.append(str(ort_headers()))
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001 - any failure leaves a working pure-Python install
-            if os.environ.get("LRQGRAPH_REQUIRE_NATIVE") == "1":
+            if REQUIRED:
                 raise
             print(f"lrqgraph: native custom ops not built ({type(exc).__name__}: {exc}); "
                   f"the lrq lowering will be unavailable")
@@ -93,6 +94,10 @@ setup(
         depends=["runtime/native/kernels.h", "runtime/native/int8_layout.h", "runtime/native/int8_simd.h"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-psabi"],
+        # optional: setuptools then copies the library into the source tree (editable installs,
+        # --inplace) only when it was built. Not when it is required: setuptools would turn the
+        # build error into a warning.
+        optional=not REQUIRED,
     )],
     cmdclass={"build_ext": BuildNative},
 )
