@@ -50,7 +50,7 @@ def lowered(model, accuracy_level=None, **factorize):
                          lowering="lrq", accuracy_level=accuracy_level)
     ctx = Context(ModelState(model), cfg, original=model)
     PassManager("discover,factorize").run(ctx)
-    plan = {w: p.rep for w, p in ctx.plans.items()}
+    plan = {w: p.rep for w, p in ctx.plans.items() if p.rep is not None}
     PassManager("lower(lrq),cleanup").run(ctx)
     return ctx.model.to_onnx(), plan
 
