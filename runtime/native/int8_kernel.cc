@@ -153,8 +153,19 @@ void QuantizeRowPortable(const float* x, int64_t K, int block, int64_t blocks, i
   }
 }
 
+// The int8 kernels (int8_simd.h) sum Σ xq·c over one block in int32 lanes and subtract z·Σ xq once
+// per block. Activations are rounded to int8 within ±127 and codes and zero points are in 0..255,
+// so Σ xq·c, z·Σ xq and their difference Σ xq·(c − z) are each at most 127·255·block = 32385·block
+// in magnitude. The difference must fit in int32 (the lanes wrap, so it comes out right when it
+// does): block ≤ (2^31 − 1) / 32385 = 66311. We allow 32768, where even |Σ xq·c| + |z·Σ xq| ≤
+// 2·32385·32768 = 2,122,383,360 < 2^31 − 1, so nothing wraps at all. (The AVX2 kernel's int16 pair
+// sums are bounded by the code width, not the block: 2·127·15.) Longer blocks (per-channel weights,
+// block_size = K) take the float kernel.
+constexpr int kInt8MaxBlock = 32768;
+
 bool Int8Supported(int bits, int block) {
-  return bits >= 2 && bits <= 8 && block >= 4 && block % 4 == 0 && KernelsFor(bits) != nullptr;
+  return bits >= 2 && bits <= 8 && block >= 4 && block % 4 == 0 && block <= kInt8MaxBlock &&
+         KernelsFor(bits) != nullptr;
 }
 
 std::unique_ptr<Weight> MakeInt8Weight(const WeightSpec& spec) {

@@ -16,7 +16,7 @@
 //                  + col_small, bias; F randomized Hadamard transforms (codebook_kernel.cc).
 // accuracy_level (default 0): 4 lets the kernels quantize activations to int8 per block, as
 // MatMulNBits does at level 4 (AVX-512 VNNI, or AVX2 for codes up to 4 bits; blocks up to
-// kInt8MaxBlock values); 0 computes in float. block_size must be in 1..K (K: the weight's rows).
+// kInt8MaxBlock values, int8_kernel.cc); 0 computes in float. block_size must be in 1..K (K: the weight's rows).
 //
 // Each kernel's tables (kInputs, kAttributes, kOptionalAttributes) are what onnxruntime is told and
 // what the kernel reads; LrqOpSchema() describes them as text, which tests/test_op_schema.py checks
@@ -43,15 +43,6 @@ constexpr const char* kDomain = "lrq";
 constexpr int kApiVersion = 16;  // oldest onnxruntime API this library asks for (1.16+)
 constexpr const char* kMinOrt = "1.16";
 
-// The int8 kernels (int8_simd.h) sum Σ xq·c over one block in int32 lanes and subtract z·Σ xq once
-// per block. Activations are rounded to int8 within ±127 and codes and zero points are in 0..255,
-// so Σ xq·c, z·Σ xq and their difference Σ xq·(c − z) are each at most 127·255·block = 32385·block
-// in magnitude. The difference must fit in int32 (the lanes wrap, so it comes out right when it
-// does): block ≤ (2^31 − 1) / 32385 = 66311. We allow 32768, where even |Σ xq·c| + |z·Σ xq| ≤
-// 2·32385·32768 = 2,122,383,360 < 2^31 − 1, so nothing wraps at all. (The AVX2 kernel's int16 pair
-// sums are bounded by the code width, not the block: 2·127·15.) Longer blocks (per-channel weights,
-// block_size = K) take the float kernel.
-constexpr int64_t kInt8MaxBlock = 32768;
 
 // Declared to onnxruntime as UNDEFINED (any type); NodeInfo::Floats takes float and float16.
 constexpr ONNXTensorElementDataType kFloatOrHalf = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
@@ -154,7 +145,7 @@ class NodeInfo {
       const uint8_t* zp = Constant(first + 2, what + " zero points", cells).GetTensorData<uint8_t>();
       spec.zero_points.assign(zp, zp + cells);
     }
-    return lrq::MakeWeight(spec, int8 && block <= kInt8MaxBlock);
+    return lrq::MakeWeight(spec, int8);
   }
 
   std::vector<float> Bias(size_t index, int64_t N) const {
