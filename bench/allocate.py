@@ -1,11 +1,16 @@
 """Per-layer allocation on MiniLM against onnxruntime's own quantizers, and a Llama-style decoder.
 
 Every model is built in this run. lrqgraph gets H and its one-layer measurements from 128 verses
-(--calib; 256 where the row says so, with --calib-samples 256); the table evaluates on 200 other
-verses. Bits per weight count every stored byte of the
-36 selected layers (layers the allocator keeps in float count at 32 bits). The `--lowering lrq`
-rows run lrqgraph's native custom op, whose menu adds 3-bit codes (onnxruntime's MatMulNBits has
-no 3-bit CPU kernel) and stores float16 scales without casting activations.
+(--calib; 256 where the row says so, with --calib-samples 256); onnxruntime's GPTQ rows get the
+same 128 verses. The table evaluates on 200 other verses (the calibration domain) and on 200
+movie-review sentences (another domain; the column is left out when gensim is missing).
+onnxruntime rows: its MatMulNBitsQuantizer with the RTN, GPTQ, HQQ and k-quant configs of
+bench/common.py's ORT_SETTINGS. Bits per weight count every stored byte of the 36 selected layers
+(layers the allocator keeps in float count at 32 bits), alike for every tool. The `--lowering
+lrq` rows run lrqgraph's native custom op, whose menu adds 3-bit codes (onnxruntime's MatMulNBits
+has no 3-bit CPU kernel) and stores float16 scales without casting activations. SUMMARY lines
+put each lrqgraph row beside the best onnxruntime row that stores at most 0.15 more bits per
+weight, or, where it has none that small, the best of its smallest rows.
 
     python bench/allocate.py [--skip-decoder]
 """
@@ -21,10 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import rewritten_bpw  # noqa: E402
+from common import build_ort_rows, movie_review_sentences, rewritten_bpw, summary  # noqa: E402
 
 import lrqgraph  # noqa: E402
 from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
@@ -48,35 +52,31 @@ LRQ_RUNS = [  # (label, allocate goal, factorize options)
 ]
 
 
-def ort_quantizer(fp32: Path, out: Path, block: int, symmetric: bool, bits: int = 4) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                  MatMulNBitsQuantizer)
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits)
-    quant = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=cfg)
-    quant.process()
-    quant.model.save_model_to_file(str(out), use_external_data_format=False)
-
-
-def minilm_table(tmp: Path) -> str:
+def minilm_table(tmp: Path) -> tuple[str, list[str]]:
     fp32 = minilm.onnx_path()
     sentences = data.kjv_sentences(200, start=0)
+    reviews = movie_review_sentences(200)
+    if reviews is None:
+        print("gensim is not installed: no cross-domain column (pip install --no-deps gensim==4.4.0)")
     reference = minilm.embed(str(fp32), sentences)
+    reference_reviews = minilm.embed(str(fp32), reviews) if reviews else None
     calib = {n: tmp / f"calib{n}.npz" for n in (128, 256)}  # verses disjoint from the evaluation ones
     for n, path in calib.items():
         np.savez(path, **minilm.encode(data.kjv_sentences(n, start=1), pad_to=64))
     weights = [e["weight"] for e in lrqgraph.run(fp32, passes="discover").report["layers"] if e["action"] == "rewrite"]
-    rows = []
+    rows, records = [], []
 
     def row(label, path, seconds, extra=("", "", "")):
         cos = minilm.cosines(reference, minilm.embed(str(path), sentences))
-        rows.append([label, f"{rewritten_bpw(path, fp32, weights):.3f}", f"{cos.mean():.4f}", f"{cos.min():.4f}",
-                     *extra, f"{seconds:.0f}"])
+        cross = minilm.cosines(reference_reviews, minilm.embed(str(path), reviews)) if reviews else None
+        bpw = rewritten_bpw(path, fp32, weights)
+        rows.append([label, f"{bpw:.3f}", f"{cos.mean():.4f}", f"{cos.min():.4f}"]
+                    + ([f"{cross.mean():.4f}", f"{cross.min():.4f}"] if reviews else []) + [*extra, f"{seconds:.0f}"])
+        records.append(dict(label=label, bpw=bpw, cos=float(cos.mean()),
+                            cross=float(cross.mean()) if reviews else None))
 
-    for block, sym in ((32, True), (128, False)):
-        path = tmp / f"ort{block}.onnx"
-        start = time.perf_counter()
-        ort_quantizer(fp32, path, block, sym)
-        row(f"onnxruntime quantizer 4-bit b{block} {'sym' if sym else 'asym'}", path, time.perf_counter() - start)
+    for label, path, seconds in build_ort_rows(fp32, tmp, dict(np.load(calib[128]))):
+        row(label, path, seconds)
     for i, (label, goal, fopts, *rest) in enumerate(LRQ_RUNS):
         lowering, samples = (rest + ["ort", 128][len(rest):])[:2]
         path = tmp / f"lrq{i}.onnx"
@@ -88,7 +88,11 @@ def minilm_table(tmp: Path) -> str:
         a = result.report["allocation"]
         row(label, path, time.perf_counter() - start,
             (f"{1 - a['measured']:.4f}", f"{a['spearman']:.3f}", a["repairs"]))
-    return table(["MiniLM", "bits/weight", "cos mean", "cos min", "calib cos", "spearman", "repairs", "s"], rows)
+        print(f"built {label} in {time.perf_counter() - start:.0f} s", flush=True)
+    headers = (["MiniLM", "bits/weight", "KJV cos mean", "KJV cos min"]
+               + (["reviews cos mean", "reviews cos min"] if reviews else [])
+               + ["calib cos", "spearman", "repairs", "s"])
+    return table(headers, rows), summary(records)
 
 
 def decoder_table(tmp: Path) -> str:
@@ -114,9 +118,12 @@ def main() -> None:
     parser.add_argument("--skip-decoder", action="store_true")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lrqgraph-allocate-"))
+    text, lines = minilm_table(tmp)
     print(f"{datetime.date.today()} · {platform.machine()} · {os.cpu_count()} cores · onnxruntime "
-          f"{__import__('onnxruntime').__version__} · calibration 128 verses, evaluation 200 other verses")
-    print(minilm_table(tmp))
+          f"{__import__('onnxruntime').__version__} · calibration 128 KJV verses, evaluation 200 other verses"
+          + (" and 200 movie-review sentences" if movie_review_sentences(1) else ""))
+    print(text)
+    print("\n".join(lines))
     if not args.skip_decoder:
         print()
         print(decoder_table(tmp))

@@ -1,5 +1,12 @@
-"""Shared helpers for benchmarks: timing onnxruntime sessions, stored weight bytes, random factors."""
+"""Shared helpers for benchmarks: stored weight bytes, random factors, onnxruntime's own weight-only
+quantizers (RTN, GPTQ, HQQ, k-quant) and a second text domain for cross-domain evaluation."""
 from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,3 +33,137 @@ def random_factor(k: int, n: int, bits: int, block: int, rng: np.random.Generato
     return QuantizedTensor(codes=rng.integers(0, 1 << bits, (k, n), dtype=np.uint8),
                            scales=(rng.random((-(-k // block), n)) * 0.01).astype(np.float16), zero_points=None,
                            bits=bits, block_size=block)
+
+
+ORT_METHODS = ("default", "gptq", "hqq", "k_quant")
+
+# onnxruntime's quantizer rows of the MiniLM tables: (label, ort_weight_only options); "calib" rows get
+# the calibration batches. GPTQ's own default grid (block 128, asymmetric) is not among them: its
+# zero-point packing fails on MiniLM's K = 384 (3 blocks, an odd count; see bench/RESULTS.md), and
+# k-quant's at block 128 likewise. Blocks 32 and 64 match lrqgraph's rows byte for byte.
+ORT_SETTINGS = [
+    ("onnxruntime RTN 4-bit b32 sym (DefaultWeightOnlyQuantConfig)", dict(method="default")),
+    ("onnxruntime RTN 4-bit b64 asym", dict(method="default", block=64, symmetric=False)),
+    ("onnxruntime RTN 4-bit b128 asym (quantizer defaults)", dict(method="default", block=128, symmetric=False)),
+    ("onnxruntime RTN 8-bit b32 sym", dict(method="default", bits=8)),
+    ("onnxruntime GPTQ 4-bit b32 sym (GPTQWeightOnlyQuantConfig defaults)", dict(method="gptq", calib=True)),
+    ("onnxruntime GPTQ 4-bit b32 sym, act-order", dict(method="gptq", calib=True, actorder=True)),
+    ("onnxruntime GPTQ 4-bit b64 asym", dict(method="gptq", block=64, symmetric=False, calib=True)),
+    ("onnxruntime GPTQ 4-bit b64 asym, act-order", dict(method="gptq", block=64, symmetric=False, calib=True,
+                                                        actorder=True)),
+    ("onnxruntime HQQ 4-bit b64 (float zero points)", dict(method="hqq", block=64)),
+    ("onnxruntime HQQ 4-bit b128 (HQQWeightOnlyQuantConfig defaults)", dict(method="hqq", block=128)),
+    ("onnxruntime k_quant 4-bit b32", dict(method="k_quant")),
+    ("onnxruntime k_quant 4-bit b64", dict(method="k_quant", block=64)),
+]
+
+
+def ort_weight_only(fp32, out, method: str = "default", block: int = 32, symmetric: bool = True,
+                    calib_feeds: list[dict] | None = None, actorder: bool = False, bits: int = 4) -> None:
+    """Quantize the MatMul weights of ``fp32`` with onnxruntime's ``MatMulNBitsQuantizer``.
+
+    ``method``: ``default`` (its C++ round-to-nearest packer, ``DefaultWeightOnlyQuantConfig``),
+    ``gptq`` (``GPTQWeightOnlyQuantConfig`` with its defaults: percdamp 0.01, lazy-update block 128,
+    mse off, per-channel; ``actorder`` switches act-order on; calibration batches from
+    ``calib_feeds``), ``hqq`` (``HQQWeightOnlyQuantConfig``: float zero points, always asymmetric)
+    or ``k_quant`` (``KQuantWeightOnlyQuantConfig``: always stores zero points). ``block`` and
+    ``symmetric`` are the quantizer's group size and scheme (for GPTQ and k-quant they are the
+    quantizer's own ``block_size`` / ``is_symmetric``, which its config classes do not carry;
+    HQQ takes the block from its config and ignores ``symmetric``).
+    """
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                  GPTQWeightOnlyQuantConfig,
+                                                                  HQQWeightOnlyQuantConfig,
+                                                                  KQuantWeightOnlyQuantConfig,
+                                                                  MatMulNBitsQuantizer)
+
+    class Reader(CalibrationDataReader):  # deep-copied by the quantizer before it iterates
+        def __init__(self, feeds):
+            self.feeds, self.i = list(feeds), 0
+
+        def get_next(self):
+            self.i += 1
+            return self.feeds[self.i - 1] if self.i <= len(self.feeds) else None
+
+    if method == "default":
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits)
+    elif method == "gptq":
+        if not calib_feeds:
+            raise ValueError("onnxruntime's GPTQ needs calibration batches")
+        cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(calib_feeds), actorder=actorder)
+    elif method == "hqq":
+        cfg = HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
+    elif method == "k_quant":
+        cfg = KQuantWeightOnlyQuantConfig()
+    else:
+        raise ValueError(f"method must be one of {ORT_METHODS}, got {method!r}")
+    if method in ("gptq", "k_quant") and bits != 4:
+        raise ValueError(f"onnxruntime's {method} path here writes MatMulNBits only at 4 bits")
+    # the quantizer module sets the root logger to INFO on import, and GPTQ draws a progress bar
+    logging.getLogger().setLevel(logging.WARNING)
+    quant = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=block, is_symmetric=symmetric,
+                                 algo_config=cfg)
+    with contextlib.redirect_stdout(io.StringIO()):
+        quant.process()
+    quant.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+def build_ort_rows(fp32, tmp: Path, calib_feeds: dict[str, np.ndarray], settings=None):
+    """Build every row of ``settings`` (default ORT_SETTINGS): [(label, path, seconds)]."""
+    import time
+    rows = []
+    for i, (label, opts) in enumerate(settings or ORT_SETTINGS):
+        opts = dict(opts)
+        path = tmp / f"ort{i}.onnx"
+        start = time.perf_counter()
+        ort_weight_only(fp32, path, calib_feeds=batches(calib_feeds, 16) if opts.pop("calib", False) else None,
+                        **opts)
+        rows.append((label, path, time.perf_counter() - start))
+        print(f"built {label} in {rows[-1][2]:.0f} s", flush=True)
+    return rows
+
+
+def summary(records: list[dict], slack: float = 0.15) -> list[str]:
+    """SUMMARY lines: each lrqgraph record beside the best onnxruntime record (by in-domain cosine
+    mean) among those storing at most ``slack`` more bits per weight; when onnxruntime has none
+    that small, beside the best of its smallest rows (within 0.25 of its smallest). Records:
+    dicts with label, bpw, cos and cross (the cross-domain cosine mean, or None)."""
+    def text(r):
+        cross = f", reviews {r['cross']:.4f}" if r.get("cross") is not None else ""
+        return f"{r['label']} ({r['bpw']:.3f} bpw) cos {r['cos']:.4f}{cross}"
+
+    ort = [r for r in records if r["label"].startswith("onnxruntime")]
+    out = []
+    for r in records:
+        if not r["label"].startswith("lrqgraph") or not ort:
+            continue
+        rivals = [o for o in ort if o["bpw"] <= r["bpw"] + slack]
+        if rivals:
+            head = f"best onnxruntime at <= {r['bpw'] + slack:.3f} bpw"
+        else:
+            low = min(o["bpw"] for o in ort)
+            rivals = [o for o in ort if o["bpw"] <= low + 0.25]
+            head = f"no onnxruntime row at <= {r['bpw'] + slack:.3f} bpw; best of its smallest"
+        best = max(rivals, key=lambda o: o["cos"])
+        out.append(f"SUMMARY {text(r)} | {head}: {text(best)}")
+    return out
+
+
+def batches(feeds: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """Split a dict of equally long arrays into feeds of ``size`` rows."""
+    n = len(next(iter(feeds.values())))
+    return [{k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n, size)]
+
+
+def movie_review_sentences(count: int = 200) -> list[str] | None:
+    """``count`` movie-review sentences (Pang & Lee polarity data shipped in the ``gensim`` wheel,
+    read directly from its file, labels stripped): a second text domain beside the KJV verses.
+    None when gensim is not installed (``pip install --no-deps gensim==4.4.0`` is enough: only its
+    data file is read)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / "pang_lee_polarity.cor"
+    lines = [line.split(" ", 1)[1].strip() for line in path.read_text(encoding="latin1").splitlines() if " " in line]
+    return lines[:count]
