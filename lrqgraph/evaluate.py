@@ -1,6 +1,6 @@
 """Running models in onnxruntime and measuring how far their outputs move.
 
-``run_batches`` runs a model (path or ModelProto) over input batches. ``Degradation`` measures the
+``open_session`` opens a model (path or ModelProto) in onnxruntime. ``Degradation`` measures the
 end-to-end effect of replacing some weights by approximations: the chosen weights become graph
 inputs of one session, so each measurement is a run, not a session build. Its metric is taken on
 the model's first output: ``cosine`` (1 − mean per-sample cosine of the flattened output) or
@@ -32,13 +32,6 @@ def open_session(model: onnx.ModelProto | str | Path):
         return session(model.SerializeToString())
     with tempfile.TemporaryDirectory(prefix="lrqgraph-eval-") as tmp:
         return session(save_model(model, Path(tmp) / "model.onnx", external_data=True))
-
-
-def run_batches(model, batches: Sequence[dict[str, np.ndarray]]) -> tuple[list[str], list[list[np.ndarray]]]:
-    """(output names, outputs of every batch)."""
-    sess = model if hasattr(model, "run") else open_session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return names, [sess.run(names, feed) for feed in batches]
 
 
 def per_sample(x: np.ndarray) -> np.ndarray:
@@ -123,8 +116,11 @@ class Degradation:
         self.reference = self._outputs({})
 
     def _outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """Every batch's outputs (only the first output unless a custom metric reads them all:
+        a decoder's logits for every output would multiply the memory)."""
         weights = {**self.weights, **{k: v.astype(self.weights[k].dtype) for k, v in replaced.items()}}
-        return [self.session.run(None, {**feed, **weights}) for feed in self.batches]
+        names = None if self.custom is not None else [self.output]
+        return [self.session.run(names, {**feed, **weights}) for feed in self.batches]
 
     def measure(self, replaced: dict[str, np.ndarray]) -> float:
         """The metric with ``replaced`` weights (name -> array) and all others as in the model."""

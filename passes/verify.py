@@ -15,32 +15,50 @@ import onnx
 import lrqgraph.calib as calib
 from lrqgraph.config import VerifyConfig, with_fields
 from lrqgraph.errors import LrqError, VerificationError
-from lrqgraph.evaluate import cosines, per_sample, run_batches
+from lrqgraph.evaluate import cosines, open_session, per_sample
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 
-def compare(references: list[np.ndarray], candidates: list[np.ndarray]) -> dict[str, float]:
-    """Max |Δ|, max |Δ| / max |ref| and per-sample cosine over batches, on elements finite in both."""
-    max_abs = scale = 0.0
-    cos, non_finite = [], 0
-    for reference, candidate in zip(references, candidates):
+class OutputComparison:
+    """Max |Δ|, max |Δ| / max |ref| and per-sample cosine of one output, on elements finite in
+    both, accumulated batch by batch (an LLM's logits over the calibration set would not fit in
+    memory at once); integer outputs count mismatching elements."""
+
+    def __init__(self, name: str):
+        self.name, self.shape = name, None
+        self.max_abs = self.scale = 0.0
+        self.cos: list[np.ndarray] = []
+        self.non_finite = self.mismatches = 0
+        self.floating = True
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.shape != candidate.shape:
+            raise LrqError(f"output '{self.name}' differs in shape: {reference.shape} vs {candidate.shape}")
+        self.floating = reference.dtype.kind == "f"
+        if not self.floating:
+            self.mismatches += int((reference != candidate).sum())
+            return
         ref, cand = per_sample(reference), per_sample(candidate)
         finite = np.isfinite(ref) & np.isfinite(cand)
-        non_finite += int((~finite).sum())
+        self.non_finite += int((~finite).sum())
         ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
         if ref.size:
-            max_abs = max(max_abs, float(np.abs(ref - cand).max()))
-            scale = max(scale, float(np.abs(ref).max()))
-        cos.append(cosines(ref, cand))
-    cos = np.concatenate(cos)
-    return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs,
-            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "non_finite": non_finite}
+            self.max_abs = max(self.max_abs, float(np.abs(ref - cand).max()))
+            self.scale = max(self.scale, float(np.abs(ref).max()))
+        self.cos.append(cosines(ref, cand))
+
+    def result(self) -> dict[str, float]:
+        if not self.floating:
+            return {"mismatches": self.mismatches}
+        cos = np.concatenate(self.cos)
+        return {"max_abs": self.max_abs, "max_rel": self.max_abs / self.scale if self.scale > 0 else self.max_abs,
+                "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "non_finite": self.non_finite}
 
 
 def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg: VerifyConfig,
                     data: calib.CalibData | None = None) -> dict[str, Any]:
-    """Run both models (paths or ModelProtos) on the same inputs; metrics per output.
+    """Run both models (paths or ModelProtos) on the same inputs, batch by batch; metrics per output.
 
     Inputs: ``data`` if given, else ``cfg.calib``, else synthesised from the signature. Raises
     VerificationError when ``cfg.max_error`` is set and exceeded.
@@ -52,19 +70,15 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
     else:
         feeds = calib.synthesize(signature, graph, cfg.samples, cfg.seed)
         runs, samples, source = list(calib.batches(signature, feeds)), cfg.samples, "synthetic inputs"
-    names, reference = run_batches(original, runs)
-    _, candidate = run_batches(rewritten, runs)
-    if len(reference[0]) != len(candidate[0]):
-        raise LrqError(f"the models have different outputs ({len(reference[0])} vs {len(candidate[0])})")
-    outputs = {}
-    for i, name in enumerate(names):
-        refs, cands = [r[i] for r in reference], [c[i] for c in candidate]
-        if any(r.shape != c.shape for r, c in zip(refs, cands)):
-            raise LrqError(f"output '{name}' differs in shape: {refs[0].shape} vs {cands[0].shape}")
-        if refs[0].dtype.kind == "f":
-            outputs[name] = compare(refs, cands)
-        else:
-            outputs[name] = {"mismatches": int(sum((r != c).sum() for r, c in zip(refs, cands)))}
+    ref_session, cand_session = open_session(original), open_session(rewritten)
+    names = [o.name for o in ref_session.get_outputs()]
+    if len(names) != len(cand_session.get_outputs()):
+        raise LrqError(f"the models have different outputs ({len(names)} vs {len(cand_session.get_outputs())})")
+    comparisons = [OutputComparison(name) for name in names]
+    for feed in runs:
+        for comparison, ref, cand in zip(comparisons, ref_session.run(None, feed), cand_session.run(None, feed)):
+            comparison.add(ref, cand)
+    outputs = {c.name: c.result() for c in comparisons}
     worst = max((o.get("max_rel", 0.0) for o in outputs.values()), default=0.0)
     report = {"inputs": source, "samples": samples,
               "outputs": outputs, "max_rel": worst}
