@@ -20,12 +20,12 @@ from .io import load_model
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``tensors`` (the input is not modified)."""
+    """A copy of ``model`` whose outputs are ``tensors`` only (the input is not modified), so that
+    onnxruntime drops what they do not need (a decoder's lm_head and its logits)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    known = {o.name for o in out.graph.output}
-    for tensor in sorted(set(tensors) - known):
-        out.graph.output.append(onnx.helper.make_value_info(tensor, onnx.TypeProto()))
+    del out.graph.output[:]
+    out.graph.output.extend(onnx.helper.make_value_info(t, onnx.TypeProto()) for t in sorted(set(tensors)))
     return out
 
 
