@@ -3,7 +3,7 @@
 The package's layers, bottom up: ``numerics`` (pure numpy) <- core (model, config, methods, io,
 passmanager) <- ``passes`` <- api / cli (this module imports them, which registers the built-in
 passes whatever is imported first); ``runtime`` sits beside the core and imports only
-``lrqgraph.errors``.
+``lrqgraph.errors``, ``lrqgraph.cache`` and the numerics (tests/test_structure.py).
 """
 from .version import __version__
 from . import runtime  # noqa: F401  (lrqgraph.runtime after a plain ``import lrqgraph``)
