@@ -145,6 +145,21 @@ class CalibData:
     source: str
 
 
+def count_samples(runs) -> int:
+    return sum(len(next(iter(run.values()))) for run in runs)
+
+
+def split_runs(runs, samples: int) -> tuple[list, list]:
+    """(the runs holding the first ``samples`` samples, the rest)."""
+    head, count = [], 0
+    for run in runs:
+        if count >= samples:
+            break
+        head.append(run)
+        count += len(next(iter(run.values())))
+    return head, list(runs[len(head):])
+
+
 def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenizer: str | None = None,
                      max_samples: int = 128, max_batch: int = 8, max_length: int = 128) -> CalibData:
     """Read calibration data (see the module docstring), keeping the first ``max_samples`` samples."""

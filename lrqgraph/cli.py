@@ -24,7 +24,7 @@ log = logging.getLogger("lrqgraph")
 
 DEFAULTS = GPTQConfig()
 # method options the CLI has flags for; only the ones given reach the method's config
-METHOD_FLAGS = ("bits", "block_size", "symmetric", "clip_search", "rank", "rank_ratio", "rank_bpw", "lr_bits",
+METHOD_FLAGS = ("bits", "block_size", "symmetric", "clip_search", "rotate", "rank", "rank_ratio", "rank_bpw", "lr_bits",
                 "seed", "scale_dtype")
 
 
@@ -42,10 +42,13 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_const", const=False,
                      help="per-block zero points")
     g.add_argument("--scale-dtype", choices=("auto", "float16", "float32"),
-                   help="scale type: auto = the weight's; float16 halves the scales of float32 models, whose "
-                        "rewritten layers then compute in float16 between Casts (default auto)")
+                   help="scale type: auto = the weight's (the allocator's candidates: float16); float16 halves "
+                        "the scale bytes of float32 models, cast once when onnxruntime loads them (default auto)")
     g.add_argument("--no-clip-search", dest="clip_search", action="store_const", const=False,
                    help="plain min/max scales instead of the per-block MSE-optimal clipping")
+    g.add_argument("--rotate", action="store_const", const=True,
+                   help="randomized Hadamard rotation of each layer's input dimension before quantizing "
+                        "(incoherence processing; a few small MatMuls per rotated input at run time)")
     rank = g.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, help="rank of low-rank factors")
     rank.add_argument("--rank-ratio", type=float, help="rank as a fraction of min(K, N)")
@@ -76,6 +79,9 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
                       help="smallest model whose first output keeps this mean per-sample cosine")
     goal.add_argument("--max-kl", type=float,
                       help="smallest model whose first output (logits) keeps mean KL divergence below this")
+    g.add_argument("--families", type=lambda t: tuple(f.strip() for f in t.split(",") if f.strip()),
+                   help="representation families the allocator may choose from, comma-separated "
+                        "(dense, qlr, lowrank, kashin, kmeans; default: every family the lowering runs)")
     g.add_argument("--report-html", help="write a self-contained HTML report with plots here")
 
 
@@ -171,7 +177,8 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     factorize = method_config(args.method, **given)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
-                                                                      "max_kl")})
+                                                                      "max_kl")},
+                              families=getattr(args, "families", None) or ())
     return OptimizeConfig(select=select, factorize=factorize, verify=verify, allocate=allocate,
                           lowering=getattr(args, "lowering", "ort"),
                           accuracy_level=getattr(args, "accuracy_level", None), calib=getattr(args, "calib", None),

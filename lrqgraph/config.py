@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import LrqError
-from .methods import LOWERINGS, GPTQConfig, MethodConfig, get_method, method_config
+from .methods import LOWERINGS, METHODS, GPTQConfig, MethodConfig, get_method, method_config
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,11 @@ class AllocateConfig:
     metric: Callable[[list, list], float] | None = field(default=None, compare=False)
     max_metric: float | None = None
     menu: tuple[tuple[int, int], ...] = ()  # (bits, block) candidates; () = the lowering's default
-    validate: bool = True        # also measure each layer at a second candidate (predicted vs measured)
+    families: tuple[str, ...] = ()  # representation families the menu may hold (Method.family_of); () = all
+    validate: bool = True        # also measure layers at a second candidate (predicted vs measured)
+    # ... that many layers, spread over the model (None: every layer), each also at one candidate of
+    # every other family; the other layers' predictions follow the checked layers' power law
+    check_layers: int | None = 12
     measure_samples: int = 32    # calibration samples each end-to-end measurement runs
     polish_sweeps: int = 4       # coordinate-descent sweeps on each chosen GPTQ candidate
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
@@ -76,10 +80,16 @@ class AllocateConfig:
             raise LrqError(f"--target-size must be positive, got {self.target_size}")
         if self.min_cosine is not None and not -1 < self.min_cosine < 1:
             raise LrqError(f"--min-cosine must be in (-1, 1), got {self.min_cosine}")
+        if self.check_layers is not None and self.check_layers < 1:
+            raise LrqError(f"check_layers must be at least 1 (or None: every layer), got {self.check_layers}")
         if self.measure_samples < 1 or self.repair_steps < 0:
             raise LrqError("measure_samples must be at least 1 and repair_steps at least 0")
         if self.max_kl is not None and self.max_kl <= 0:
             raise LrqError(f"--max-kl must be positive, got {self.max_kl}")
+        known = {m.group for m in METHODS.values()} | {"rotated"}
+        unknown = sorted(set(self.families) - known)
+        if unknown:
+            raise LrqError(f"unknown representation family {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
 
     @property
     def active(self) -> bool:

@@ -68,7 +68,11 @@ def _plots(report: dict[str, Any]) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     front = [(b, loss) for b, loss in alloc["frontier"] if loss > 0]
     if front:
-        ax.semilogy(*zip(*front), "-", color="#3572a5", label="allocator frontier (predicted)")
+        ax.semilogy(*zip(*front), "-", color="#3572a5", lw=2, label="joint allocation frontier (predicted)")
+    for family, info in alloc.get("families", {}).items():
+        own = [(b, loss) for b, loss in info["frontier"] if 0 < loss < float("inf")]
+        if own:
+            ax.semilogy(*zip(*own), "--", lw=1, label=f"{family} alone (predicted)")
     uniform = [(u["bpw"], max(u["measured"], 1e-12)) for u in alloc["uniform"]]
     ax.semilogy(*zip(*uniform), "s", color="#c0392b", label="one grid for all layers (GPTQ, measured)")
     for u in alloc["uniform"]:
@@ -100,9 +104,19 @@ def render(report: dict[str, Any]) -> str:
              f"calibration: {html.escape(str(report.get('calibration', '')))}</p>",
              _table(["quantity", "value"], [[k, v] for k, v in model.items()])]
     if alloc:
-        summary = {k: v for k, v in alloc.items() if k not in ("frontier", "uniform")}
+        summary = {k: v for k, v in alloc.items() if k not in ("frontier", "uniform", "families")}
         parts += ["<h2>allocation</h2>", _table(["quantity", "value"], [[k, v] for k, v in summary.items()])]
         parts += _plots(report)
+        families = alloc.get("families", {})
+        if families:
+            parts += ["<h3>representation families: the joint choice against each family alone at the same goal</h3>",
+                      _table(["family", "layers in the joint choice", "alone: bits per weight",
+                              "alone: predicted", "alone: measured"],
+                             [[f, v["layers"], *(("no allocation of this family alone meets the goal", "", "")
+                                                  if v["alone"] is None else
+                                                  (f"{v['alone']['bpw']:.3f}", f"{v['alone']['predicted']:.5g}",
+                                                   f"{v['alone']['measured']:.5g}"))]
+                              for f, v in families.items()])]
         parts += ["<h3>one grid for all layers (GPTQ without coordinate descent), measured</h3>",
                   _table(["grid", "bits per weight", f"{alloc['metric']} degradation"],
                          [[u["label"], f"{u['bpw']:.3f}", f"{u['measured']:.5g}"] for u in alloc["uniform"]])]
@@ -110,11 +124,11 @@ def render(report: dict[str, Any]) -> str:
     for i, e in enumerate(report.get("layers", [])):
         check = e.get("check") or (None, None, None)
         rows.append([i, e.get("name"), "x".join(map(str, e.get("shape") or [])), e.get("action"),
-                     e.get("choice") or e.get("method"), e.get("bpw"), e.get("act_error"),
+                     e.get("choice") or e.get("method"), e.get("family"), e.get("bpw"), e.get("act_error"),
                      None if e.get("predicted") is None else f"{e['predicted']:.3g}",
                      None if check[2] is None else f"{check[0]}: {check[1]:.3g} / {check[2]:.3g}",
                      e.get("reason")])
-    parts += ["<h2>layers</h2>", _table(["#", "layer", "shape", "action", "choice", "bpw", "act.err",
+    parts += ["<h2>layers</h2>", _table(["#", "layer", "shape", "action", "choice", "family", "bpw", "act.err",
                                          "predicted", "check: predicted / measured", "why"], rows)]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:left}img{margin:0.5em}")

@@ -28,6 +28,8 @@ class ModelState:
         self.shell.graph.initializer.extend(onnx.TensorProto(name=t.name) for t in model.graph.initializer)
         self.min_ir_version = 0
         self._namer: Namer | None = None
+        # values lowerings emit once and share between layers (a rotated input read by q, k and v)
+        self.shared_values: dict = {}
 
     @property
     def opset(self) -> int:

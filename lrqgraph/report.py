@@ -155,8 +155,19 @@ def summary(report: dict) -> str:
         goal = ", ".join(f"{k} {v}" for k, v in a["goal"].items())
         lines.append(f"allocate ({a['mode']}, {goal}): {a['bpw']:.3f} bits per weight over the selected layers; "
                      f"{a['metric']} degradation predicted {a['predicted']:.4g}, measured {a['measured']:.4g}"
+                     f" (out of sample, before the final refit: {a['held_out']:.4g})"
                      f"{'' if a['met'] else ' - GOAL MISSED'}; {a['repairs']} repairs; "
                      f"Spearman predicted/measured {a['spearman'] if a['spearman'] is None else round(a['spearman'], 3)}")
+        families = a.get("families") or {}
+        if families:
+            lines.append("families: " + "; ".join(
+                f"{f} {v['layers']} layers (alone: " + ("does not meet the goal" if v["alone"] is None else
+                                                         f"{v['alone']['bpw']:.3f} bpw, measured {v['alone']['measured']:.4g}")
+                + ")" for f, v in families.items()))
+            rho = {f: r for f, r in (a.get("spearman_by_family") or {}).items() if r is not None}
+            if rho:
+                lines.append("proxy check per family (Spearman predicted/measured one-layer degradation): "
+                             + ", ".join(f"{f} {r:.3f}" for f, r in rho.items()))
     if report.get("calibration"):
         lines.append(f"calibration: {report['calibration']}")
     return "\n".join(lines)

@@ -22,13 +22,15 @@ import numpy as np
 
 from lrqgraph.config import AllocateConfig, with_fields
 from lrqgraph.errors import LrqError
-from lrqgraph.numerics import Representation, activation_error
+from lrqgraph.methods import configure
+from lrqgraph.numerics import activation_error
 from lrqgraph.numerics.allocation import frontier, within_budget, within_loss
 from lrqgraph.numerics.refine import refine
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.plan import LayerPlan
 
-from .tolerance import LayerTolerance, spearman, stored_layout
+from .factorize import factorize_weight
+from .tolerance import LayerTolerance, allocation_scales, spearman, stored_layout
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,17 @@ class AllocationSummary:
     bpw: float                  # over the selected layers, every stored bit counted
     predicted: float
     measured: float
+    joint_measured: float       # the joint knapsack's choice, out of sample (before the final refit)
+    held_out: float             # the choice, out of sample: its candidates were fitted without the measured samples
     target_loss: float | None
     met: bool
     repairs: int
     spearman: float | None      # predicted vs measured one-layer degradation at the check candidates
+    spearman_by_family: dict    # the same per family (dense: every layer; others: the sampled layers)
     frontier: list              # (bits per weight, predicted degradation) of the knapsack's frontier
-    uniform: list               # one grid for every layer, measured: the baselines
+    uniform: list               # one dense grid for every layer, measured: the baselines
+    families: dict              # family -> its layers' count in the choice, its own frontier and its
+                                # own allocation at the same goal (measured), for the joint-vs-alone comparison
 
 
 def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
@@ -68,17 +75,24 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
     return "loss", cfg.max_kl if cfg.max_kl is not None else cfg.max_metric
 
 
-def _polish(t: LayerTolerance, c: int, hessians: dict, sweeps: int) -> None:
-    """Coordinate descent on a chosen GPTQ candidate (the menu was ranked without it: it only helps)."""
+def _refit(ctx: Context, t: LayerTolerance, c: int, h: np.ndarray | None, sweeps: int) -> None:
+    """The chosen candidate fitted again with all calibration samples (its ranking used H without
+    the measured ones), then, for GPTQ grids, coordinate descent on codes and scales."""
     cand = t.candidates[c]
-    h = hessians.get(t.layer.weight)
-    if cand.polished or cand.rep is None or h is None or not sweeps or cand.rep.method != "gptq":
+    if cand.rep is None or h is None or cand.settings is None:
         return
     w = t.layer.weight_matrix()
-    q = refine(w, cand.rep.chains[0][0], h, sweeps)
-    cand.rep = Representation(((q,),), cand.rep.method, info={**cand.rep.info, "sweeps": sweeps})
-    cand.error = activation_error(w, q.dequantize(), h)
-    cand.polished = True
+    method, fields = cand.settings
+    base = ctx.config.factorize.for_layer(t.layer.name, t.layer.weight)
+    rep, _ = factorize_weight(w, configure(base, method=method, **fields), allocation_scales(base, t.layer.dtype), h)
+    if rep is None or rep.storage_bits() != cand.bits:
+        return  # (cannot happen for the built-in methods: storage follows from the settings)
+    if sweeps and rep.method == "gptq":
+        rotation = rep.rotation
+        target, stats = (w, h) if rotation is None else (rotation.rotate_weight(w), rotation.rotate_hessian(h))
+        q = refine(target, rep.chains[0][0], stats, sweeps)
+        rep = dataclasses.replace(rep, chains=((q,),), info={**rep.info, "sweeps": sweeps})
+    cand.rep, cand.error, cand.polished = rep, activation_error(w, rep.dequantize(), h), True
 
 
 def _measure(meter, tols: list[LayerTolerance], choice: list[int]) -> float:
@@ -123,35 +137,54 @@ class Allocate(Pass):
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
         params = sum(t.layer.params for t in tols)
         kind, target = _goal(ctx, cfg, tols)
+        found = _solve(kind, target, costs, losses)
         if kind == "budget":
-            found = within_budget(costs, losses, target)
             if found is None:
                 cheapest = sum(c.min() for c in costs) / params
                 raise LrqError(f"the goal leaves {target / params:.3f} bits per weight for the selected layers, below "
                                f"the cheapest choice "
                                f"({cheapest:.3f} bits per weight over the selected layers); raise the target")
-        else:
-            found = within_loss(costs, losses, target)
-            if found is None:  # unreachable: keeping every layer predicts zero loss
-                raise LrqError("no choice of representations meets the quality goal")
+        elif found is None:  # unreachable: keeping every layer predicts zero loss
+            raise LrqError("no choice of representations meets the quality goal")
         choice = [int(i) for i in found.choice]
-        hessians, sweeps = ctx.analysis("hessians"), cfg.polish_sweeps
-        for t, c in zip(tols, choice):
-            _polish(t, c, hessians, sweeps)
+        # candidates were fitted without the measured samples: every comparison below is out of sample
         measured = _measure(meter, tols, choice)
         repairs = 0
         if kind == "loss":
             while measured > target and repairs < cfg.repair_steps and _upgrade(tols, choice):
                 repairs += 1
-                for t, c in zip(tols, choice):
-                    _polish(t, c, hessians, sweeps)
                 measured = _measure(meter, tols, choice)
+        families = {}  # each family alone at the same goal, measured: the comparison the report shows
+        joint = measured
+        for family in dict.fromkeys(c.family for t in tols for c in t.candidates if c.rep is not None):
+            alone = _family_alone(tols, family, kind, target)
+            entry = {"alone": None}
+            if alone is not None:
+                picks = [int(i) for i in alone.choice]
+                got = _measure(meter, tols, picks)
+                entry["alone"] = {"bpw": alone.cost / params, "predicted": alone.loss, "measured": got}
+                # a budget: the joint choice stands unless one family alone measures better
+                # (predictions of small one-layer effects add up with noise)
+                if kind == "budget" and got < measured:
+                    choice, measured = picks, got
+            families[family] = entry
+        for family, entry in families.items():
+            entry["layers"] = sum(t.candidates[c].family == family for t, c in zip(tols, choice))
+            entry["frontier"] = [(cost / params, loss) for cost, loss in frontier(*_restricted(tols, family))]
+        held_out = measured
+        uniform = _uniform(meter, tols, params)
+        hessians = ctx.analysis("hessians")
+        if hessians:  # the chosen candidates again from all calibration samples, then polished
+            for t, c in zip(tols, choice):
+                _refit(ctx, t, c, hessians.get(t.layer.weight), cfg.polish_sweeps)
+            measured = _measure(meter, tols, choice)
         met = measured <= target if kind == "loss" else True
         if not met:
             log.warning("allocate: measured degradation %.4g still misses the goal %.4g after %d repairs",
                         measured, target, repairs)
         self._apply(ctx, tols, choice)
-        self._report(ctx, cfg, tols, choice, costs, losses, params, kind, target, measured, repairs, met, meter)
+        self._report(ctx, cfg, tols, choice, costs, params, kind, target, (measured, joint, held_out), repairs, met,
+                     meter, families, uniform)
         return PassResult(modified=False, preserved=None)
 
     @staticmethod
@@ -160,36 +193,88 @@ class Allocate(Pass):
                  for layer in ctx.analysis("layers") if layer.rewrite}
         for t, c in zip(tols, choice):
             cand = t.candidates[c]
-            allocation = {"choice": cand.label, "predicted": cand.predicted, "sensitivity": t.sensitivity,
-                          "probe": t.probe, "check": t.check}
+            allocation = {"choice": cand.label, "family": cand.family, "predicted": cand.predicted, "sensitivity": t.sensitivity,
+                          "probe": t.probe, "check": t.check, "family_checks": t.family_checks}
             if cand.rep is None:
                 plans[t.layer.weight] = LayerPlan(t.layer, None, "allocate: kept in float", allocation=allocation)
                 continue
             q = cand.rep.chains[0][0]
-            settings = {"method": cand.rep.method, "rank": cand.rep.rank, "bits": q.bits, "block": q.block_size,
-                        "symmetric": q.symmetric}
+            settings = {"method": cand.rep.method, "family": cand.family, "rank": cand.rep.rank, "bits": q.bits,
+                        "block": getattr(q, "block_size", None), "symmetric": getattr(q, "symmetric", None)}
             plans[t.layer.weight] = LayerPlan(t.layer, cand.rep, "", settings, act_error=round(cand.error, 6),
                                               allocation=allocation)
         ctx.plans = plans
 
     @staticmethod
-    def _report(ctx, cfg, tols, choice, costs, losses, params, kind, target, measured, repairs, met, meter):
+    def _report(ctx, cfg, tols, choice, costs, params, kind, target, measured, repairs, met, meter, families,
+                uniform):
+        measured, joint, held_out = measured
+        losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
         metric = meter.metric
         checks = [t.check for t in tols if t.check is not None]
-        uniform = []  # every menu entry on all layers: the baselines of the quality-vs-size curve
-        for label in dict.fromkeys(c.label for t in tols for c in t.candidates if c.rep is not None):
-            picks = [next((j for j, c in enumerate(t.candidates) if c.label == label), len(t.candidates) - 1)
-                     for t in tols]
-            bits = sum(t.candidates[j].bits for t, j in zip(tols, picks))
-            uniform.append({"label": label, "bpw": bits / params, "measured": _measure(meter, tols, picks)})
         ctx.allocation = AllocationSummary(
             mode=cfg.mode, metric=metric, goal={k: v for k, v in dataclasses.asdict(cfg).items()
                                                 if k in ("target_bpw", "target_size", "min_cosine", "max_kl",
                                                          "max_metric") and v is not None},
             bpw=sum(t.candidates[c].bits for t, c in zip(tols, choice)) / params,
             predicted=float(sum(t.candidates[c].predicted for t, c in zip(tols, choice))),
-            measured=measured, target_loss=target if kind == "loss" else None, met=met, repairs=repairs,
+            measured=measured, joint_measured=joint, held_out=held_out, target_loss=target if kind == "loss" else None, met=met,
+            repairs=repairs,
             spearman=spearman([c[1] for c in checks], [c[2] for c in checks]) if len(checks) > 2 else None,
-            frontier=[(cost / params, loss) for cost, loss in frontier(costs, losses)], uniform=uniform)
-        log.info("allocate: %.3f bits per weight, predicted %s %.4g, measured %.4g%s",
-                 ctx.allocation.bpw, metric, ctx.allocation.predicted, measured, "" if met else " (goal missed)")
+            spearman_by_family=_spearman_by_family(tols),
+            frontier=[(cost / params, loss) for cost, loss in frontier(costs, losses)], uniform=uniform,
+            families=families)
+        log.info("allocate: %.3f bits per weight, predicted %s %.4g, measured %.4g%s; families %s",
+                 ctx.allocation.bpw, metric, ctx.allocation.predicted, measured, "" if met else " (goal missed)",
+                 ", ".join(f"{f} {v['layers']}" for f, v in families.items()))
+
+
+def _uniform(meter, tols: list[LayerTolerance], params: int) -> list[dict]:
+    """Each symmetric dense grid on every layer (a layer without it kept), measured: the baselines
+    of the quality-vs-size curve, out of sample like the choice."""
+    out = []
+    for label in dict.fromkeys(c.label for t in tols for c in t.candidates
+                               if c.family == "dense" and c.rep.chains[0][0].symmetric):
+        picks = [next((j for j, c in enumerate(t.candidates) if c.label == label), len(t.candidates) - 1)
+                 for t in tols]
+        bits = sum(t.candidates[j].bits for t, j in zip(tols, picks))
+        out.append({"label": label, "bpw": bits / params, "measured": _measure(meter, tols, picks)})
+    return out
+
+
+def _spearman_by_family(tols: list[LayerTolerance]) -> dict[str, float | None]:
+    by_family: dict[str, list[tuple[float, float]]] = {}
+    for t in tols:
+        if t.check is not None:
+            by_family.setdefault(_family_of(t, t.check[0]), []).append(t.check[1:])
+        for family, (_, predicted, got) in t.family_checks.items():
+            by_family.setdefault(family, []).append((predicted, got))
+    return {f: (spearman(*zip(*pairs)) if len(pairs) > 2 else None) for f, pairs in by_family.items()}
+
+
+def _family_of(t: LayerTolerance, label: str) -> str:
+    return next(c.family for c in t.candidates if c.label == label)
+
+
+def _restricted(tols: list[LayerTolerance], family: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Costs and losses with every candidate outside ``family`` (and keep) priced out of reach."""
+    costs, losses = [], []
+    for t in tols:
+        inside = np.array([c.family in (family, "keep") for c in t.candidates])
+        costs.append(np.array([c.bits for c in t.candidates], np.float64))
+        losses.append(np.where(inside, [c.predicted for c in t.candidates], np.inf))
+    return costs, losses
+
+
+def _solve(kind: str, target: float, costs: list[np.ndarray], losses: list[np.ndarray]):
+    """The knapsack for the goal: least loss within a budget, or least cost within a loss."""
+    if kind == "budget":
+        found = within_budget(costs, losses, target)
+    else:
+        found = within_loss(costs, losses, target)
+    return found if found is not None and np.isfinite(found.loss) else None
+
+
+def _family_alone(tols: list[LayerTolerance], family: str, kind: str, target: float):
+    """The allocation at the same goal with only ``family``'s candidates (and keep) allowed."""
+    return _solve(kind, target, *_restricted(tols, family))

@@ -56,21 +56,46 @@ def layer_hessians(ctx: Context) -> dict[str, np.ndarray]:
     data = ctx.analysis("calib_data")
     if data is None:
         return {}
+    return _hessians(ctx, data.batches, data.digest, f"{data.samples} samples of {data.source}")
+
+
+@register_analysis("fit_hessians", requires=("calib_data", "layers", "hessians"), config=("allocate",))
+def fit_hessians(ctx: Context, config) -> dict[str, np.ndarray]:
+    """H without the samples the allocator measures degradation on (the first ``measure_samples``):
+    candidates fitted to these statistics are measured on data they never saw, so a layer whose
+    GPTQ solution only holds on its own calibration samples shows it (the overfitting that breaks
+    allocations on text of another domain). Full H when too few samples would remain."""
+    data = ctx.analysis("calib_data")
+    full = ctx.analysis("hessians")
+    if data is None:
+        return full
+    held, rest = calib.split_runs(data.batches, config.allocate.measure_samples)
+    if calib.count_samples(rest) < calib.count_samples(held):
+        log.warning("allocate: %d calibration samples leave too few beside the %d measured ones; candidates are "
+                    "fitted on all of them, so one-layer measurements are in-sample", data.samples,
+                    config.allocate.measure_samples)
+        return full
+    measured = _hessians(ctx, held, f"{data.digest}|head{config.allocate.measure_samples}",
+                         f"the {config.allocate.measure_samples} measurement samples")
+    return {name: full[name] - measured[name] for name in full}
+
+
+def _hessians(ctx: Context, batches, data_digest: str, what: str) -> dict[str, np.ndarray]:
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
     inputs = {layer.weight: layer.nodes[0].inputs[0].name for layer in layers}
-    digest = hashlib.sha256(f"{ctx.model.digest()}|{data.digest}|{'|'.join(sorted(inputs))}".encode())
+    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}".encode())
     cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
     if cached.exists():
         with np.load(cached) as stored:
             log.info("calibrate: H for %d layers read from cache %s", len(stored.files), cached)
             return {name: stored[f"h{i}"] for i, name in enumerate(sorted(inputs))}
     model = ctx.model.to_onnx()
-    hs = collect_hessians(model, inputs, data.batches, mask_input=_mask_input(model))
+    hs = collect_hessians(model, inputs, batches, mask_input=_mask_input(model))
     fd, tmp_file = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
     os.close(fd)
     np.savez(tmp_file, **{f"h{i}": hs[name] for i, name in enumerate(sorted(inputs))})
     os.replace(tmp_file, cached)
-    log.info("calibrate: H for %d layers from %d samples of %s", len(hs), data.samples, data.source)
+    log.info("calibrate: H for %d layers from %s", len(hs), what)
     return hs
 
 

@@ -12,6 +12,7 @@ Per-layer overrides (``overrides`` of the method config) apply before any of thi
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -20,6 +21,7 @@ import numpy as np
 from lrqgraph.errors import LrqError
 from lrqgraph.methods import METHODS, MethodConfig, configure, method_config, method_of
 from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
+from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.plan import Layer, LayerPlan
 from lrqgraph.progress import progress
@@ -37,9 +39,20 @@ def plan_settings(cfg: MethodConfig, rep: Representation) -> dict:
 
 
 def factorize_weight(w: np.ndarray, cfg: MethodConfig, scale_dtype: str = "float32",
-                     h: "np.ndarray | HessianInfo | None" = None) -> tuple[Representation | None, str]:
-    """The representation ``cfg`` asks for, or (None, why not). ``h``: the layer's XᵀX, if known."""
-    return method_of(cfg).factorize(w, cfg, scale_dtype, HessianInfo.of(h))
+                     h: "np.ndarray | HessianInfo | None" = None,
+                     warm: Representation | None = None) -> tuple[Representation | None, str]:
+    """The representation ``cfg`` asks for, or (None, why not). ``h``: the layer's XᵀX, if known;
+    ``warm``: a dense representation of the same grid for methods that start from one."""
+    method = method_of(cfg)
+    info = HessianInfo.of(h)
+    rotation = Rotation(w.shape[0], cfg.seed) if getattr(cfg, "rotate", False) else None
+    if rotation is not None:  # factorize RᵀW against the rotated inputs' statistics
+        w, info = rotation.rotate_weight(w), None if info is None else info.rotated(rotation)
+    extra = {"warm": warm} if warm is not None and method.warm_start else {}
+    rep, why = method.factorize(w, cfg, scale_dtype, info, **extra)
+    if rep is None or rotation is None:
+        return rep, why
+    return dataclasses.replace(rep, rotation=rotation), why
 
 
 def plan_layer(layer: Layer, cfg: MethodConfig, h: np.ndarray | None) -> LayerPlan:

@@ -37,6 +37,7 @@ from lrqgraph.methods.kashin import transform_refusal
 from lrqgraph.model import IR_VERSION_INT4, ModelState
 from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits
 from lrqgraph.numerics.kashin import KashinTensor
+from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.plan import Layer, LoweredLayer
 from lrqgraph.runtime.native_ops import library_path
@@ -80,6 +81,7 @@ class Emitter:
         # lrq: int8 activations unless told otherwise (its kernels are built for them)
         self.accuracy_level = 4 if accuracy_level is None and target == "lrq" else accuracy_level
         self._factors: dict[object, object] = {}
+        self._folded: list[gs.Constant] = []  # stored constants that reach a node through a Cast
         self.stored_bytes = 0
         self.nodes = 0
 
@@ -92,7 +94,8 @@ class Emitter:
         if key not in self._factors:
             tensors = make(f"{self.prefix}.lrq{key}" if not isinstance(key, tuple) else
                            f"{self.prefix}.lrq{key[0]}_{key[1]}")
-            values = tensors.values() if isinstance(tensors, dict) else tensors
+            values = [*(tensors.values() if isinstance(tensors, dict) else tensors), *self._folded]
+            self._folded.clear()
             self.stored_bytes += sum(_stored_nbytes(t) for t in values if isinstance(t, gs.Constant))
             self._factors[key] = tensors
         return self._factors[key]
@@ -109,10 +112,50 @@ class Emitter:
         to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         return self.node("Cast", tag, [x], {"to": to}, dtype=np.dtype(dtype))
 
+    def rotated(self, x: gs.Tensor, rotation: Rotation, tag: str) -> gs.Variable:
+        """X·R in plain ONNX ops, emitted once per (input, rotation) in the model: signs, the odd
+        block, then the Walsh-Hadamard transform as two small MatMuls over a reshaped X (the
+        layout of numerics/rotation.py). Its constants count as this layer's stored bytes."""
+        key = ("rotation", x.name, rotation)
+        if key in self.model.shared_values:
+            return self.model.shared_values[key]
+        io = self.io_dtype
+        lead = [-1]  # every leading dimension in one: the input's rank need not be known
+        factors = rotation.factors()
+        f = {name: self.array(f"rotation{rotation.k}_{rotation.seed}.{name}", v.astype(io))
+             for name, v in factors.items()}
+        self.stored_bytes += sum(_stored_nbytes(t) for t in f.values())
+        shape = lambda *dims: self.array(f"{tag}.rotation_shape", np.array(lead + list(dims), np.int64))  # noqa: E731
+        p1, p2 = len(factors["h1"]), len(factors["h2"])
+        odd = rotation.k // (p1 * p2)
+        y = self.node("Mul", f"{tag}/rotate", [x, f["signs"]], dtype=io)
+        y = self.node("Reshape", f"{tag}/rotate", [y, shape(p1 * p2, odd)], dtype=io)
+        if "small" in f:
+            y = self.node("MatMul", f"{tag}/rotate", [y, f["small"]], dtype=io)
+        if p1 > 1:
+            y = self.node("Reshape", f"{tag}/rotate", [y, shape(p1, p2 * odd)], dtype=io)
+            y = self.node("MatMul", f"{tag}/rotate", [f["h1"], y], dtype=io)
+        if p2 > 1:
+            y = self.node("Reshape", f"{tag}/rotate", [y, shape(p1, p2, odd)], dtype=io)
+            y = self.node("MatMul", f"{tag}/rotate", [f["h2"], y], dtype=io)
+        x_shape = self.node("Shape", f"{tag}/rotate", [x], dtype=np.int64)
+        y = self.node("Reshape", f"{tag}/rotate", [y, x_shape], dtype=io)
+        self.model.shared_values[key] = y
+        return y
+
     # -- factor layouts -------------------------------------------------------------------------
+    def stored_scales(self, name: str, scales: np.ndarray) -> gs.Tensor:
+        """Scales as stored (float16 of a float32 layer: half the bytes in the file), cast to the
+        compute type by a Cast of the constant, which onnxruntime folds when the session loads."""
+        stored = self.array(name, scales)
+        if scales.dtype == self.dtype:
+            return stored
+        self._folded.append(stored)  # counted as stored, the Cast's output is not
+        return self.cast(stored, self.dtype, name)
+
     def ort_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
         packed, _, _ = q.packed_columns()  # MatMulNBits stores row n = column n of W, blocks along K
-        tensors = [self.array(f"{name}.q", packed), self.array(f"{name}.scales", q.scales.T.astype(self.dtype).reshape(-1))]
+        tensors = [self.array(f"{name}.q", packed), self.stored_scales(f"{name}.scales", q.scales.T.reshape(-1))]
         if q.zero_points is not None:
             tensors.append(self.array(f"{name}.zp", pack_bits(q.zero_points.T, q.bits)))
         return tensors
@@ -125,7 +168,7 @@ class Emitter:
 
     def std_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
         half = 1 << (q.bits - 1)
-        scales = self.array(f"{name}.scales", q.scales.astype(self.dtype))
+        scales = self.stored_scales(f"{name}.scales", q.scales)
         if q.bits <= 4:
             if q.symmetric:  # signed two's-complement nibbles, implicit zero point 0
                 return [_packed_tensor(self.model.unique_name(f"{name}.q"), q.codes.astype(np.int16) - half,
@@ -311,6 +354,8 @@ def rewrite_node(em: Emitter, node: gs.Node, rep: Representation, tag: str) -> N
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
     node.outputs.clear()
+    if rep.rotation is not None:
+        x = em.rotated(x, rep.rotation, tag)
     if em.dtype != em.io_dtype:
         x = em.cast(x, em.dtype, f"{tag}/in")
     h = RULES[key](em, x, rep, tag, vector_bias)
@@ -332,11 +377,9 @@ def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: st
                 accuracy_level: int | None) -> LoweredLayer:
     """Rewrite every node of ``layer`` (the replaced nodes are dropped; cleanup removes the rest)."""
     check_lowerable(layer.name, rep, target, layer.dtype)
-    # float16 scales of a float32 layer: MatMulNBits and DequantizeLinear then compute in
-    # float16; the lrq ops take either scale type with float32 activations
-    scales = getattr(rep.chains[0][0], "scales", None)
-    compute = layer.dtype if target == "lrq" or scales is None else scales.dtype
-    em = Emitter(model, target, layer.weight, compute, accuracy_level, io_dtype=np.dtype(layer.dtype))
+    # float16 scales of a float32 layer are stored as float16 and cast once when onnxruntime loads
+    # the model (Emitter.stored_scales); the lrq ops take either scale type as they are
+    em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, io_dtype=np.dtype(layer.dtype))
     for node, label in zip(layer.nodes, layer.labels):
         rewrite_node(em, node, rep, label)
     replaced = {id(node) for node in layer.nodes}

@@ -1,25 +1,32 @@
 """tolerance: per layer, the candidate representations and each one's predicted share of the
 end-to-end degradation.
 
-1. Candidates: every registered method's menu for the lowering (today: gptq's dense grids
-   (bits, block), or AllocateConfig.menu), each computed for real (GPTQ with calibration
-   statistics, RTN without), with its exact storage bits and
+1. Candidates: every registered method's menu for the lowering, across representation families
+   (dense GPTQ grids, symmetric and asymmetric; Q + L·R started from the dense candidate of its
+   Q grid; L·R alone; Kashin and k-means codebooks where the lowering runs them), or
+   AllocateConfig.menu; each computed for real (GPTQ with calibration statistics, RTN
+   without), with its exact storage bits and
    its activation-aware error e = sqrt(tr(ΔWᵀHΔW) / tr(WᵀHW)) (relative Frobenius error when
    data-free). Keeping the float weight is always a candidate (e = 0).
-2. Calibration of the proxy: each layer alone is replaced by its cheapest candidate (the probe)
+2. Calibration of the proxy: each layer alone is replaced by its cheapest dense candidate (the probe)
    and the model's degradation d is measured in onnxruntime on the calibration inputs (see
    lrqgraph.evaluate). Small perturbations degrade the output quadratically, so a layer's
    sensitivity is s = d_probe / e_probe² and a candidate is predicted to cost s · e².
-3. Check: with ``validate``, each layer is also measured alone at a second, finer candidate, and
-   the report gives predicted against measured (and their Spearman rank correlation over layers):
-   the prediction there comes from the probe, never from the value it is compared with. The
-   allocator then predicts from both measurements: a power law between them, quadratic beyond.
+3. Check: with ``validate``, ``check_layers`` layers spread over the model (or every layer) are
+   also measured alone at a second, finer candidate, and the report gives predicted against
+   measured (and their Spearman rank correlation over layers): the prediction there comes from
+   the probe, never from the value it is compared with. The allocator then predicts from both
+   measurements: a power law between them, quadratic beyond; the other layers take the median
+   power of the checked ones. The checked layers are also measured at one candidate of every
+   other family: the proxy's rank correlation per family (the error e is comparable across
+   families, the sensitivity is the layer's). Candidates are fitted on H without the measured
+   samples (calibrate.fit_hessians), so every measurement is out of sample.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +53,8 @@ class Candidate:
     error: float                   # activation-aware (or relative Frobenius) error
     predicted: float = float("nan")  # predicted end-to-end degradation when only this layer changes
     polished: bool = False           # coordinate descent applied (after being chosen)
+    family: str = "keep"             # dense, rotated, qlr, lowrank, kashin, kmeans (Method.family_of), or keep
+    settings: tuple[str, dict] | None = None  # (method, fields) it was made with: the final refit remakes it
 
 
 @dataclass
@@ -55,6 +64,9 @@ class LayerTolerance:
     sensitivity: float = float("nan")
     probe: tuple[str, float] | None = None      # (label, measured degradation)
     check: tuple[str, float, float] | None = None  # (label, predicted, measured)
+    power: float | None = None                  # of the power law through the probe and the check
+    # other families' check candidates on a sample of layers: family -> (label, predicted, measured)
+    family_checks: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -74,37 +86,70 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def menu_for(lowering: str, custom: tuple[tuple[int, int], ...] = ()) -> list[tuple[str, dict]]:
-    """(method, fields) of every candidate: each registered method's menu for the lowering, or a
-    custom (bits, block) menu of gptq grids."""
+def menu_for(lowering: str, custom: tuple[tuple[int, int], ...] = (),
+             families: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """(method, fields) of every candidate: each registered method's menu for the lowering (methods
+    that start from a dense candidate after the dense ones; only ``families`` if given), or a
+    custom (bits, block) menu of gptq grids. Without the dense family, Q + L·R quantizes its own Q."""
     if custom:
         return [("gptq", {"bits": bits, "block_size": block, "sweeps": 0}) for bits, block in custom]
-    return [(name, fields) for name, m in METHODS.items() for fields in m.menu(lowering)]
+    ordered = sorted(METHODS.items(), key=lambda item: item[1].warm_start)
+    return [(name, fields) for name, m in ordered for fields in m.menu(lowering)
+            if not families or m.family_of(fields) in families]
+
+
+def candidate_label(rep: Representation) -> str:
+    """The candidate as stored: method, grid (a block longer than K is stored as K), rank."""
+    def grid(q) -> str:
+        return f"{q.bits}b g{q.block_size}{'' if q.symmetric else ' asym'}"
+    rotated = "rot " if rep.rotation is not None else ""
+    if rep.form == "dense":
+        return f"{rep.method} {rotated}{grid(rep.chains[0][0])}"
+    if rep.form in ("lowrank", "dense+lowrank"):
+        left = next(c for c in rep.chains if len(c) == 2)[0]
+        dense = [c[0] for c in rep.chains if len(c) == 1]
+        return f"{rep.method} {rotated}{grid(dense[0]) + ' + ' if dense else ''}r{rep.rank}x{left.bits}b"
+    return f"{rep.method} {rep.chains[0][0].bits}b"
 
 
 def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: MethodConfig,
                    h: np.ndarray | None, lowering: str) -> list[Candidate]:
     """Every menu entry the lowering runs for this layer (cheapest first), then keeping the float
-    weight. (A menu block longer than K shrinks to K, which e.g. MatMulNBits cannot take.)"""
+    weight. Methods with ``warm_start`` (Q + L·R) start from the dense candidate of their Q grid."""
     w = layer.weight_matrix()
     float_bits = layer.stored_bits
     info = HessianInfo.of(h)  # factorized once for every candidate
-    out = []
+    scale_dtype = allocation_scales(method_cfg, layer.dtype)
+    out, dense = [], {}
     for method, fields in menu:
         cfg = configure(method_cfg, method=method, **fields)
-        rep, _ = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), info)
-        if rep is None or rep.storage_bits() >= float_bits or not lowerable(layer, rep, lowering):
+        grid = (fields.get("bits"), fields.get("block_size"), fields.get("symmetric", True), fields.get("rotate", False))
+        warm = dense.get(grid) if METHODS[method].warm_start else None
+        rep, _ = factorize_weight(w, cfg, scale_dtype, info, warm=warm)
+        if rep is None:
             continue
-        first = rep.chains[0][0]
-        label = f"{rep.method} {first.bits}b g{first.block_size}"  # the grid as stored (blocks shrink to K)
+        if rep.form == "dense":
+            dense[grid] = rep  # Q + L·R of the same grid starts from it
+        if rep.storage_bits() >= float_bits or not lowerable(layer, rep, lowering):
+            continue
+        label = candidate_label(rep)
         if any(c.label == label for c in out):
-            continue  # a block longer than K is K: that grid is on the menu already
-        dense = rep.dequantize()
-        error = activation_error(w, dense, h) if h is not None else relative_error(w, dense)
-        out.append(Candidate(label, rep, rep.storage_bits(), error))
+            continue  # e.g. a block longer than K is K: that grid is on the menu already
+        approx = rep.dequantize()
+        error = activation_error(w, approx, h) if h is not None else relative_error(w, approx)
+        out.append(Candidate(label, rep, rep.storage_bits(), error, family=METHODS[method].family_of(fields),
+                             settings=(method, fields)))
     out.sort(key=lambda c: (c.bits, c.error))
     out.append(Candidate("keep", None, float_bits, 0.0, predicted=0.0))
     return out
+
+
+def allocation_scales(cfg: MethodConfig, weight_dtype: str) -> str:
+    """The scale type of the allocator's candidates: float16 unless ``--scale-dtype`` says
+    otherwise. Every lowering stores float16 scales as they are (a float32 layer casts them once
+    at load), so they halve the scale bytes at no cost in speed; their precision (11 bits) is far
+    below any code's rounding error."""
+    return "float16" if cfg.scale_dtype == "auto" else cfg.scales_for(weight_dtype)
 
 
 def lowerable(layer: Layer, rep: Representation, lowering: str) -> bool:
@@ -119,13 +164,8 @@ def measurement_batches(ctx: Context, config) -> tuple[list[dict[str, np.ndarray
     """The first ``measure_samples`` calibration samples (synthetic inputs without --calib)."""
     data = ctx.analysis("calib_data")
     if data is not None:
-        runs, count = [], 0
-        for run in data.batches:
-            if count >= config.allocate.measure_samples:
-                break
-            runs.append(run)
-            count += len(next(iter(run.values())))
-        return runs, f"{count} samples of {data.source}"
+        runs, _ = calib.split_runs(data.batches, config.allocate.measure_samples)
+        return runs, f"{calib.count_samples(runs)} samples of {data.source}"
     signature = ctx.model.signature()
     feeds = calib.synthesize(signature, ctx.model.graph, config.verify.samples, config.verify.seed)
     log.warning("tolerance: no --calib data; layer sensitivities are measured on synthetic inputs")
@@ -142,48 +182,76 @@ def degradation_meter(ctx: Context, config) -> Degradation:
                        custom=cfg.metric)
 
 
-@register_analysis("tolerance", requires=("layers", "hessians", "degradation"),
+@register_analysis("tolerance", requires=("layers", "fit_hessians", "degradation"),
                    config=("allocate", "factorize", "lowering"))
 def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     cfg = config.allocate
-    menu = menu_for(config.lowering, cfg.menu)
-    hessians = ctx.analysis("hessians")
+    menu = menu_for(config.lowering, cfg.menu, cfg.families)
+    hessians = ctx.analysis("fit_hessians", allocate=cfg)  # without the measured samples: see calibrate.fit_hessians
     meter = ctx.analysis("degradation", allocate=cfg)
     start = time.perf_counter()
     result = []
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
-    for layer in progress(layers, "tolerance"):
+    checked = len(layers) if cfg.check_layers is None else min(cfg.check_layers, len(layers))
+    sampled = set(np.linspace(0, len(layers) - 1, checked).round().astype(int).tolist())
+    for index, layer in enumerate(progress(layers, "tolerance")):
         method_cfg = config.factorize.for_layer(layer.name, layer.weight)
         cands = candidates_for(layer, menu, method_cfg, hessians.get(layer.weight), config.lowering)
         tol = LayerTolerance(layer, cands)
         lossy = [c for c in cands if c.rep is not None]
         if lossy:
-            probe = lossy[0]
+            # the probe: the cheapest dense grid (other families' cheapest can be far off the quadratic regime)
+            probe = next((c for c in lossy if c.family == "dense"), lossy[0])
             measured = max(meter.measure({layer.weight: stored_layout(layer, probe.rep)}), 0.0)
             tol.probe = (probe.label, measured)
             tol.sensitivity = measured / probe.error ** 2 if probe.error > 0 else 0.0
             for c in lossy:
                 c.predicted = tol.sensitivity * c.error ** 2
-            if cfg.validate and len(lossy) > 1:
-                # the finest lossy candidate below 8 bits (or the finest): where allocations land
-                finer = [c for c in lossy[1:] if "8b" not in c.label] or lossy[1:]
+            same = [c for c in lossy if c.family == probe.family and c is not probe and c.error < probe.error]
+            if cfg.validate and same and (cfg.check_layers is None or index in sampled):
+                # the finest candidate of the probe's family below 8 bits (or the finest): where allocations land
+                finer = [c for c in same if "8b" not in c.label] or same
                 check = finer[len(finer) // 2]
                 got = max(meter.measure({layer.weight: stored_layout(layer, check.rep)}), 0.0)
                 tol.check = (check.label, check.predicted, got)  # the probe's prediction, before refining
-                _through_two_points(lossy, probe, check, measured, got)
+                tol.power = _through_two_points(lossy, probe, check, measured, got)
+            if cfg.validate and index in sampled:  # does the proxy hold for the other families too?
+                for family in dict.fromkeys(c.family for c in lossy if c.family != probe.family):
+                    own = [c for c in lossy if c.family == family]
+                    pick = own[len(own) // 2]
+                    got = max(meter.measure({layer.weight: stored_layout(layer, pick.rep)}), 0.0)
+                    tol.family_checks[family] = (pick.label, pick.predicted, got)
         result.append(tol)
+    _unchecked_follow_the_checked(result)
     log.info("tolerance: %d layers, %d candidates in %.1f s", len(result),
              sum(len(t.candidates) for t in result), time.perf_counter() - start)
     return result
 
 
+def _unchecked_follow_the_checked(result: list[LayerTolerance]) -> None:
+    """Layers measured at the probe only: below the probe's error, the median power law of the
+    checked layers instead of the quadratic one (the degradation of a big perturbation is not
+    quadratic; the checked layers say how far off it is)."""
+    powers = [t.power for t in result if t.power is not None]
+    if not powers:
+        return
+    power = float(np.median(powers))
+    for t in result:
+        if t.power is not None or t.probe is None:
+            continue
+        e_probe = next(c.error for c in t.candidates if c.label == t.probe[0])
+        for c in t.candidates:
+            if c.rep is not None and 0 < c.error < e_probe:
+                c.predicted = t.probe[1] * (c.error / e_probe) ** power
+
+
 def _through_two_points(lossy: list[Candidate], probe: Candidate, check: Candidate, d_probe: float,
-                        d_check: float) -> None:
+                        d_check: float) -> float | None:
     """Predictions from both measurements: a power law d = a·e^p through (e_probe, d_probe) and
-    (e_check, d_check) between them, quadratic scaling beyond either end."""
+    (e_check, d_check) between them, quadratic scaling beyond either end. Returns p."""
     e_probe, e_check = probe.error, check.error
     if not (0 < e_check < e_probe and d_check > 0 and d_probe > 0):
-        return
+        return None
     power = np.log(d_probe / d_check) / np.log(e_probe / e_check)
     for c in lossy:
         if c.error <= e_check:
@@ -192,6 +260,7 @@ def _through_two_points(lossy: list[Candidate], probe: Candidate, check: Candida
             c.predicted = d_probe * (c.error / e_probe) ** 2
         else:
             c.predicted = d_check * (c.error / e_check) ** power
+    return float(power)
 
 
 def stored_layout(layer: Layer, rep: Representation) -> np.ndarray:

@@ -43,9 +43,11 @@ def test_quality_mode_fits_the_budget_and_lowers_what_it_chose(tmp_path):
     lowered_bits = sum(e["stored_bytes"] * 8 if e["action"] == "rewrite" else e["params"] * 32 for e in selected)
     assert lowered_bits == pytest.approx(alloc["bpw"] * sum(e["params"] for e in selected), rel=1e-9)
     assert lowered_bits <= 3.5 * sum(e["params"] for e in selected)
-    # ... and each layer was lowered at the grid it was given ("gptq 4b g32")
+    # ... and each layer was lowered at the grid it was given ("gptq 4b g32", "qlr 2b g64 + r16x8b")
     for e in rewritten:
-        assert e["choice"] == f"gptq {e['bits']}b g{e['block']}"
+        grid = f"{e['bits']}b g{e['block']}{'' if e['symmetric'] else ' asym'}"
+        stored = f"r{e['rank']}x{e['bits']}b" if e["family"] == "lowrank" else grid
+        assert e["choice"].startswith(f"{e['method']} {stored}"), e
     # the measured degradation is the one verify sees on the same samples (32 = measure_samples)
     verify_cos = result.report["verify"]["outputs"]["y"]["cosine_mean"]
     assert 1 - verify_cos == pytest.approx(alloc["measured"], rel=1e-3, abs=1e-6)
@@ -193,3 +195,50 @@ def test_a_python_metric_callback_drives_compact_mode(tmp_path):
     assert alloc["metric"] == "custom" and alloc["met"] and alloc["measured"] <= 0.05 and calls
     with pytest.raises(lrqgraph.LrqError, match="needs both"):
         AllocateConfig(max_metric=0.1)
+
+
+FAMILY_OPS = {("dense", "ort"): {"MatMulNBits"}, ("rotated", "ort"): {"MatMulNBits", "Mul", "Reshape"},
+              ("rotated", "lrq"): {"QMatMul", "Mul", "Reshape"}, ("qlr", "ort"): {"MatMulNBits", "Add"},
+              ("lowrank", "ort"): {"MatMulNBits"}, ("dense", "lrq"): {"QMatMul"},
+              ("qlr", "lrq"): {"QLowRankMatMul"}, ("lowrank", "lrq"): {"QLowRankMatMul"},
+              ("kashin", "lrq"): {"KashinMatMul"}, ("kmeans", "lrq"): {"KashinMatMul"},
+              ("dense", "std"): {"DequantizeLinear"}, ("qlr", "std"): {"DequantizeLinear", "Add"}}
+
+
+@pytest.mark.parametrize("family, lowering", sorted(FAMILY_OPS))
+def test_each_family_alone_goes_through_allocate_and_lower(tmp_path, family, lowering):
+    """--families F: every layer the allocator rewrites is of family F, lowered to F's ops, and
+    the model runs in onnxruntime (verify) with the degradation the allocator measured."""
+    pytest.importorskip("onnxruntime")
+    if lowering == "lrq":
+        from lrqgraph.runtime import available
+        if not available():
+            pytest.skip("native ops not built")
+    dims = (512, 1024, 512)  # large enough for rank-16 factors within the menu's 0.25-0.5 extra bits
+    # more samples than inputs: with a rank-deficient H the whitened factors of L·R blow up in the
+    # directions no sample spans, and the test inputs (verify's) would find them
+    cfg = OptimizeConfig(calib=mlp_calib(tmp_path, samples=1024, k=dims[0]), lowering=lowering,
+                         allocate=AllocateConfig(target_bpw=6.0, families=(family,)))
+    result = lrqgraph.run(builders.mlp_model(dims), cfg)
+    chosen = [e for e in result.report["layers"] if e.get("action") == "rewrite"]
+    assert chosen and {e["family"] for e in chosen} == {family}
+    ops = {n.op_type for n in result.model.graph.node}
+    assert FAMILY_OPS[family, lowering] <= ops
+    alloc = result.report["allocation"]
+    assert set(alloc["families"]) == {family} and alloc["families"][family]["layers"] == len(chosen)
+    # verify runs 128 samples, the allocator measures on its first 32 (measured: 2-3% apart);
+    # lrq's default int8 activations (accuracy_level 4) add an error the float measurement does
+    # not see (2.5e-5 here on the dense grids)
+    verify_cos = result.report["verify"]["outputs"]["y"]["cosine_mean"]
+    assert 1 - verify_cos == pytest.approx(alloc["measured"], rel=0.1, abs=1e-4 if lowering == "lrq" else 0)
+
+
+def test_the_joint_menu_offers_every_family_the_lowering_runs(tmp_path):
+    from lrqgraph.passes.tolerance import menu_for
+    from lrqgraph.methods import METHODS
+    common = {"dense", "rotated", "qlr", "lowrank"}
+    for lowering, expected in (("ort", common), ("std", common), ("lrq", common | {"kashin", "kmeans"})):
+        assert {METHODS[m].family_of(f) for m, f in menu_for(lowering)} == expected
+    assert {METHODS[m].family_of(f) for m, f in menu_for("lrq", families=("qlr",))} == {"qlr"}
+    with pytest.raises(lrqgraph.LrqError, match="unknown representation family hadamard"):
+        AllocateConfig(target_bpw=4, families=("hadamard",))

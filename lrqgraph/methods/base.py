@@ -7,7 +7,11 @@ A :class:`Method` bundles what every part of lrqgraph needs to know about a meth
  - ``storage(cfg, k, n, scale_dtype)``: its exact stored bits from shapes alone (``inspect``);
  - ``forms``: the representation forms it yields (see Representation.form), and ``lowerings``
    the targets that run them (the lower pass checks against its rules);
- - ``menu(lowering)``: the candidate settings it offers the allocator (empty: none).
+ - ``menu(lowering)``: the candidate settings it offers the allocator (empty: none), and
+   ``family`` the representation family the allocator's report groups it under (dense, qlr,
+   lowrank, kashin, kmeans);
+ - ``warm_start``: whether ``factorize`` takes ``warm=`` (a dense Representation of the same grid,
+   already computed for the allocator's menu, that it starts from instead of quantizing again).
 Adding a method is one new module that calls :func:`register_method`, plus its tests.
 """
 from __future__ import annotations
@@ -74,6 +78,7 @@ class GridConfig(MethodConfig):
     block_size: int = 32           # 0 = one block per column (per channel)
     symmetric: bool = True
     clip_search: bool = True       # MSE-optimal clipping per block
+    rotate: bool = False           # a seeded randomized Hadamard of the input dimension first (numerics/rotation.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,10 +104,21 @@ class Method:
     forms: tuple[str, ...]
     lowerings: tuple[str, ...] = LOWERINGS
     summary: str = ""
+    family: str = ""               # '' = the method's name
+    warm_start: bool = False
     menu: Callable[[str], tuple[dict[str, Any], ...]] = field(default=lambda lowering: ())
     # a per-config refinement of ``lowerings`` (e.g. Kashin's kernel runs Hadamard transforms only):
     # returns '' when ``lowering`` runs ``cfg``, else what to change
     lowering_check: Callable[[Any, str], str] = field(default=lambda cfg, lowering: "")
+
+    @property
+    def group(self) -> str:
+        """The representation family (what the allocation report groups candidates by)."""
+        return self.family or self.name
+
+    def family_of(self, fields: dict[str, Any]) -> str:
+        """The family of one of its settings: ``rotated`` when it rotates the input first."""
+        return "rotated" if fields.get("rotate") else self.group
 
     def check_lowering(self, cfg: MethodConfig, lowering: str) -> str:
         """'' when ``lowering`` runs this method with ``cfg``, else a one-line reason with the fix."""

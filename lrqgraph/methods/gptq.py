@@ -12,12 +12,14 @@ from lrqgraph.numerics import Representation, gptq_factorize, rtn_factorize
 from .base import GridConfig, Method, register_method
 from .rtn import dense_storage
 
-# (bits, block) menus per lowering: MatMulNBits runs 2/4/8-bit codes; the native ops any width;
-# standard DequantizeLinear int4/int8.
+# (bits, block[, symmetric]) menus per lowering: MatMulNBits runs 2/4/8-bit codes; the native ops
+# any width; standard DequantizeLinear int4/int8. Asymmetric grids pay a zero point per block.
 MENUS = {
-    "ort": ((2, 128), (2, 64), (2, 32), (2, 16), (4, 256), (4, 128), (4, 64), (4, 32), (8, 128)),
-    "lrq": ((2, 64), (2, 32), (2, 16), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (8, 128)),
-    "std": ((4, 128), (4, 64), (4, 32), (8, 128)),
+    "ort": ((2, 128), (2, 64), (2, 64, False), (2, 32), (2, 16), (4, 256), (4, 128), (4, 128, False), (4, 64),
+            (4, 32), (8, 128)),
+    "lrq": ((2, 64), (2, 64, False), (2, 32), (2, 16), (3, 128), (3, 64), (3, 64, False), (3, 32), (4, 128),
+            (4, 128, False), (4, 64), (4, 32), (8, 128)),
+    "std": ((4, 128), (4, 128, False), (4, 64), (4, 32), (8, 128)),
 }
 
 
@@ -39,11 +41,20 @@ def factorize(w, cfg: GPTQConfig, scale_dtype: str, h=None):
     return gptq_factorize(w, cfg.spec(scale_dtype), h, cfg.sweeps), ""
 
 
+# grids also offered after a randomized Hadamard rotation of the input dimension (family "rotated")
+ROTATED_MENUS = {"ort": ((2, 64), (4, 128), (4, 64), (4, 32)), "std": ((4, 128), (4, 64)),
+                 "lrq": ((2, 64), (3, 128), (3, 64), (4, 128), (4, 64))}
+
+
 def menu(lowering: str) -> tuple[dict, ...]:
     # no coordinate descent while ranking the menu: allocate polishes the candidates it chooses
-    return tuple({"bits": bits, "block_size": block, "sweeps": 0} for bits, block in MENUS[lowering])
+    plain = tuple({"bits": grid[0], "block_size": grid[1], "symmetric": grid[2] if len(grid) > 2 else True,
+                   "sweeps": 0} for grid in MENUS[lowering])
+    rotated = tuple({"bits": bits, "block_size": block, "sweeps": 0, "rotate": True}
+                    for bits, block in ROTATED_MENUS[lowering])
+    return plain + rotated
 
 
 METHOD = register_method(Method(
-    "gptq", GPTQConfig, factorize, dense_storage, forms=("dense",), menu=menu,
+    "gptq", GPTQConfig, factorize, dense_storage, forms=("dense",), menu=menu, family="dense",
     summary="dense block quantization with GPTQ error feedback (uses --calib; without it, equals rtn)"))

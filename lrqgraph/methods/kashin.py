@@ -52,4 +52,5 @@ def lowering_check(cfg: KashinConfig, lowering: str) -> str:
 METHOD = register_method(Method(
     "kashin", KashinConfig, factorize, storage, forms=("codebook",), lowerings=("lrq",),
     lowering_check=lowering_check,
+    menu=lambda lowering: ({"bits": 3},) if lowering == "lrq" else (),
     summary="Kashin decomposition with a 2-D codebook (lrq::KashinMatMul)"))

@@ -25,4 +25,5 @@ def factorize(w, cfg: KMeansConfig, scale_dtype: str, h=None):
 
 METHOD = register_method(Method(
     "kmeans", KMeansConfig, factorize, storage, forms=("codebook",), lowerings=("lrq",),
+    menu=lambda lowering: ({"bits": 3}, {"bits": 4}) if lowering == "lrq" else (),
     summary="per-tensor k-means codebook (lrq::KashinMatMul)"))

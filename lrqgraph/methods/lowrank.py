@@ -7,6 +7,7 @@ from lrqgraph.errors import LrqError
 from lrqgraph.numerics import QuantSpec, rank_for_bpw
 from lrqgraph.numerics.lowrank import lowrank_storage_bits
 from lrqgraph.numerics.quant import spec_storage_bits
+from lrqgraph.numerics.rotation import Rotation
 
 from .base import GridConfig
 
@@ -35,6 +36,11 @@ class LowRankConfig(GridConfig):
     def default_bpw(self) -> float:
         return float(self.bits)
 
+    def budget_bpw(self, fixed_bpw: float) -> float:
+        """Bits per weight the whole representation may take, ``fixed_bpw`` of them already spent
+        on a dense Q (the rank is the largest that fits)."""
+        return self.target_bpw if self.target_bpw is not None else self.default_bpw()
+
 
 def choose_rank(cfg: LowRankConfig, k: int, n: int, scale_dtype: str) -> tuple[int, str]:
     """(rank, '') or (0, why no rank fits)."""
@@ -44,8 +50,8 @@ def choose_rank(cfg: LowRankConfig, k: int, n: int, scale_dtype: str) -> tuple[i
     if cfg.rank_ratio is not None:
         return max(1, int(round(cfg.rank_ratio * full))), ""
     dense, factor = cfg.specs(scale_dtype)  # the scales the budget pays for
-    target = cfg.target_bpw if cfg.target_bpw is not None else cfg.default_bpw()
     fixed = spec_storage_bits(k, n, dense) if dense else 0
+    target = cfg.budget_bpw(fixed / (k * n))
     rank = rank_for_bpw(k, n, target, factor, factor, multiple=16, fixed_bits=fixed)
     if rank == 0:
         return 0, f"no rank fits {target:g} bits per weight with {factor.bits}-bit factors"
@@ -58,4 +64,5 @@ def lowrank_storage(cfg: LowRankConfig, k: int, n: int, scale_dtype: str) -> tup
         return None, why
     dense, factor = cfg.specs(scale_dtype)
     bits = lowrank_storage_bits(k, n, rank, factor, factor) + (spec_storage_bits(k, n, dense) if dense else 0)
+    bits += Rotation(k, cfg.seed).storage_bits() if cfg.rotate else 0
     return bits, f"{cfg.method} rank {rank}, {cfg.bits}-bit"

@@ -35,6 +35,12 @@ def factorize(w, cfg: LPLRConfig, scale_dtype: str, h=None):
                           oversample=cfg.oversample, power_iters=cfg.power_iters), ""
 
 
+def menu(lowering: str) -> tuple[dict, ...]:
+    # L·R alone, the rank filling 2 bits per weight with 4-bit factors or 3 with 8-bit ones
+    return ({"bits": 4, "block_size": 32, "target_bpw": 2.0, "init": "svd"},
+            {"bits": 8, "block_size": 32, "target_bpw": 3.0, "init": "svd"})
+
+
 METHOD = register_method(Method(
-    "lplr", LPLRConfig, factorize, lowrank_storage, forms=("lowrank",),
+    "lplr", LPLRConfig, factorize, lowrank_storage, forms=("lowrank",), menu=menu, family="lowrank",
     summary="LPLR: randomized sketch, quantized, least-squares second factor"))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from lrqgraph.numerics import rtn_factorize
 from lrqgraph.numerics.quant import spec_storage_bits
+from lrqgraph.numerics.rotation import Rotation
 
 from .base import GridConfig, Method, register_method
 
@@ -17,7 +18,9 @@ class RTNConfig(GridConfig):
 def dense_storage(cfg: GridConfig, k: int, n: int, scale_dtype: str) -> tuple[int, str]:
     """Exact stored bits of one dense grid (codes, scales, packed zero points) from shapes alone."""
     block = f"block {cfg.block_size}" if cfg.block_size else "per channel"
-    return spec_storage_bits(k, n, cfg.spec(scale_dtype)), f"{cfg.method}, {cfg.bits}-bit {block}"
+    rotation = Rotation(k, cfg.seed).storage_bits() if cfg.rotate else 0
+    return (spec_storage_bits(k, n, cfg.spec(scale_dtype)) + rotation,
+            f"{cfg.method}, {'rotated, ' if cfg.rotate else ''}{cfg.bits}-bit {block}")
 
 
 def factorize(w, cfg: RTNConfig, scale_dtype: str, h=None):
@@ -25,5 +28,5 @@ def factorize(w, cfg: RTNConfig, scale_dtype: str, h=None):
 
 
 METHOD = register_method(Method(
-    "rtn", RTNConfig, factorize, dense_storage, forms=("dense",),
+    "rtn", RTNConfig, factorize, dense_storage, forms=("dense",), family="dense",
     summary="dense block quantization, round to nearest"))

@@ -23,5 +23,5 @@ def factorize(w, cfg: SVDConfig, scale_dtype: str, h=None):
 
 
 METHOD = register_method(Method(
-    "svd", SVDConfig, factorize, lowrank_storage, forms=("lowrank",),
+    "svd", SVDConfig, factorize, lowrank_storage, forms=("lowrank",), family="lowrank",
     summary="truncated SVD with quantized factors (DSVD)"))

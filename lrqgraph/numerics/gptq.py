@@ -51,6 +51,13 @@ class HessianInfo:
         self._u: np.ndarray | None = None
         self._s: np.ndarray | None = None
         self._ordered: tuple[np.ndarray, np.ndarray] | None = None
+        self._rotated: dict = {}
+
+    def rotated(self, rotation) -> "HessianInfo":
+        """The statistics of the rotated inputs X·R (numerics.rotation.Rotation), made once."""
+        if rotation not in self._rotated:
+            self._rotated[rotation] = HessianInfo(rotation.rotate_hessian(self.h), self.damp)
+        return self._rotated[rotation]
 
     @classmethod
     def of(cls, h: "np.ndarray | HessianInfo | None") -> "HessianInfo | None":

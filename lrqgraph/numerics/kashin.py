@@ -35,6 +35,10 @@ class KashinTensor:
     def shape(self) -> tuple[int, int]:
         return self.pairs.shape
 
+    @property
+    def bits(self) -> int:
+        return self.pairs.bits
+
     def dequantize(self) -> np.ndarray:
         uv = self.pairs.dequantize()
         return self.norm * (uv[..., 0] + self.transform.inverse(uv[..., 1]))

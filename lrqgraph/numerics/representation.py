@@ -2,7 +2,9 @@
 
 W[K, N] ≈ Σ_chains Π_i dequant(chain[i]). Dense quantization is one chain of one factor, low rank
 ``L·R`` one chain of two, ``Q + L·R`` two chains. Lowerings turn each chain into a MatMul chain and
-the sum into Adds, so every method shares one rewrite and one storage formula.
+the sum into Adds, so every method shares one rewrite and one storage formula. With a
+``rotation`` R the chains stand for RᵀW: W ≈ R·Σ_chains Π_i dequant(chain[i]), and a lowering
+rotates the layer's input (X·R) before the chains.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from functools import reduce
 import numpy as np
 
 from .quant import QuantizedTensor
+from .rotation import Rotation
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Representation:
     method: str
     rank: int | None = None
     info: dict = field(default_factory=dict)
+    rotation: Rotation | None = None
 
     def __post_init__(self) -> None:
         shapes = {(c[0].shape[0], c[-1].shape[1]) for c in self.chains}
@@ -48,10 +52,12 @@ class Representation:
         return {(1,): "dense", (2,): "lowrank", (1, 2): "dense+lowrank"}.get(tuple(lengths), "chains")
 
     def dequantize(self) -> np.ndarray:
-        return sum(reduce(np.matmul, (q.dequantize() for q in chain)) for chain in self.chains)
+        inner = sum(reduce(np.matmul, (q.dequantize() for q in chain)) for chain in self.chains)
+        return inner if self.rotation is None else self.rotation.unrotate_weight(inner)
 
     def storage_bits(self) -> int:
-        return sum(q.storage_bits() for chain in self.chains for q in chain)
+        rotation = 0 if self.rotation is None else self.rotation.storage_bits()
+        return sum(q.storage_bits() for chain in self.chains for q in chain) + rotation
 
     def bits_per_weight(self) -> float:
         k, n = self.shape

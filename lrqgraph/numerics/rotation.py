@@ -1,0 +1,58 @@
+"""Incoherence processing: a seeded randomized Hadamard rotation of a layer's input dimension.
+
+For Y = X·W, an orthogonal R[K, K] leaves the product unchanged, Y = (X·R)·(Rᵀ·W), while RᵀW
+spreads every row's outliers over all rows (QuIP#, QuaRot), so a block grid fits it with a
+smaller error. R = D·(Q_b ⊗ H_p) in the layout of transforms._Axis: random signs D, then for
+K = p·b (p a power of two, b odd) a seeded orthogonal b×b and the normalized Walsh-Hadamard
+transform of size p, itself H_p1 ⊗ H_p2 with p1·p2 = p. Applying it costs K·(b + p1 + p2)
+multiply-adds per row, and what is stored (signs, the b×b block and the two small Hadamards) is
+a few kilobytes, shared by every layer that reads the same input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .transforms import _Axis, _hadamard, _split
+
+
+@dataclass(frozen=True)
+class Rotation:
+    k: int
+    seed: int = 0
+
+    @cached_property
+    def _axis(self) -> _Axis:
+        return _Axis("hadamard", self.k, self.seed)
+
+    def rotate_inputs(self, x: np.ndarray) -> np.ndarray:
+        """X·R (rows of ``x`` are input vectors of length K)."""
+        return self._axis.forward(np.asarray(x, np.float32))
+
+    def rotate_weight(self, w: np.ndarray) -> np.ndarray:
+        """Rᵀ·W for W[K, N]."""
+        return np.ascontiguousarray(self._axis.forward(np.asarray(w, np.float32).T).T)
+
+    def unrotate_weight(self, w_rotated: np.ndarray) -> np.ndarray:
+        """R·W' (the weight a rotated representation stands for)."""
+        return np.ascontiguousarray(self._axis.inverse(np.asarray(w_rotated, np.float32).T).T)
+
+    def rotate_hessian(self, h: np.ndarray) -> np.ndarray:
+        """Rᵀ·H·R: the statistics of the rotated inputs X·R."""
+        half = self._axis.forward(np.asarray(h, np.float32))        # H·R
+        return np.ascontiguousarray(self._axis.forward(half.T).T)   # Rᵀ·(H·R), H symmetric
+
+    def factors(self) -> dict[str, np.ndarray]:
+        """What a lowering stores: signs [K], small [b, b] (absent when b = 1), and the two
+        normalized Hadamards h1 [p1, p1], h2 [p2, p2] with p1·p2 = p."""
+        power, odd = _split(self.k)
+        i = int(np.log2(power)) // 2
+        out = {"signs": self._axis.signs.astype(np.float32), "h1": _hadamard(1 << i), "h2": _hadamard(power >> i)}
+        if odd > 1:
+            out["small"] = self._axis.small
+        return out
+
+    def storage_bits(self) -> int:
+        return sum(v.size for v in self.factors().values()) * 32
