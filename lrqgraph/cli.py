@@ -63,8 +63,14 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--op-types", default="MatMul,Gemm", help="op types to rewrite (default MatMul,Gemm)")
     s.add_argument("--min-params", type=int, default=SelectConfig.min_params,
                    help=f"skip weights with fewer parameters (default {SelectConfig.min_params})")
-    s.add_argument("--include-output-layers", action="store_true",
-                   help="also rewrite layers that write a graph output (lm_head, classifier)")
+    s.add_argument("--output-layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite layers that write a graph output (lm_head, classifier); default: only in an "
+                        "allocation (--target-*, --min-cosine, --max-kl), where their measured tolerance decides")
+    s.add_argument("--include-output-layers", action="store_const", const=True, dest="output_layers",
+                   help=argparse.SUPPRESS)  # the flag's earlier name
+    s.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize embedding tables (Gather; a tied lm_head shares the table's codes); default: "
+                        "only in an allocation")
 
 
 def _add_allocate_options(p: argparse.ArgumentParser) -> None:
@@ -171,7 +177,9 @@ def verify_config(args: argparse.Namespace) -> VerifyConfig:
 def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     select = SelectConfig(op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()),
                           include=tuple(args.include), exclude=tuple(args.exclude),
-                          min_params=args.min_params, keep_output_layers=not args.include_output_layers)
+                          min_params=args.min_params,
+                          keep_output_layers=None if args.output_layers is None else not args.output_layers,
+                          embeddings=args.embeddings)
     given = {("target_bpw" if k == "rank_bpw" else k): getattr(args, k) for k in METHOD_FLAGS
              if getattr(args, k, None) is not None}
     factorize = method_config(args.method, **given)

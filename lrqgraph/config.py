@@ -18,7 +18,18 @@ class SelectConfig:
     include: tuple[str, ...] = ()       # regexes on node or weight names; empty = all
     exclude: tuple[str, ...] = ()       # regexes on node or weight names
     min_params: int = 4096              # smaller weights are not worth a rewrite
-    keep_output_layers: bool = True     # layers that write a graph output (lm_head, classifier)
+    # layers that write a graph output (lm_head, classifier); None: kept unless an allocation goal
+    # is given, whose measured tolerance then decides for them like for any other layer
+    keep_output_layers: bool | None = None
+    # embedding tables (constant data of a Gather; tied with the lm_head when it reads the same
+    # tensor); None: they join an allocation, and are kept otherwise
+    embeddings: bool | None = None
+
+    def resolved(self, allocating: bool) -> "SelectConfig":
+        """The auto (None) fields decided: output layers and embedding tables join an allocation."""
+        return dataclasses.replace(
+            self, keep_output_layers=not allocating if self.keep_output_layers is None else self.keep_output_layers,
+            embeddings=allocating if self.embeddings is None else self.embeddings)
 
     def matches(self, patterns: tuple[str, ...], *names: str) -> bool:
         return any(re.search(p, n) for p in patterns for n in names if n)

@@ -21,12 +21,23 @@ class Layer:
     weight: str                     # the tensor the nodes read as their weight
     nodes: list[gs.Node] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)   # node_label of each node (unnamed nodes too)
-    shape: tuple[int, ...] = ()     # (K, N) of the effective MatMul weight when 2-D
+    shape: tuple[int, ...] = ()     # (K, N) of the effective MatMul weight when 2-D (a table: (dim, vocab))
     transposed: bool = False        # stored as Wᵀ (Gemm transB=1)
     dtype: str = ""                 # the weight's element type as the nodes read it
     source: WeightSource | None = None
     rewrite: bool = False
     reason: str = ""
+
+    @property
+    def matmuls(self) -> list[gs.Node]:
+        """The MatMul / Gemm nodes that multiply by the weight."""
+        return [n for n in self.nodes if n.op != "Gather"]
+
+    @property
+    def gathers(self) -> list[gs.Node]:
+        """Gather nodes that read rows of Wᵀ: an embedding table (tied with an lm_head when
+        ``matmuls`` is not empty)."""
+        return [n for n in self.nodes if n.op == "Gather"]
 
     @property
     def params(self) -> int:

@@ -230,15 +230,26 @@ class Allocate(Pass):
 
 
 def _uniform(meter, tols: list[LayerTolerance], params: int) -> list[dict]:
-    """Each symmetric dense grid on every layer (a layer without it kept), measured: the baselines
-    of the quality-vs-size curve, out of sample like the choice."""
+    """Each symmetric dense grid on every layer, measured: the baselines of the quality-vs-size
+    curve, out of sample like the choice. GPTQ and data-free RTN candidates of a grid are the same
+    grid; a layer without it (a table has no 2-bit grid) takes its nearest one with at least as
+    many bits, or stays in float."""
+    def grid(c) -> tuple[int, int]:
+        q = c.rep.chains[0][0]
+        return q.bits, q.block_size
+
+    def nearest(t: LayerTolerance, bits: int, block: int) -> int:
+        dense = [(j, grid(c)) for j, c in enumerate(t.candidates) if c.family == "dense" and c.rep.chains[0][0].symmetric]
+        fits = [(g[0] - bits, abs(np.log2(g[1] / block)), j) for j, g in dense if g[0] >= bits]
+        return min(fits)[2] if fits else len(t.candidates) - 1
+
     out = []
-    for label in dict.fromkeys(c.label for t in tols for c in t.candidates
-                               if c.family == "dense" and c.rep.chains[0][0].symmetric):
-        picks = [next((j for j, c in enumerate(t.candidates) if c.label == label), len(t.candidates) - 1)
-                 for t in tols]
-        bits = sum(t.candidates[j].bits for t, j in zip(tols, picks))
-        out.append({"label": label, "bpw": bits / params, "measured": _measure(meter, tols, picks)})
+    grids = dict.fromkeys(grid(c) for t in tols for c in t.candidates
+                          if c.family == "dense" and c.rep.chains[0][0].symmetric)
+    for bits, block in sorted(grids):
+        picks = [nearest(t, bits, block) for t in tols]
+        cost = sum(t.candidates[j].bits for t, j in zip(tols, picks))
+        out.append({"label": f"{bits}b g{block}", "bpw": cost / params, "measured": _measure(meter, tols, picks)})
     return out
 
 
@@ -257,10 +268,12 @@ def _family_of(t: LayerTolerance, label: str) -> str:
 
 
 def _restricted(tols: list[LayerTolerance], family: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Costs and losses with every candidate outside ``family`` (and keep) priced out of reach."""
+    """Costs and losses with every candidate outside ``family`` (and keep) priced out of reach; a
+    layer that has no candidate of the family (an embedding table: dense grids only) keeps its dense ones."""
     costs, losses = [], []
     for t in tols:
-        inside = np.array([c.family in (family, "keep") for c in t.candidates])
+        allowed = {family, "keep"} if any(c.family == family for c in t.candidates) else {"dense", "keep"}
+        inside = np.array([c.family in allowed for c in t.candidates])
         costs.append(np.array([c.bits for c in t.candidates], np.float64))
         losses.append(np.where(inside, [c.predicted for c in t.candidates], np.inf))
     return costs, losses

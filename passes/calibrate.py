@@ -81,8 +81,9 @@ def fit_hessians(ctx: Context, config) -> dict[str, np.ndarray]:
 
 
 def _hessians(ctx: Context, batches, data_digest: str, what: str) -> dict[str, np.ndarray]:
-    layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
-    inputs = {layer.weight: layer.nodes[0].inputs[0].name for layer in layers}
+    # an embedding table alone has no input statistics (its rows are read, not multiplied)
+    layers = [layer for layer in ctx.analysis("layers") if layer.rewrite and layer.matmuls]
+    inputs = {layer.weight: layer.matmuls[0].inputs[0].name for layer in layers}
     digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}".encode())
     cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
     if cached.exists():

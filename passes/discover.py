@@ -11,8 +11,13 @@ the rest; nodes inside If / Loop bodies are not rewritten):
  4. Include / exclude patterns, layers writing a graph output (lm_head, classifiers) and tiny
     weights follow the select config.
  5. A weight shared by several nodes is compressed once; if any other node reads it or the
-    tensors it is stored in (a tied embedding, a subgraph), rewriting would add bytes, so it stays.
- 6. Embedding tables (constant data of a Gather) are reported and left alone.
+    tensors it is stored in (a subgraph, a table read in another layout), rewriting would add
+    bytes, so it stays.
+ 6. Embedding tables (constant 2-D data of a Gather along axis 0) are layers too when
+    ``select.embeddings`` says so (by default: in an allocation): the table is stored as Wᵀ
+    (rows of the table = columns of W, blocks along the embedding dimension). When an lm_head
+    reads the same stored tensor as Wᵀ (MatMul through a Transpose, or Gemm transB=1), table and
+    lm_head are one tied layer: compressed once, read by both. Otherwise tables are reported and kept.
 """
 from __future__ import annotations
 
@@ -70,13 +75,14 @@ def _classify(node: gs.Node, graph_outputs: set[str], select) -> tuple[WeightSou
     return source, transposed, ""
 
 
-@register_analysis("layers", config=("select",))
+@register_analysis("layers", config=("select", "allocate"))
 def discover_layers(ctx: Context, config) -> list[Layer]:
     graph = ctx.model.graph
-    select = config.select
+    select = config.select.resolved(config.allocate.active)
     order = list(nx.topological_sort(dataflow_graph(graph)))
     graph_outputs = {o.name for o in graph.outputs}
     layers: dict[str, Layer] = {}
+    tables: dict[str, Layer] = {}
     result: list[Layer] = []
     for idx in order:
         node = graph.nodes[idx]
@@ -84,11 +90,17 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
         if node.op in QUANTIZED_OPS:
             result.append(Layer(label, node.op, "", [node], [label], reason="already quantized"))
             continue
-        if node.op == "Gather" and node.inputs and constant_values(node.inputs[0]) is not None:
-            table = constant_values(node.inputs[0])
-            if table.ndim == 2 and table.size >= select.min_params:
-                result.append(Layer(label, "Gather", node.inputs[0].name, [node], [label], tuple(table.shape),
-                                    dtype=str(table.dtype), reason="embedding table (Gather) left alone"))
+        if node.op == "Gather":
+            table = _embedding_table(node, label, select)
+            if table is None:
+                continue
+            if table.rewrite and table.weight in tables:  # one table, several lookups
+                tables[table.weight].nodes.append(node)
+                tables[table.weight].labels.append(label)
+                continue
+            if table.rewrite:
+                tables[table.weight] = table
+            result.append(table)
             continue
         if node.op not in select.op_types or node.domain not in ("", "ai.onnx", None):
             continue
@@ -112,9 +124,54 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
         if weight and not reason:
             layers[weight] = layer
         result.append(layer)
-    for layer in layers.values():
-        _refuse_tied_weight(layer)
+    result = _tie_tables(result)
+    for layer in result:
+        if layer.rewrite:
+            _refuse_tied_weight(layer)
     return result
+
+
+def _embedding_table(node: gs.Node, label: str, select) -> Layer | None:
+    """Rule 6 for one Gather: its table as a layer (maybe kept, with the reason); None when the
+    Gather reads no constant 2-D table worth reporting."""
+    source = resolve_constant(node.inputs[0]) if node.inputs else None
+    if source is None or source.values.ndim != 2 or source.values.size < select.min_params:
+        return None
+    table = source.values
+    reason = ""
+    if not select.embeddings:
+        reason = "embedding table (Gather) kept: tables join an allocation (--target-*) or --embeddings"
+    elif node.attrs.get("axis", 0) != 0:
+        reason = "Gather along axis 1 is not a row lookup"
+    elif table.dtype not in SUPPORTED_DTYPES or source.stored_dtype not in SUPPORTED_DTYPES:
+        reason = f"table dtype {source.stored_dtype} is not supported (float32/float16 only)"
+    elif not np.isfinite(table).all():
+        reason = "table contains NaN or Inf: layer refused"
+    elif select.include and not select.matches(select.include, label, node.inputs[0].name):
+        reason = "not matched by --include"
+    elif select.exclude and select.matches(select.exclude, label, node.inputs[0].name):
+        reason = "matched by --exclude"
+    vocab, dim = table.shape
+    return Layer(label, "Gather", node.inputs[0].name, [node], [label], (dim, vocab), True, str(table.dtype),
+                 source, rewrite=not reason, reason=reason)
+
+
+def _tie_tables(result: list[Layer]) -> list[Layer]:
+    """An lm_head whose weight is Wᵀ = the stored table of an embedding layer joins that layer
+    (the tied layer keeps the table's name, its place, and both chains to the stored tensor)."""
+    tables = {id(layer.source.root): layer for layer in result if layer.op == "Gather" and layer.rewrite}
+    tied = []
+    for layer in result:
+        table = tables.get(id(layer.source.root)) if layer.source is not None and layer.op != "Gather" else None
+        flips = sum(n.op == "Transpose" for n in layer.source.chain) + layer.transposed if table else 0
+        if table is None or not layer.rewrite or flips % 2 == 0:  # the lm_head must read the table as Wᵀ
+            continue
+        table.nodes[:0], table.labels[:0] = layer.nodes, layer.labels  # the MatMuls first: H is theirs
+        table.op = f"{layer.op}+Gather"
+        table.source = WeightSource(table.source.values, table.source.root, table.source.stored_dtype,
+                                    table.source.chain + layer.source.chain)
+        tied.append(id(layer))
+    return [layer for layer in result if id(layer) not in tied]
 
 
 def _refuse_tied_weight(layer: Layer) -> None:

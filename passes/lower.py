@@ -17,6 +17,11 @@ Around the rule, per node:
     rule ends in one node (constant [N] C, alpha = 1) or an Add.
  5. The last node writes the original output tensor, so names and graph outputs are unchanged;
     every new node and tensor gets a name no part of the graph uses.
+ 6. Embedding tables (a layer with Gather nodes, see discover rule 6) take one dense 4- or 8-bit
+    grid whose blocks divide the embedding dimension: ``ort`` (and ``lrq``, whose ops have no
+    lookup) reads it with ``com.microsoft::GatherBlockQuantized`` over the bytes MatMulNBits reads,
+    so a tied lm_head and its table share one copy in the file; ``std`` gathers rows of
+    Transpose(DequantizeLinear(codes)).
 Factor initializers are created once per weight, so shared weights stay shared.
 """
 from __future__ import annotations
@@ -318,6 +323,35 @@ def check_ort_compatible(name: str, rep: Representation) -> None:
                                f"16..256, got {q.block_size}; use --block-size 32 or --lowering std")
 
 
+TABLE_BITS = (4, 8)  # what GatherBlockQuantized reads
+
+
+def table_target(layer: Layer, target: str) -> str:
+    """The lowering a layer gets: lrq's ops have no row lookup, so tables (and a tied lm_head, to
+    share the table's bytes) use onnxruntime's own ops."""
+    return "ort" if target == "lrq" and layer.gathers else target
+
+
+def check_table(name: str, rep: Representation) -> None:
+    """Rule 6's limits on an embedding table's representation."""
+    q = rep.chains[0][0]
+    if rep.form != "dense" or rep.rotation is not None:
+        raise LrqError(f"layer '{name}': an embedding table takes a dense grid, not {rep.method} ({rep.form}"
+                       f"{', rotated' if rep.rotation is not None else ''})")
+    k = q.shape[0]
+    if q.bits not in TABLE_BITS or q.block_size & (q.block_size - 1) or not 16 <= q.block_size <= 256 \
+            or k % q.block_size:
+        raise LrqError(f"layer '{name}': an embedding table needs 4 or 8 bits in power-of-two blocks of 16..256 "
+                       f"that divide its dimension {k}, got {q.bits} bits in blocks of {q.block_size}")
+
+
+def check_layer(layer: Layer, rep: Representation, target: str) -> None:
+    """check_lowerable for a layer as ``lower`` will emit it (tables included)."""
+    if layer.gathers:
+        check_table(layer.name, rep)
+    check_lowerable(layer.name, rep, table_target(layer, target), layer.dtype)
+
+
 def check_lowerable(name: str, rep: Representation, target: str, io_dtype: str) -> None:
     """Rule 3 and each target's limits: a one-line error naming the layer and the fix."""
     if (rep.form, target) not in RULES:
@@ -373,15 +407,45 @@ def rewrite_node(em: Emitter, node: gs.Node, rep: Representation, tag: str) -> N
     producer.outputs.append(y)
 
 
+def rewrite_gather(em: Emitter, node: gs.Node, rep: Representation, tag: str) -> None:
+    """Rule 6: a Gather of table rows from the layer's stored codes (the factors of chain 0, the
+    same initializers the lm_head of a tied layer reads)."""
+    q = rep.chains[0][0]
+    ids, y = node.inputs[1], node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()
+    k, n = q.shape
+    if em.target == "std":
+        factors = em.once((0, 0), lambda name: em.std_factor(name, q))
+        w = em.node("DequantizeLinear", tag, list(factors), {"axis": 0, "block_size": q.block_size})
+        table = em.node("Transpose", tag, [w], {"perm": [1, 0]})
+        h = em.node("Gather", tag, [table, ids], {"axis": 0})
+    else:
+        factors = em.once((0, 0), lambda name: em.ort_factor(name, q))
+        blocks = -(-k // q.block_size)
+        shape = lambda *dims: em.array(f"{tag}.shape", np.array(dims, np.int64))  # noqa: E731
+        data = em.node("Reshape", tag, [factors[0], shape(n, k * q.bits // 8)], dtype=np.uint8)
+        scales = em.node("Reshape", tag, [factors[1], shape(n, blocks)])
+        inputs = [data, ids, scales] + ([factors[2]] if len(factors) > 2 else [])
+        h = em.node("GatherBlockQuantized", tag, inputs, {"gather_axis": 0, "quantize_axis": 1, "bits": q.bits,
+                                                          "block_size": q.block_size}, domain="com.microsoft")
+    if em.dtype != em.io_dtype:
+        h = em.cast(h, em.io_dtype, f"{tag}/out")
+    producer = h.inputs[0]
+    producer.outputs.clear()
+    producer.outputs.append(y)
+
+
 def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: str,
                 accuracy_level: int | None) -> LoweredLayer:
     """Rewrite every node of ``layer`` (the replaced nodes are dropped; cleanup removes the rest)."""
-    check_lowerable(layer.name, rep, target, layer.dtype)
+    check_layer(layer, rep, target)
+    target = table_target(layer, target)
     # float16 scales of a float32 layer are stored as float16 and cast once when onnxruntime loads
     # the model (Emitter.stored_scales); the lrq ops take either scale type as they are
     em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, io_dtype=np.dtype(layer.dtype))
     for node, label in zip(layer.nodes, layer.labels):
-        rewrite_node(em, node, rep, label)
+        (rewrite_gather if node.op == "Gather" else rewrite_node)(em, node, rep, label)
     replaced = {id(node) for node in layer.nodes}
     model.graph.nodes = [n for n in model.graph.nodes if id(n) not in replaced]
     return LoweredLayer(target, em.stored_bytes, em.nodes)
@@ -415,7 +479,7 @@ class Lower(Pass):
         if not todo:
             return PassResult(modified=False)
         for layer, rep in todo:  # every refusal before the first rewrite
-            check_lowerable(layer.name, rep, target, layer.dtype)
+            check_layer(layer, rep, target)
         if target == "lrq":
             library_path()  # a clear error now if the native ops are missing
         if target == "ort" and any(q.bits == 2 for _, rep in todo for chain in rep.chains for q in chain):

@@ -40,7 +40,7 @@ from lrqgraph.plan import Layer
 from lrqgraph.progress import progress
 
 from .factorize import factorize_weight
-from .lower import check_lowerable
+from .lower import TABLE_BITS, check_layer
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: Metho
     scale_dtype = allocation_scales(method_cfg, layer.dtype)
     out, dense = [], {}
     for method, fields in menu:
+        if layer.gathers and not (METHODS[method].family_of(fields) == "dense" and fields.get("bits") in TABLE_BITS):
+            continue  # a table reads one dense grid (lower rule 6): the rest is not worth computing
         cfg = configure(method_cfg, method=method, **fields)
         grid = (fields.get("bits"), fields.get("block_size"), fields.get("symmetric", True), fields.get("rotate", False))
         warm = dense.get(grid) if METHODS[method].warm_start else None
@@ -154,7 +156,7 @@ def allocation_scales(cfg: MethodConfig, weight_dtype: str) -> str:
 
 def lowerable(layer: Layer, rep: Representation, lowering: str) -> bool:
     try:
-        check_lowerable(layer.name, rep, lowering, layer.dtype)
+        check_layer(layer, rep, lowering)
         return True
     except LrqError:
         return False

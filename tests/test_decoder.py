@@ -31,7 +31,8 @@ def test_decoder_goes_through_calibrate_allocate_rewrite(exported, tmp_path, goa
     np.savez(calib, **decoder.token_batches())
     result = lrqgraph.run(exported, OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**goal)))
     assert result.report["pipeline"].startswith("discover,calibrate,allocate")
-    assert "H = XᵀX for 14 layers" in result.report["calibration"]  # 2 blocks x (q, k, v, o, gate, up, down)
+    # 2 blocks x (q, k, v, o, gate, up, down) and the lm_head (the embedding table has no H)
+    assert "H = XᵀX for 15 layers" in result.report["calibration"]
     alloc = result.report["allocation"]
     assert result.report["model"]["layers_rewritten"] > 0
     if "target_bpw" in goal:

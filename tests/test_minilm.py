@@ -56,6 +56,24 @@ def test_optimized_minilm_is_valid_smaller_and_close(optimized, fp32_path, sente
     assert cos.mean() >= MIN_COSINE_MEAN and cos.min() >= MIN_COSINE_MIN, (cos.mean(), cos.min())
 
 
+# Measured on these 100 verses: the defaults with --embeddings (word and position tables 4-bit block
+# 32 too, read by GatherBlockQuantized) give cosine mean 0.9678 (0.9693 with the tables in float) in
+# 14.2 MB of constants instead of 54.4 MB: the table costs little quality and most of the bytes.
+MIN_TABLES_COSINE_MEAN = 0.965
+
+
+def test_embedding_tables_quantized_data_free(fp32_path, sentences, reference, tmp_path):
+    result = lrqgraph.run(fp32_path, OptimizeConfig(select=lrqgraph.SelectConfig(embeddings=True)))
+    path = tmp_path / "tables.onnx"
+    lrqgraph.save_model(result.model, path)
+    model = onnx.load(path)
+    assert result.report["model"]["layers_rewritten"] == 38  # 36 matrices, word and position tables
+    assert sum(n.op_type == "GatherBlockQuantized" for n in model.graph.node) == 2
+    assert tensor_bytes(model) < 0.17 * tensor_bytes(onnx.load(fp32_path))
+    cos = minilm.cosines(reference, minilm.embed(str(path), sentences))
+    assert cos.mean() >= MIN_TABLES_COSINE_MEAN, cos.mean()
+
+
 def test_defaults_match_onnxruntime_quantizer_at_no_more_bits(fp32_path, sentences, reference, tmp_path):
     quant = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
     baseline = quant.MatMulNBitsQuantizer(onnx.load(fp32_path), algo_config=quant.DefaultWeightOnlyQuantConfig(
@@ -98,8 +116,10 @@ MIN_SPEARMAN = 0.8
 def test_allocation_at_4_bits_per_weight_beats_the_issue_bar(fp32_path, sentences, reference, tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **minilm.encode(data.kjv_sentences(128, start=1), pad_to=64))
+    # the bar is the issue's for the 36 matrices (embedding tables in float, as when it was set)
     config = OptimizeConfig(calib=str(calib), allocate=lrqgraph.AllocateConfig(target_bpw=4.0),
-                            factorize=lrqgraph.FactorizeConfig(scale_dtype="float16"))
+                            factorize=lrqgraph.FactorizeConfig(scale_dtype="float16"),
+                            select=lrqgraph.SelectConfig(embeddings=False))
     result = lrqgraph.run(fp32_path, config)
     alloc = result.report["allocation"]
     assert alloc["bpw"] <= 4.0 and result.report["model"]["rewritten_bpw"] <= 4.0

@@ -1,0 +1,116 @@
+"""Embedding tables as layers: discover's rule 6, lower's rule 6 (GatherBlockQuantized, std
+DequantizeLinear + Gather), a tied lm_head sharing the table's codes, and tables in an allocation."""
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+import lrqgraph
+from lrqgraph import AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig
+from lrqgraph.model import ModelState
+from lrqgraph.passmanager import Context
+from lrqgraph.runtime import session
+
+import builders
+
+TABLES = SelectConfig(embeddings=True, keep_output_layers=False, min_params=16)
+
+
+def layers(model, select=TABLES, **config):
+    ctx = Context(ModelState(model), OptimizeConfig(select=select, **config))
+    return {layer.name: layer for layer in ctx.analysis("layers")}
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_lm_head_reading_the_table_transposed_is_one_tied_layer(gemm):
+    model = builders.tied_lm_head_model(vocab=96, dim=64, gemm=gemm)
+    found = layers(model)
+    assert list(found) == ["embed"]
+    tied = found["embed"]
+    assert tied.rewrite and tied.op == ("Gemm" if gemm else "MatMul") + "+Gather"
+    assert [n.op for n in tied.matmuls] == ["Gemm" if gemm else "MatMul"] and len(tied.gathers) == 1
+    assert tied.weight == "E" and tied.shape == (64, 96) and tied.transposed  # W = Eᵀ: blocks along dim
+    np.testing.assert_array_equal(tied.weight_matrix(), numpy_helper.to_array(model.graph.initializer[0]).T)
+
+
+def test_tables_are_kept_outside_an_allocation_by_default():
+    found = layers(builders.tied_lm_head_model(), select=SelectConfig(min_params=16))
+    assert not found["embed"].rewrite and "tables join an allocation" in found["embed"].reason
+    assert not found["lm_head"].rewrite  # writes the logits, and its weight is the table's
+    goal = layers(builders.tied_lm_head_model(), select=SelectConfig(min_params=16),
+                  allocate=AllocateConfig(target_bpw=4))
+    assert list(goal) == ["embed"] and goal["embed"].rewrite and goal["embed"].op == "MatMul+Gather"
+
+
+def test_table_read_in_another_layout_stays_float():
+    # MatMul(e, E) multiplies by E itself, not Eᵀ: no shared layout, so neither reader is rewritten
+    found = layers(builders.tied_weight_model(64))
+    assert not found["embed"].rewrite and "also read by MatMul" in found["embed"].reason
+    assert not found["tied_mm"].rewrite and "also read by Gather" in found["tied_mm"].reason
+
+
+def _dequantized_table(ctx) -> np.ndarray:
+    """The table [vocab, dim] as planned (the representation the lowering stored)."""
+    return ctx.plans["E"].rep.dequantize().T.astype(np.float64)
+
+
+def _lower(model, lowering, bits):
+    from lrqgraph.api import default_pipeline
+    from lrqgraph.passmanager import PassManager
+    cfg = OptimizeConfig(lowering=lowering, factorize=FactorizeConfig(bits=bits), select=TABLES)
+    ctx = Context(ModelState(model), cfg, original=model)
+    PassManager(default_pipeline(cfg)).run(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("lowering, bits", [("ort", 4), ("std", 4), ("std", 8), ("lrq", 4)])
+@pytest.mark.parametrize("gemm", [False, True])
+def test_tied_table_lowers_to_one_copy_of_codes_read_by_both(lowering, bits, gemm):
+    model = builders.tied_lm_head_model(vocab=96, dim=64, gemm=gemm)
+    ctx = _lower(model, lowering, bits)
+    out = ctx.model.to_onnx()
+    ops = {n.op_type for n in out.graph.node}
+    assert ops == ({"DequantizeLinear", "Transpose", "Gather", "MatMul", "Tanh"} if lowering == "std" else
+                   {"GatherBlockQuantized", "Reshape", "MatMulNBits", "Tanh"})
+    ids = np.array([0, 5, 95, 3]) if gemm else np.array([[0, 5, 95], [3, 3, 7]])
+    got = session(out.SerializeToString()).run(None, {"ids": ids})[0]
+    table = _dequantized_table(ctx)
+    expected = np.tanh(table[ids]) @ table.T
+    # float32 kernels over the same dequantized values: the difference is summation order (measured < 2e-6)
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    # stored once: codes (dim·vocab·bits/8 bytes) and float16 or float32 scales, plus shape constants
+    codes = 64 * 96 * bits // 8
+    stored = sum(len(t.raw_data) for t in out.graph.initializer if t.dims and np.prod(t.dims) > 8)
+    assert codes <= stored <= codes + 96 * 2 * 4, stored
+    assert ctx.lowered["E"].stored_bytes < 64 * 96 * 4 / 3
+
+
+def test_untied_table_is_read_by_gather_block_quantized():
+    model = builders.token_model(vocab=256, dim=64)
+    ctx = _lower(model, "ort", 4)
+    out = ctx.model.to_onnx()
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in out.graph.node}
+    ids = np.array([[1, 255, 7]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    got = session(out.SerializeToString()).run(None, feeds)[0]
+    reference = session(model.SerializeToString()).run(None, feeds)[0]
+    # two 4-bit layers in series on random weights: the error is the grid's, not the lowering's
+    assert 0 < np.abs(got - reference).max() <= 0.2 * np.abs(reference).max()
+
+
+def test_table_methods_without_a_dense_grid_are_kept_with_the_reason():
+    cfg = OptimizeConfig(factorize=FactorizeConfig(method="lplr", rank=8), select=TABLES, lowering="lrq")
+    result = lrqgraph.api.run(builders.tied_lm_head_model(vocab=96, dim=64), cfg)
+    entry = next(e for e in result.report["layers"] if e["name"] == "embed")
+    assert entry["action"] == "keep" and "dense grid" in entry["reason"]
+    assert result.rewritten == 0
+
+
+def test_target_size_reaches_budgets_that_need_the_table_compressed():
+    model = builders.tied_lm_head_model(vocab=512, dim=64)
+    table_bytes = 512 * 64 * 4
+    cfg = OptimizeConfig(select=SelectConfig(min_params=16), allocate=AllocateConfig(target_size=table_bytes // 4))
+    result = lrqgraph.api.run(model, cfg)
+    out = result.model
+    total = sum(len(t.raw_data) for t in out.graph.initializer)
+    assert result.rewritten == 1 and total <= table_bytes // 4
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in out.graph.node}
