@@ -28,31 +28,26 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import build_ort_rows, movie_review_sentences, rewritten_bpw, summary  # noqa: E402
+from common import build_ort_rows, file_bits_per_param, matrix_bpw, movie_review_sentences, rewritten_bpw, summary  # noqa: E402
 
 import lrqgraph  # noqa: E402
-from lrqgraph import FactorizeConfig, OptimizeConfig  # noqa: E402
+from lrqgraph import OptimizeConfig, SelectConfig  # noqa: E402
 from lrqgraph.config import AllocateConfig  # noqa: E402
 from lrqgraph.report import table  # noqa: E402
 from lrqgraph.testing import data, decoder, minilm  # noqa: E402
 
-LRQ_RUNS = [  # (label, allocate goal, factorize options)
-    ("lrqgraph --target-bpw 4 --scale-dtype float16", dict(target_bpw=4.0), dict(scale_dtype="float16")),
-    ("lrqgraph --target-bpw 4 (float32 scales)", dict(target_bpw=4.0), {}),
-    ("lrqgraph --target-bpw 3 --scale-dtype float16", dict(target_bpw=3.0), dict(scale_dtype="float16")),
-    ("lrqgraph --min-cosine 0.99 --scale-dtype float16", dict(min_cosine=0.99), dict(scale_dtype="float16")),
-    ("lrqgraph --target-bpw 3 --scale-dtype float16 --lowering lrq", dict(target_bpw=3.0),
-     dict(scale_dtype="float16"), "lrq"),
-    ("lrqgraph --target-bpw 4 --scale-dtype float16 --lowering lrq", dict(target_bpw=4.0),
-     dict(scale_dtype="float16"), "lrq"),
-    ("lrqgraph --target-bpw 3 --scale-dtype float16, 256 calibration verses", dict(target_bpw=3.0),
-     dict(scale_dtype="float16"), "ort", 256),
-    ("lrqgraph --target-bpw 3 --scale-dtype float16 --lowering lrq, 256 calibration verses", dict(target_bpw=3.0),
-     dict(scale_dtype="float16"), "lrq", 256),
+LRQ_RUNS = [  # (label, allocate goal with families, lowering, select options)
+    *[(f"lrqgraph --target-bpw {b}", dict(target_bpw=b), "ort", {}) for b in (2.5, 3.0, 3.5, 4.0, 5.0)],
+    *[(f"lrqgraph --target-bpw {b} --families {f}", dict(target_bpw=b, families=(f,)), "ort", {})
+      for b in (3.0, 4.0) for f in ("dense", "rotated", "qlr")],
+    ("lrqgraph --target-bpw 4 --families lowrank", dict(target_bpw=4.0, families=("lowrank",)), "ort", {}),
+    *[(f"lrqgraph --target-bpw {b} --lowering lrq", dict(target_bpw=b), "lrq", {}) for b in (3.0, 4.0)],
+    ("lrqgraph --target-bpw 4 --no-embeddings", dict(target_bpw=4.0), "ort", dict(embeddings=False)),
+    ("lrqgraph --target-bpw 3 --no-embeddings", dict(target_bpw=3.0), "ort", dict(embeddings=False)),
 ]
 
 
-def minilm_table(tmp: Path) -> tuple[str, list[str]]:
+def minilm_table(tmp: Path, only: str | None = None) -> tuple[str, list[str]]:
     fp32 = minilm.onnx_path()
     sentences = data.kjv_sentences(200, start=0)
     reviews = movie_review_sentences(200)
@@ -60,38 +55,41 @@ def minilm_table(tmp: Path) -> tuple[str, list[str]]:
         print("gensim is not installed: no cross-domain column (pip install --no-deps gensim==4.4.0)")
     reference = minilm.embed(str(fp32), sentences)
     reference_reviews = minilm.embed(str(fp32), reviews) if reviews else None
-    calib = {n: tmp / f"calib{n}.npz" for n in (128, 256)}  # verses disjoint from the evaluation ones
-    for n, path in calib.items():
-        np.savez(path, **minilm.encode(data.kjv_sentences(n, start=1), pad_to=64))
+    calib = tmp / "calib128.npz"  # verses disjoint from the evaluation ones
+    np.savez(calib, **minilm.encode(data.kjv_sentences(128, start=1), pad_to=64))
     weights = [e["weight"] for e in lrqgraph.run(fp32, passes="discover").report["layers"] if e["action"] == "rewrite"]
     rows, records = [], []
 
-    def row(label, path, seconds, extra=("", "", "")):
+    def row(label, path, seconds, bpw, extra=("", "", "")):
         cos = minilm.cosines(reference, minilm.embed(str(path), sentences))
         cross = minilm.cosines(reference_reviews, minilm.embed(str(path), reviews)) if reviews else None
-        bpw = rewritten_bpw(path, fp32, weights)
-        rows.append([label, f"{bpw:.3f}", f"{cos.mean():.4f}", f"{cos.min():.4f}"]
+        whole = file_bits_per_param(path, fp32)
+        rows.append([label, f"{bpw:.3f}", f"{whole:.3f}", f"{cos.mean():.4f}", f"{cos.min():.4f}"]
                     + ([f"{cross.mean():.4f}", f"{cross.min():.4f}"] if reviews else []) + [*extra, f"{seconds:.0f}"])
-        records.append(dict(label=label, bpw=bpw, cos=float(cos.mean()),
+        records.append(dict(label=label, bpw=whole, cos=float(cos.mean()),
                             cross=float(cross.mean()) if reviews else None))
 
-    for label, path, seconds in build_ort_rows(fp32, tmp, dict(np.load(calib[128]))):
-        row(label, path, seconds)
-    for i, (label, goal, fopts, *rest) in enumerate(LRQ_RUNS):
-        lowering, samples = (rest + ["ort", 128][len(rest):])[:2]
+    if only is None:
+        for label, path, seconds in build_ort_rows(fp32, tmp, dict(np.load(calib))):
+            row(label, path, seconds, rewritten_bpw(path, fp32, weights) if "Gather" not in label else float("nan"))
+    for i, (label, goal, lowering, select) in enumerate(LRQ_RUNS):
+        if only is not None and only not in label:
+            continue
         path = tmp / f"lrq{i}.onnx"
         start = time.perf_counter()
-        config = OptimizeConfig(calib=str(calib[samples]), calib_samples=samples, allocate=AllocateConfig(**goal),
-                                factorize=FactorizeConfig(**fopts), lowering=lowering)
+        config = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**goal), lowering=lowering,
+                                select=SelectConfig(**select))
         result = lrqgraph.run(fp32, config)
+        seconds = time.perf_counter() - start
         lrqgraph.save_model(result.model, path)
         a = result.report["allocation"]
-        row(label, path, time.perf_counter() - start,
-            (f"{1 - a['measured']:.4f}", f"{a['spearman']:.3f}", a["repairs"]))
-        print(f"built {label} in {time.perf_counter() - start:.0f} s", flush=True)
-    headers = (["MiniLM", "bits/weight", "KJV cos mean", "KJV cos min"]
+        chosen = ", ".join(f"{f} {v['layers']}" for f, v in a["families"].items() if v["layers"])
+        row(label, path, seconds, matrix_bpw(result.report, weights), (f"{1 - a['measured']:.4f}", chosen,
+                                                                      f"{a['spearman']:.2f}"))
+        print(f"built {label} in {seconds:.0f} s", flush=True)
+    headers = (["MiniLM", "bpw (36 matrices)", "bits/param (file)", "KJV cos mean", "KJV cos min"]
                + (["reviews cos mean", "reviews cos min"] if reviews else [])
-               + ["calib cos", "spearman", "repairs", "s"])
+               + ["held-out calib cos", "families chosen", "spearman", "s"])
     return table(headers, rows), summary(records)
 
 

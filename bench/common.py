@@ -28,6 +28,22 @@ def rewritten_bpw(model_path, fp32_path, weight_names: list[str]) -> float:
     return (tensor_bytes(onnx.load(str(model_path))) - untouched) * 8 / params
 
 
+def matrix_bpw(report: dict, weights: list[str]) -> float:
+    """Bits per weight of the given matrices as lrqgraph stored them (kept ones at 32 bits), from
+    its report: with embedding tables compressed too, rewritten_bpw's "everything else untouched"
+    no longer holds."""
+    by_weight = {e["weight"]: e for e in report["layers"]}
+    bits = sum(by_weight[w].get("stored_bytes", by_weight[w]["params"] * 4) * 8 for w in weights)
+    return bits / sum(by_weight[w]["params"] for w in weights)
+
+
+def file_bits_per_param(model_path, fp32_path) -> float:
+    """Every constant byte of the model file (external data included) over the fp32 model's parameters."""
+    fp32 = onnx.load(str(fp32_path), load_external_data=False)
+    params = sum(int(np.prod(t.dims)) for t in fp32.graph.initializer)
+    return tensor_bytes(onnx.load(str(model_path))) * 8 / params
+
+
 def random_factor(k: int, n: int, bits: int, block: int, rng: np.random.Generator) -> QuantizedTensor:
     """A quantized [k, n] factor with random codes and float16 scales (for latency only)."""
     return QuantizedTensor(codes=rng.integers(0, 1 << bits, (k, n), dtype=np.uint8),
@@ -46,6 +62,7 @@ ORT_SETTINGS = [
     ("onnxruntime RTN 4-bit b64 asym", dict(method="default", block=64, symmetric=False)),
     ("onnxruntime RTN 4-bit b128 asym (quantizer defaults)", dict(method="default", block=128, symmetric=False)),
     ("onnxruntime RTN 8-bit b32 sym", dict(method="default", bits=8)),
+    ("onnxruntime RTN 4-bit b32 sym, Gather tables too", dict(method="default", tables=True)),
     ("onnxruntime GPTQ 4-bit b32 sym (GPTQWeightOnlyQuantConfig defaults)", dict(method="gptq", calib=True)),
     ("onnxruntime GPTQ 4-bit b32 sym, act-order", dict(method="gptq", calib=True, actorder=True)),
     ("onnxruntime GPTQ 4-bit b64 asym", dict(method="gptq", block=64, symmetric=False, calib=True)),
@@ -59,7 +76,8 @@ ORT_SETTINGS = [
 
 
 def ort_weight_only(fp32, out, method: str = "default", block: int = 32, symmetric: bool = True,
-                    calib_feeds: list[dict] | None = None, actorder: bool = False, bits: int = 4) -> None:
+                    calib_feeds: list[dict] | None = None, actorder: bool = False, bits: int = 4,
+                    tables: bool = False) -> None:
     """Quantize the MatMul weights of ``fp32`` with onnxruntime's ``MatMulNBitsQuantizer``.
 
     ``method``: ``default`` (its C++ round-to-nearest packer, ``DefaultWeightOnlyQuantConfig``),
@@ -69,7 +87,8 @@ def ort_weight_only(fp32, out, method: str = "default", block: int = 32, symmetr
     or ``k_quant`` (``KQuantWeightOnlyQuantConfig``: always stores zero points). ``block`` and
     ``symmetric`` are the quantizer's group size and scheme (for GPTQ and k-quant they are the
     quantizer's own ``block_size`` / ``is_symmetric``, which its config classes do not carry;
-    HQQ takes the block from its config and ignores ``symmetric``).
+    HQQ takes the block from its config and ignores ``symmetric``). ``tables``: the RTN config also
+    quantizes Gather tables (its GatherBlockQuantized path; the other configs have none).
     """
     from onnxruntime.quantization.calibrate import CalibrationDataReader
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
@@ -87,7 +106,8 @@ def ort_weight_only(fp32, out, method: str = "default", block: int = 32, symmetr
             return self.feeds[self.i - 1] if self.i <= len(self.feeds) else None
 
     if method == "default":
-        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits)
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits,
+                                           op_types_to_quantize=("MatMul", "Gather") if tables else None)
     elif method == "gptq":
         if not calib_feeds:
             raise ValueError("onnxruntime's GPTQ needs calibration batches")

@@ -87,7 +87,7 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
                       help="smallest model whose first output (logits) keeps mean KL divergence below this")
     g.add_argument("--families", type=lambda t: tuple(f.strip() for f in t.split(",") if f.strip()),
                    help="representation families the allocator may choose from, comma-separated "
-                        "(dense, qlr, lowrank, kashin, kmeans; default: every family the lowering runs)")
+                        "(dense, rotated, qlr, lowrank, kashin, kmeans; default: every family the lowering runs)")
     g.add_argument("--report-html", help="write a self-contained HTML report with plots here")
 
 

@@ -74,6 +74,9 @@ class AllocateConfig:
     # ... that many layers, spread over the model (None: every layer), each also at one candidate of
     # every other family; the other layers' predictions follow the checked layers' power law
     check_layers: int | None = 12
+    # at most that many layers measured at their probe (None: all); beyond, a sample per role at
+    # spread depths, the others interpolated between measured layers of their role
+    probe_layers: int | None = 48
     measure_samples: int = 32    # calibration samples each end-to-end measurement runs
     polish_sweeps: int = 4       # coordinate-descent sweeps on each chosen GPTQ candidate
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
@@ -91,6 +94,8 @@ class AllocateConfig:
             raise LrqError(f"--target-size must be positive, got {self.target_size}")
         if self.min_cosine is not None and not -1 < self.min_cosine < 1:
             raise LrqError(f"--min-cosine must be in (-1, 1), got {self.min_cosine}")
+        if self.probe_layers is not None and self.probe_layers < 1:
+            raise LrqError(f"probe_layers must be at least 1 (or None: every layer), got {self.probe_layers}")
         if self.check_layers is not None and self.check_layers < 1:
             raise LrqError(f"check_layers must be at least 1 (or None: every layer), got {self.check_layers}")
         if self.measure_samples < 1 or self.repair_steps < 0:

@@ -112,7 +112,8 @@ def layer_table(layers: list[dict], width: int = 60) -> str:
     rows = []
     for e in layers:
         if e.get("action") == "rewrite":
-            what = e.get("method", "rewrite")
+            what = e.get("choice", e.get("method", "rewrite"))  # an allocation's candidate, and its family
+            what += f" [{e['family']}]" if e.get("family") else ""
             detail = [e.get("rank"), e.get("bits"), e.get("block"), e.get("stored_bpw", e.get("bpw")),
                       _fmt(e.get("rel_error")), _fmt(e.get("seconds"))]
         else:

@@ -79,8 +79,8 @@ def _refit(ctx: Context, t: LayerTolerance, c: int, h: np.ndarray | None, sweeps
     """The chosen candidate fitted again with all calibration samples (its ranking used H without
     the measured ones), then, for GPTQ grids, coordinate descent on codes and scales."""
     cand = t.candidates[c]
-    if cand.rep is None or h is None or cand.settings is None:
-        return
+    if cand.rep is None or h is None or cand.settings is None or t.layer.gathers:
+        return  # tables are data-free (tolerance.table_menu): nothing to refit
     w = t.layer.weight_matrix()
     method, fields = cand.settings
     base = ctx.config.factorize.for_layer(t.layer.name, t.layer.weight)
@@ -194,7 +194,8 @@ class Allocate(Pass):
         for t, c in zip(tols, choice):
             cand = t.candidates[c]
             allocation = {"choice": cand.label, "family": cand.family, "predicted": cand.predicted, "sensitivity": t.sensitivity,
-                          "probe": t.probe, "check": t.check, "family_checks": t.family_checks}
+                          "probe": t.probe, "probe_estimated": t.estimated, "check": t.check,
+                          "family_checks": t.family_checks}
             if cand.rep is None:
                 plans[t.layer.weight] = LayerPlan(t.layer, None, "allocate: kept in float", allocation=allocation)
                 continue

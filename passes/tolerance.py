@@ -11,7 +11,10 @@ end-to-end degradation.
 2. Calibration of the proxy: each layer alone is replaced by its cheapest dense candidate (the probe)
    and the model's degradation d is measured in onnxruntime on the calibration inputs (see
    lrqgraph.evaluate). Small perturbations degrade the output quadratically, so a layer's
-   sensitivity is s = d_probe / e_probe² and a candidate is predicted to cost s · e².
+   sensitivity is s = d_probe / e_probe² and a candidate is predicted to cost s · e². Beyond
+   ``probe_layers`` layers, only a sample of each role (q, k, ..., down: the name without its
+   numbers, and the shape) is measured, at spread depths; the others take their role's
+   sensitivity interpolated at their depth (log-linear): a 127-layer decoder costs ``probe_layers`` runs.
 3. Check: with ``validate``, ``check_layers`` layers spread over the model (or every layer) are
    also measured alone at a second, finer candidate, and the report gives predicted against
    measured (and their Spearman rank correlation over layers): the prediction there comes from
@@ -25,6 +28,7 @@ end-to-end degradation.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +39,7 @@ from lrqgraph.errors import LrqError
 from lrqgraph.evaluate import Degradation
 from lrqgraph.methods import METHODS, MethodConfig, configure
 from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
+from lrqgraph.numerics.gptq import output_energy
 from lrqgraph.passmanager import Context, register_analysis
 from lrqgraph.plan import Layer
 from lrqgraph.progress import progress
@@ -65,6 +70,7 @@ class LayerTolerance:
     probe: tuple[str, float] | None = None      # (label, measured degradation)
     check: tuple[str, float, float] | None = None  # (label, predicted, measured)
     power: float | None = None                  # of the power law through the probe and the check
+    estimated: bool = False                     # not measured: the sensitivity of its role at its depth
     # other families' check candidates on a sample of layers: family -> (label, predicted, measured)
     family_checks: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
@@ -120,10 +126,10 @@ def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: Metho
     float_bits = layer.stored_bits
     info = HessianInfo.of(h)  # factorized once for every candidate
     scale_dtype = allocation_scales(method_cfg, layer.dtype)
-    out, dense = [], {}
+    out, dense, energy = [], {}, None
+    if layer.gathers:
+        menu, h, info = table_menu(menu, w.shape[0]), None, None
     for method, fields in menu:
-        if layer.gathers and not (METHODS[method].family_of(fields) == "dense" and fields.get("bits") in TABLE_BITS):
-            continue  # a table reads one dense grid (lower rule 6): the rest is not worth computing
         cfg = configure(method_cfg, method=method, **fields)
         grid = (fields.get("bits"), fields.get("block_size"), fields.get("symmetric", True), fields.get("rotate", False))
         warm = dense.get(grid) if METHODS[method].warm_start else None
@@ -138,12 +144,24 @@ def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: Metho
         if any(c.label == label for c in out):
             continue  # e.g. a block longer than K is K: that grid is on the menu already
         approx = rep.dequantize()
-        error = activation_error(w, approx, h) if h is not None else relative_error(w, approx)
+        if h is not None and energy is None:
+            energy = output_energy(w, h)
+        error = activation_error(w, approx, h, energy) if h is not None else relative_error(w, approx)
         out.append(Candidate(label, rep, rep.storage_bits(), error, family=METHODS[method].family_of(fields),
                              settings=(method, fields)))
     out.sort(key=lambda c: (c.bits, c.error))
     out.append(Candidate("keep", None, float_bits, 0.0, predicted=0.0))
     return out
+
+
+def table_menu(menu: list[tuple[str, dict]], dim: int) -> list[tuple[str, dict]]:
+    """An embedding table's candidates: the menu's dense grids that lower rule 6 reads (4 or 8
+    bits, blocks dividing the dimension), as plain round-to-nearest. The lookup side of a table
+    has no input statistics, and GPTQ over a 262144-column tied lm_head costs minutes per grid."""
+    grids = dict.fromkeys((f["bits"], f["block_size"], f.get("symmetric", True)) for m, f in menu
+                          if METHODS[m].family_of(f) == "dense" and f.get("bits") in TABLE_BITS
+                          and dim % f["block_size"] == 0)
+    return [("rtn", {"bits": b, "block_size": g, "symmetric": sym, "clip_search": False}) for b, g, sym in grids]
 
 
 def allocation_scales(cfg: MethodConfig, weight_dtype: str) -> str:
@@ -194,14 +212,16 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     start = time.perf_counter()
     result = []
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
-    checked = len(layers) if cfg.check_layers is None else min(cfg.check_layers, len(layers))
-    sampled = set(np.linspace(0, len(layers) - 1, checked).round().astype(int).tolist())
+    probed = probe_sample(layers, cfg.probe_layers)
+    checked = len(probed) if cfg.check_layers is None else min(cfg.check_layers, len(probed))
+    sampled = {probed[i] for i in np.linspace(0, len(probed) - 1, checked).round().astype(int)} if probed else set()
+    probed = set(probed)
     for index, layer in enumerate(progress(layers, "tolerance")):
         method_cfg = config.factorize.for_layer(layer.name, layer.weight)
         cands = candidates_for(layer, menu, method_cfg, hessians.get(layer.weight), config.lowering)
         tol = LayerTolerance(layer, cands)
         lossy = [c for c in cands if c.rep is not None]
-        if lossy:
+        if lossy and index in probed:
             # the probe: the cheapest dense grid (other families' cheapest can be far off the quadratic regime)
             probe = next((c for c in lossy if c.family == "dense"), lossy[0])
             measured = max(meter.measure({layer.weight: stored_layout(layer, probe.rep)}), 0.0)
@@ -224,10 +244,68 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
                     got = max(meter.measure({layer.weight: stored_layout(layer, pick.rep)}), 0.0)
                     tol.family_checks[family] = (pick.label, pick.predicted, got)
         result.append(tol)
+    _unprobed_follow_their_role(result, probed)
     _unchecked_follow_the_checked(result)
     log.info("tolerance: %d layers, %d candidates in %.1f s", len(result),
              sum(len(t.candidates) for t in result), time.perf_counter() - start)
     return result
+
+
+def role_of(layer: Layer) -> tuple[str, tuple[int, ...]]:
+    """A layer's place in the blocks a model repeats: its name with the numbers taken out, and its
+    shape (exporters that name nodes by a counter leave the shape to tell q from gate)."""
+    return re.sub(r"\d+", "#", layer.name), tuple(layer.shape)
+
+
+def _by_role(layers: list[Layer]) -> dict[tuple, list[int]]:
+    """Indices of the layers of each role, in model order (depth = position in the list)."""
+    roles: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        roles.setdefault(role_of(layer), []).append(i)
+    return roles
+
+
+def probe_sample(layers: list[Layer], budget: int | None) -> list[int]:
+    """Indices of the layers measured at their probe: every layer within the budget; beyond it,
+    each role's layers at evenly spread depths (its first and last included where the budget allows),
+    the budget shared among roles by their size."""
+    if budget is None or len(layers) <= budget:
+        return list(range(len(layers)))
+    roles = _by_role(layers)
+    share = max(budget / len(layers), 1e-9)
+    picked = []
+    for members in roles.values():
+        count = min(len(members), max(1 if len(roles) * 2 > budget else 2, round(share * len(members))))
+        picked += [members[j] for j in np.linspace(0, len(members) - 1, count).round().astype(int)]
+    return sorted(set(picked))
+
+
+def _unprobed_follow_their_role(result: list[LayerTolerance], probed: set[int]) -> None:
+    """A layer not measured takes the sensitivity of its role at its depth: log-linear between the
+    nearest measured layers of the role (the nearest one beyond them); its probe is then predicted,
+    not measured (LayerTolerance.probe's value is s·e² and ``estimated`` says so)."""
+    roles = _by_role([t.layer for t in result])
+    measured_all = [t.sensitivity for i, t in enumerate(result) if i in probed and np.isfinite(t.sensitivity)]
+    for members in roles.values():
+        known = [(depth, result[i].sensitivity) for depth, i in enumerate(members)
+                 if i in probed and np.isfinite(result[i].sensitivity)]
+        for depth, i in enumerate(members):
+            t = result[i]
+            lossy = [c for c in t.candidates if c.rep is not None]
+            if i in probed or not lossy:
+                continue
+            if known:
+                depths, values = zip(*known)
+                s = float(np.exp(np.interp(depth, depths, np.log(np.maximum(values, 1e-30)))))
+            elif measured_all:
+                s = float(np.median(measured_all))
+            else:
+                continue
+            probe = next((c for c in lossy if c.family == "dense"), lossy[0])
+            t.sensitivity, t.estimated = s, True
+            for c in lossy:
+                c.predicted = s * c.error ** 2
+            t.probe = (probe.label, s * probe.error ** 2)
 
 
 def _unchecked_follow_the_checked(result: list[LayerTolerance]) -> None:

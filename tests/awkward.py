@@ -1,6 +1,7 @@
 """A corpus of small graphs written the way exporters really write them (random weights: structure
 only). Each builder returns (model, the number of layers `lrqgraph optimize` rewrites by default,
-the number with --include-output-layers); None means the command must refuse the model."""
+the number with --output-layers; WITH_TABLES: with --embeddings too); None means the command must
+refuse the model."""
 from __future__ import annotations
 
 import numpy as np
@@ -183,6 +184,10 @@ def loop_body_layer():
     return _model(nodes, [io("x", ["b", K])], [io("y", ["b", N])],
                   {"W": weight(K, N), "trips": np.array(2, np.int64)}), 1, 1
 
+
+# layers rewritten with --output-layers --embeddings where it differs from --output-layers alone
+# (the tied table and its lm_head become one layer beside proj)
+WITH_TABLES = {"tied_embedding": 2}
 
 CORPUS = [unnamed_shared_weight, unnamed_distinct_weights, constant_node_weight, transposed_weight, cast_weight,
           identity_weight, nothing_to_rewrite, only_tiny_weights, gemm_variants, opset13, opset21, fp16_model,

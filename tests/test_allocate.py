@@ -95,6 +95,36 @@ def test_tolerance_predicts_from_the_probe_and_checks_another_candidate(tmp_path
     assert result.report["allocation"]["spearman"] > 0.4
 
 
+def test_probe_sample_spreads_each_role_over_its_depth():
+    from lrqgraph.passes.tolerance import probe_sample
+    from lrqgraph.plan import Layer
+    roles = {"q": (64, 64), "up": (64, 256), "down": (256, 64)}
+    layers = [Layer(f"/block.{i}/{r}", "MatMul", f"w{i}{r}", shape=s) for i in range(20) for r, s in roles.items()]
+    assert probe_sample(layers, None) == list(range(60)) == probe_sample(layers, 60)
+    picked = probe_sample(layers, 12)
+    by_role = {r: [int(layers[i].name.split(".")[1].split("/")[0]) for i in picked if layers[i].name.endswith(r)]
+               for r in roles}
+    assert all(depths[0] == 0 and depths[-1] == 19 and len(depths) == 4 for depths in by_role.values()), by_role
+
+
+def test_unmeasured_layers_take_their_roles_sensitivity_at_their_depth(tmp_path):
+    # six layers of one role whose weights (so sensitivities) grow 1.5x per layer: measuring three
+    # and interpolating the rest must land near what measuring all six gives
+    model = builders.mlp_model(dims=(64,) * 7)
+    def sensitivities(probe_layers):
+        cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(target_bpw=4, probe_layers=probe_layers))
+        layers = [e for e in lrqgraph.run(model, cfg).report["layers"] if "choice" in e]
+        return [e["sensitivity"] for e in layers], [e["probe_estimated"] for e in layers]
+    measured, none_estimated = sensitivities(None)
+    sampled, estimated = sensitivities(3)
+    assert not any(none_estimated) and estimated == [False, True, False, True, True, False]  # depths 0, 2, 5
+    for got, want, guessed in zip(sampled, measured, estimated):
+        if guessed:
+            assert want / 3 < got < want * 3, (sampled, measured)
+        else:
+            assert got == pytest.approx(want)
+
+
 def test_unreachable_goals_are_clear_errors(tmp_path):
     with pytest.raises(lrqgraph.LrqError, match="below the cheapest choice"):
         run(tmp_path, target_bpw=1.5)

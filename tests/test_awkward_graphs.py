@@ -55,11 +55,14 @@ def optimize(tmp_path, model, *flags, external=False):
     return rc, src, out, report
 
 
-@pytest.mark.parametrize("flags", [[], ["--include-output-layers"]], ids=["default", "output-layers"])
+@pytest.mark.parametrize("flags", [[], ["--output-layers"], ["--output-layers", "--embeddings"]],
+                         ids=["default", "output-layers", "tables"])
 @pytest.mark.parametrize("build", awkward.CORPUS, ids=[b.__name__ for b in awkward.CORPUS])
 def test_awkward_graph(tmp_path, capsys, build, flags):
     model, rewritten, with_outputs = build()
     expected = with_outputs if flags else rewritten
+    if "--embeddings" in flags:
+        expected = awkward.WITH_TABLES.get(build.__name__, expected)
     rc, src, out, report = optimize(tmp_path, model, *flags)
     err = capsys.readouterr().err
     assert rc == 0, err

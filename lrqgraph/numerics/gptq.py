@@ -141,12 +141,16 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
                            bits=spec.bits, block_size=block)
 
 
-def activation_error(w: np.ndarray, approx: np.ndarray, h: np.ndarray) -> float:
-    """sqrt(tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)): relative output error of Y = X·W for inputs with H = XᵀX."""
-    # float32 products (the K²N cost dominates), float64 sums
-    h = np.asarray(h, np.float32)
+def output_energy(w: np.ndarray, h: np.ndarray) -> float:
+    """tr(Wᵀ H W) = ‖X·W‖² for inputs with H = XᵀX (float32 products: the K²N cost; float64 sum)."""
     w = np.asarray(w, np.float32)
-    delta = w - np.asarray(approx, np.float32)
-    num = float(np.einsum("ij,ij->", delta, h @ delta, dtype=np.float64))
-    den = float(np.einsum("ij,ij->", w, h @ w, dtype=np.float64))
+    return float(np.einsum("ij,ij->", w, np.asarray(h, np.float32) @ w, dtype=np.float64))
+
+
+def activation_error(w: np.ndarray, approx: np.ndarray, h: np.ndarray, energy: float | None = None) -> float:
+    """sqrt(tr(ΔWᵀ H ΔW) / tr(Wᵀ H W)): relative output error of Y = X·W for inputs with H = XᵀX.
+    ``energy``: output_energy(w, h), when the caller compares many approximations of one W."""
+    delta = np.asarray(w, np.float32) - np.asarray(approx, np.float32)
+    num = output_energy(delta, h)
+    den = output_energy(w, h) if energy is None else energy
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else float(np.sqrt(max(num, 0.0)))

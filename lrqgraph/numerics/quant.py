@@ -155,18 +155,28 @@ def _blocked(w: np.ndarray, block: int) -> np.ndarray:
     return w.reshape(blocks, block, n)
 
 
-def _scales_for(wb: np.ndarray, bits: int, symmetric: bool, ratio: float, dtype: np.dtype):
-    """Scales and zero points for blocked weights at one clipping ratio (zero points None if symmetric)."""
+def _block_range(wb: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """What a block's grid is set from: its largest-magnitude value with its sign (symmetric), or
+    its min and max. Independent of the clipping ratio, so computed once per matrix."""
+    if symmetric:
+        idx = np.abs(wb).argmax(axis=1)[:, None, :]
+        return np.take_along_axis(wb, idx, axis=1)[:, 0, :], None
+    return wb.min(axis=1), wb.max(axis=1)
+
+
+def _scales_for(wb: np.ndarray, bits: int, symmetric: bool, ratio: float, dtype: np.dtype,
+                extent: tuple[np.ndarray, np.ndarray | None] | None = None):
+    """Scales and zero points for blocked weights at one clipping ratio (zero points None if
+    symmetric); ``extent`` is _block_range(wb), when the caller has it."""
+    first, second = extent if extent is not None else _block_range(wb, symmetric)
     if symmetric:
         # Map the largest-magnitude value (with its sign) to the most negative code, so that all
         # 2**bits levels are used, as onnxruntime's own quantizer does.
-        idx = np.abs(wb).argmax(axis=1)[:, None, :]
-        extreme = np.take_along_axis(wb, idx, axis=1)[:, 0, :]
-        scale = (extreme * ratio / -(1 << (bits - 1))).astype(dtype).astype(np.float32)
+        scale = (first * ratio / -(1 << (bits - 1))).astype(dtype).astype(np.float32)
         scale[scale == 0] = 1.0
         return scale, None
-    lo = np.minimum(wb.min(axis=1), 0.0) * ratio
-    hi = np.maximum(wb.max(axis=1), 0.0) * ratio
+    lo = np.minimum(first, 0.0) * ratio
+    hi = np.maximum(second, 0.0) * ratio
     scale = ((hi - lo) / ((1 << bits) - 1)).astype(dtype).astype(np.float32)
     scale[scale == 0] = 1.0
     zp = np.clip(np.rint(-lo / scale), 0, (1 << bits) - 1).astype(np.float32)
@@ -193,8 +203,9 @@ def quantize(w: np.ndarray, spec: QuantSpec, axis: int = 0) -> QuantizedTensor:
     wb = _blocked(w, block)
     ratios = _CLIP_RATIOS if spec.clip_search else _CLIP_RATIOS[:1]
     best = None
+    extent = _block_range(wb, spec.symmetric)
     for ratio in ratios:
-        scale, zp = _scales_for(wb, spec.bits, spec.symmetric, ratio, dtype)
+        scale, zp = _scales_for(wb, spec.bits, spec.symmetric, ratio, dtype, extent)
         codes = _codes_for(wb, scale, zp, spec.bits)
         if len(ratios) == 1:
             best = (scale, zp, codes)
