@@ -38,12 +38,10 @@ from lrqgraph.testing import data, decoder, minilm  # noqa: E402
 
 LRQ_RUNS = [  # (label, allocate goal with families, lowering, select options)
     *[(f"lrqgraph --target-bpw {b}", dict(target_bpw=b), "ort", {}) for b in (2.5, 3.0, 3.5, 4.0, 5.0)],
-    *[(f"lrqgraph --target-bpw {b} --families {f}", dict(target_bpw=b, families=(f,)), "ort", {})
-      for b in (3.0, 4.0) for f in ("dense", "rotated", "qlr")],
-    ("lrqgraph --target-bpw 4 --families lowrank", dict(target_bpw=4.0, families=("lowrank",)), "ort", {}),
+    *[(f"lrqgraph --target-bpw 3 --families {f}", dict(target_bpw=3.0, families=(f,)), "ort", {})
+      for f in ("dense", "rotated", "qlr")],
     *[(f"lrqgraph --target-bpw {b} --lowering lrq", dict(target_bpw=b), "lrq", {}) for b in (3.0, 4.0)],
     ("lrqgraph --target-bpw 4 --no-embeddings", dict(target_bpw=4.0), "ort", dict(embeddings=False)),
-    ("lrqgraph --target-bpw 3 --no-embeddings", dict(target_bpw=3.0), "ort", dict(embeddings=False)),
 ]
 
 
@@ -71,7 +69,11 @@ def minilm_table(tmp: Path, only: str | None = None) -> tuple[str, list[str]]:
 
     if only is None:
         for label, path, seconds in build_ort_rows(fp32, tmp, dict(np.load(calib))):
-            row(label, path, seconds, rewritten_bpw(path, fp32, weights) if "Gather" not in label else float("nan"))
+            try:
+                row(label, path, seconds, rewritten_bpw(path, fp32, weights) if "Gather" not in label else float("nan"))
+            except Exception as exc:  # onnxruntime's quantizer can write a model onnxruntime refuses
+                why = "model refused by onnxruntime: " + str(exc).split(":")[-1].strip()[:60]
+                rows.append([label, why] + [""] * (len(rows[0]) - 2 if rows else 9))
     for i, (label, goal, lowering, select) in enumerate(LRQ_RUNS):
         if only is not None and only not in label:
             continue

@@ -85,6 +85,9 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
                       help="smallest model whose first output keeps this mean per-sample cosine")
     goal.add_argument("--max-kl", type=float,
                       help="smallest model whose first output (logits) keeps mean KL divergence below this")
+    g.add_argument("--metric", choices=("cosine", "kl"), dest="measure",
+                   help="what --target-bpw / --target-size minimise: cosine of the first output, or KL of its "
+                        "softmax (default: kl when the first output is named like logits, else cosine)")
     g.add_argument("--families", type=lambda t: tuple(f.strip() for f in t.split(",") if f.strip()),
                    help="representation families the allocator may choose from, comma-separated "
                         "(dense, rotated, qlr, lowrank, kashin, kmeans; default: every family the lowering runs)")
@@ -186,7 +189,7 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
                                                                       "max_kl")},
-                              families=getattr(args, "families", None) or ())
+                              families=getattr(args, "families", None) or (), measure=getattr(args, "measure", None))
     return OptimizeConfig(select=select, factorize=factorize, verify=verify, allocate=allocate,
                           lowering=getattr(args, "lowering", "ort"),
                           accuracy_level=getattr(args, "accuracy_level", None), calib=getattr(args, "calib", None),

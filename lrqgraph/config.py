@@ -68,6 +68,9 @@ class AllocateConfig:
     # the model's outputs for one batch), with max_metric as the compact mode's tolerance
     metric: Callable[[list, list], float] | None = field(default=None, compare=False)
     max_metric: float | None = None
+    # what a budget goal minimises: "cosine" (1 − mean cosine of the first output) or "kl" (KL of its
+    # softmax); None: "kl" for --max-kl or a first output named like logits, "cosine" otherwise
+    measure: str | None = None
     menu: tuple[tuple[int, int], ...] = ()  # (bits, block) candidates; () = the lowering's default
     families: tuple[str, ...] = ()  # representation families the menu may hold (Method.family_of); () = all
     validate: bool = True        # also measure layers at a second candidate (predicted vs measured)
@@ -100,6 +103,10 @@ class AllocateConfig:
             raise LrqError(f"check_layers must be at least 1 (or None: every layer), got {self.check_layers}")
         if self.measure_samples < 1 or self.repair_steps < 0:
             raise LrqError("measure_samples must be at least 1 and repair_steps at least 0")
+        if self.measure not in (None, "cosine", "kl"):
+            raise LrqError(f"--metric must be cosine or kl, got {self.measure}")
+        if (self.measure == "kl" and self.min_cosine is not None) or (self.measure == "cosine" and self.max_kl):
+            raise LrqError("--metric contradicts the goal: --min-cosine measures cosine, --max-kl measures kl")
         if self.max_kl is not None and self.max_kl <= 0:
             raise LrqError(f"--max-kl must be positive, got {self.max_kl}")
         known = {m.group for m in METHODS.values()} | {"rotated"}
@@ -111,6 +118,14 @@ class AllocateConfig:
     def active(self) -> bool:
         return any(g is not None for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl,
                                            self.max_metric))
+
+    def metric_for(self, first_output: str) -> str:
+        """The built-in metric the allocation measures (``measure``, resolved)."""
+        if self.measure is not None:
+            return self.measure
+        if self.max_kl is not None:
+            return "kl"
+        return "kl" if self.min_cosine is None and "logits" in first_output.lower() else "cosine"
 
     @property
     def mode(self) -> str:

@@ -198,8 +198,8 @@ def degradation_meter(ctx: Context, config) -> Degradation:
     cfg = config.allocate
     weights = [layer.weight for layer in ctx.analysis("layers") if layer.rewrite]
     batches, _ = measurement_batches(ctx, config)
-    return Degradation(ctx.model.to_onnx(), weights, batches, metric="kl" if cfg.max_kl is not None else "cosine",
-                       custom=cfg.metric)
+    metric = cfg.metric_for(ctx.model.graph.outputs[0].name)
+    return Degradation(ctx.model.to_onnx(), weights, batches, metric=metric, custom=cfg.metric)
 
 
 @register_analysis("tolerance", requires=("layers", "fit_hessians", "degradation"),

@@ -272,3 +272,15 @@ def test_the_joint_menu_offers_every_family_the_lowering_runs(tmp_path):
     assert {METHODS[m].family_of(f) for m, f in menu_for("lrq", families=("qlr",))} == {"qlr"}
     with pytest.raises(lrqgraph.LrqError, match="unknown representation family hadamard"):
         AllocateConfig(target_bpw=4, families=("hadamard",))
+
+
+def test_budget_goals_measure_kl_on_logits_and_cosine_elsewhere():
+    assert AllocateConfig(target_bpw=4).metric_for("logits") == "kl"
+    assert AllocateConfig(target_bpw=4).metric_for("last_hidden_state") == "cosine"
+    assert AllocateConfig(min_cosine=0.99).metric_for("logits") == "cosine"
+    assert AllocateConfig(max_kl=0.01).metric_for("embedding") == "kl"
+    assert AllocateConfig(target_bpw=4, measure="cosine").metric_for("logits") == "cosine"
+    with pytest.raises(lrqgraph.LrqError, match="contradicts"):
+        AllocateConfig(min_cosine=0.99, measure="kl")
+    with pytest.raises(lrqgraph.LrqError, match="cosine or kl"):
+        AllocateConfig(target_bpw=4, measure="mse")
