@@ -37,10 +37,12 @@ from lrqgraph.report import table  # noqa: E402
 from lrqgraph.testing import data, decoder, minilm  # noqa: E402
 
 LRQ_RUNS = [  # (label, allocate goal with families, lowering, select options)
-    *[(f"lrqgraph --target-bpw {b}", dict(target_bpw=b), "ort", {}) for b in (2.5, 3.0, 3.5, 4.0, 5.0)],
+    # at 2.5 the tables cannot join: their cheapest grid (4-bit, GatherBlockQuantized) leaves too little
+    ("lrqgraph --target-bpw 2.5 --no-embeddings", dict(target_bpw=2.5), "ort", dict(embeddings=False)),
+    *[(f"lrqgraph --target-bpw {b}", dict(target_bpw=b), "ort", {}) for b in (3.0, 4.0)],
     *[(f"lrqgraph --target-bpw 3 --families {f}", dict(target_bpw=3.0, families=(f,)), "ort", {})
       for f in ("dense", "rotated", "qlr")],
-    *[(f"lrqgraph --target-bpw {b} --lowering lrq", dict(target_bpw=b), "lrq", {}) for b in (3.0, 4.0)],
+    ("lrqgraph --target-bpw 3 --lowering lrq", dict(target_bpw=3.0), "lrq", {}),
     ("lrqgraph --target-bpw 4 --no-embeddings", dict(target_bpw=4.0), "ort", dict(embeddings=False)),
 ]
 
