@@ -1,16 +1,18 @@
 """Per-layer allocation on MiniLM against onnxruntime's own quantizers, and a Llama-style decoder.
 
 Every model is built in this run. lrqgraph gets H and its one-layer measurements from 128 verses
-(--calib; 256 where the row says so, with --calib-samples 256); onnxruntime's GPTQ rows get the
-same 128 verses. The table evaluates on 200 other verses (the calibration domain) and on 200
-movie-review sentences (another domain; the column is left out when gensim is missing).
-onnxruntime rows: its MatMulNBitsQuantizer with the RTN, GPTQ, HQQ and k-quant configs of
-bench/common.py's ORT_SETTINGS. Bits per weight count every stored byte of the 36 selected layers
-(layers the allocator keeps in float count at 32 bits), alike for every tool. The `--lowering
-lrq` rows run lrqgraph's native custom op, whose menu adds 3-bit codes (onnxruntime's MatMulNBits
-has no 3-bit CPU kernel) and stores float16 scales without casting activations. SUMMARY lines
-put each lrqgraph row beside the best onnxruntime row that stores at most 0.15 more bits per
-weight, or, where it has none that small, the best of its smallest rows.
+(--calib); onnxruntime's GPTQ rows get the same 128 verses. The table evaluates on 200 other
+verses (the calibration domain) and on 200 movie-review sentences (another domain; the column is
+left out when gensim is missing). onnxruntime rows: its MatMulNBitsQuantizer with the RTN, GPTQ,
+HQQ and k-quant configs of bench/common.py's ORT_SETTINGS. "bpw (36 matrices)" counts every
+stored byte of the 36 MatMul weights (kept ones at 32 bits); "bits/param (file)" every constant
+byte of the file over the fp32 parameters, embedding tables included (rows without
+--no-embeddings compress them too). Rows with --families allocate with that family alone; the
+`--lowering lrq` row runs lrqgraph's native ops, whose menu adds 3-bit codes and codebooks.
+"families chosen" counts the layers per family; "held-out calib cos" is the allocator's own
+measurement. SUMMARY lines put each lrqgraph row beside the best onnxruntime row that stores at
+most 0.15 more bits per parameter in the file, or, where it has none that small, the best of its
+smallest rows.
 
     python bench/allocate.py [--skip-decoder]
 """
