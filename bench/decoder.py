@@ -56,8 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
     parser.add_argument("--calib-windows", type=int, default=64)
-    parser.add_argument("--measure-windows", type=int, default=4,
-                        help="calibration windows each one-layer measurement of an allocation runs")
+    parser.add_argument("--measure-windows", type=int, default=None,
+                        help="calibration windows each one-layer measurement of an allocation runs "
+                        "(default: lrqgraph's, the windows holding 512 tokens: 4)")
     parser.add_argument("--probe-layers", type=int, default=32, help="layers measured at their probe (the "
                         "others interpolated within their role)")
     parser.add_argument("--check-layers", type=int, default=6, help="layers also measured at a check candidate "

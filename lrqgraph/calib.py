@@ -150,14 +150,45 @@ def count_samples(runs) -> int:
 
 
 def split_runs(runs, samples: int) -> tuple[list, list]:
-    """(the runs holding the first ``samples`` samples, the rest)."""
-    head, count = [], 0
+    """(runs holding exactly the first ``samples`` samples, runs holding the rest): the run at the
+    boundary is cut in two (inputs without a batch axis go whole to both)."""
+    head, rest, count = [], [], 0
     for run in runs:
-        if count >= samples:
-            break
-        head.append(run)
-        count += len(next(iter(run.values())))
-    return head, list(runs[len(head):])
+        size = len(next(v for v in run.values() if np.ndim(v) > 0))
+        take = min(max(samples - count, 0), size)
+        if take:
+            head.append(run if take == size else _rows(run, 0, take))
+        if take < size:
+            rest.append(run if take == 0 else _rows(run, take, size))
+        count += take
+    return head, rest
+
+
+def _rows(run: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] if np.ndim(v) > 0 else v for k, v in run.items()}
+
+
+def samples_for_positions(runs, positions: int = 512, mask_input: str | None = None,
+                          bounds: tuple[int, int] = (4, 32), default: int = 16) -> int:
+    """How many leading samples hold ``positions`` sequence positions (tokens the mask keeps, or
+    the sequence length of a [batch, seq] integer input), within ``bounds``: the allocator's
+    measurements then cost about the same on short sentences and long windows. Inputs with no
+    sequence axis (images): ``default``."""
+    counted = 0
+    for count, lengths in enumerate((length for run in runs for length in _positions(run, mask_input)), 1):
+        counted += lengths
+        if counted >= positions:
+            return int(np.clip(count, *bounds))
+    if counted == 0:
+        return default
+    return int(np.clip(count_samples(runs), *bounds))
+
+
+def _positions(run: dict[str, np.ndarray], mask_input: str | None) -> list[int]:
+    if mask_input is not None and mask_input in run:
+        return [int(x) for x in np.asarray(run[mask_input]).reshape(len(run[mask_input]), -1).astype(bool).sum(1)]
+    ids = [v for v in run.values() if np.ndim(v) == 2 and np.asarray(v).dtype.kind in "iu"]
+    return [ids[0].shape[1]] * len(ids[0]) if ids else []
 
 
 def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenizer: str | None = None,

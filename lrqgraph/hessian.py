@@ -36,18 +36,29 @@ def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[st
     ``model`` is a ModelProto or a path (external data beside it is read). ``mask_input`` names a
     [batch, seq] feed whose zeros mark rows to ignore (e.g. an attention mask).
     """
+    return collect_hessian_parts(model, inputs, [batches], mask_input)[0]
+
+
+def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
+                          parts: list[Iterable[dict[str, np.ndarray]]],
+                          mask_input: str | None = None) -> list[dict[str, np.ndarray]]:
+    """:func:`collect_hessians` for each part of the batches, from one session and one pass (the
+    allocator's held-out statistics); every part holds at least one batch."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     names = sorted(set(inputs.values()))
     sess = open_session(with_outputs(proto, names))
-    sums: dict[str, np.ndarray] = {}
-    for feed in batches:
-        acts = dict(zip(names, sess.run(names, feed)))
-        keep = None if mask_input is None else feed[mask_input].reshape(-1).astype(bool)
-        for tensor, x in acts.items():
-            if x.ndim == 4:  # NCHW: pixels are samples of a C-dimensional input
-                x = x.transpose(0, 2, 3, 1)
-            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            if keep is not None and len(keep) == len(rows):
-                rows = rows[keep]
-            sums[tensor] = sums.get(tensor, 0) + rows.T @ rows
-    return {weight: sums[tensor] for weight, tensor in inputs.items()}
+    out = []
+    for batches in parts:
+        sums: dict[str, np.ndarray] = {}
+        for feed in batches:
+            acts = dict(zip(names, sess.run(names, feed)))
+            keep = None if mask_input is None else feed[mask_input].reshape(-1).astype(bool)
+            for tensor, x in acts.items():
+                if x.ndim == 4:  # NCHW: pixels are samples of a C-dimensional input
+                    x = x.transpose(0, 2, 3, 1)
+                rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                if keep is not None and len(keep) == len(rows):
+                    rows = rows[keep]
+                sums[tensor] = sums.get(tensor, 0) + rows.T @ rows
+        out.append({weight: sums[tensor] for weight, tensor in inputs.items()})
+    return out

@@ -28,6 +28,7 @@ from lrqgraph.numerics.allocation import frontier, within_budget, within_loss
 from lrqgraph.numerics.refine import refine
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.plan import LayerPlan
+from lrqgraph.progress import progress
 
 from .factorize import factorize_weight
 from .tolerance import LayerTolerance, allocation_scales, spearman, stored_layout
@@ -149,6 +150,7 @@ class Allocate(Pass):
         choice = [int(i) for i in found.choice]
         # candidates were fitted without the measured samples: every comparison below is out of sample
         measured = _measure(meter, tols, choice)
+        log.info("allocate: the joint choice measures %s %.4g (predicted %.4g)", meter.metric, measured, found.loss)
         repairs = 0
         if kind == "loss":
             while measured > target and repairs < cfg.repair_steps and _upgrade(tols, choice):
@@ -162,6 +164,7 @@ class Allocate(Pass):
             if alone is not None:
                 picks = [int(i) for i in alone.choice]
                 got = _measure(meter, tols, picks)
+                log.info("allocate: %s alone measures %s %.4g", family, meter.metric, got)
                 entry["alone"] = {"bpw": alone.cost / params, "predicted": alone.loss, "measured": got}
                 # a budget: the joint choice stands unless one family alone measures better
                 # (predictions of small one-layer effects add up with noise)
@@ -175,7 +178,7 @@ class Allocate(Pass):
         uniform = _uniform(meter, tols, params)
         hessians = ctx.analysis("hessians")
         if hessians:  # the chosen candidates again from all calibration samples, then polished
-            for t, c in zip(tols, choice):
+            for t, c in progress(list(zip(tols, choice)), "refit"):
                 _refit(ctx, t, c, hessians.get(t.layer.weight), cfg.polish_sweeps)
             measured = _measure(meter, tols, choice)
         met = measured <= target if kind == "loss" else True
@@ -251,6 +254,7 @@ def _uniform(meter, tols: list[LayerTolerance], params: int) -> list[dict]:
         picks = [nearest(t, bits, block) for t in tols]
         cost = sum(t.candidates[j].bits for t, j in zip(tols, picks))
         out.append({"label": f"{bits}b g{block}", "bpw": cost / params, "measured": _measure(meter, tols, picks)})
+        log.info("allocate: uniform %db g%d measures %s %.4g", bits, block, meter.metric, out[-1]["measured"])
     return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 import lrqgraph.calib as calib
-from lrqgraph.hessian import collect_hessians
+from lrqgraph.hessian import collect_hessian_parts
 from lrqgraph.io import cache_dir
 from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, register_pass
 
@@ -51,52 +51,74 @@ def calibration_data(ctx: Context, config) -> calib.CalibData | None:
     return calib.load_calibration(config.calib, ctx.model.signature(), config.tokenizer, config.calib_samples)
 
 
-@register_analysis("hessians", requires=("calib_data", "layers"))
-def layer_hessians(ctx: Context) -> dict[str, np.ndarray]:
+@register_analysis("hessian_parts", requires=("calib_data", "layers"), config=("allocate",))
+def hessian_parts(ctx: Context, config) -> list[dict[str, np.ndarray]]:
+    """H of the calibration samples in one pass: [all of them], or, for an allocation, [its
+    measured samples (the first ``measure_samples``), the others] (see fit_hessians)."""
     data = ctx.analysis("calib_data")
     if data is None:
-        return {}
-    return _hessians(ctx, data.batches, data.digest, f"{data.samples} samples of {data.source}")
+        return [{}]
+    measured = measured_samples(ctx, config)
+    head, rest = calib.split_runs(data.batches, measured)
+    split = config.allocate.active and calib.count_samples(rest) >= calib.count_samples(head)
+    if config.allocate.active and not split:
+        log.warning("allocate: %d calibration samples leave too few beside the %d measured ones; candidates are "
+                    "fitted on all of them, so one-layer measurements are in-sample", data.samples, measured)
+    parts = [head, rest] if split else [list(data.batches)]
+    what = f"{data.samples} samples of {data.source}" + (f" (the {measured} measured ones apart)" if split else "")
+    return _hessians(ctx, parts, f"{data.digest}|parts{[calib.count_samples(p) for p in parts]}", what)
 
 
-@register_analysis("fit_hessians", requires=("calib_data", "layers", "hessians"), config=("allocate",))
+def measured_samples(ctx: Context, config) -> int:
+    """How many leading calibration samples the allocator's measurements run (``measure_samples``,
+    or by default those holding 512 tokens)."""
+    if config.allocate.measure_samples is not None:
+        return config.allocate.measure_samples
+    data = ctx.analysis("calib_data")
+    return calib.samples_for_positions(data.batches, mask_input=_mask_input(ctx.model.signature()))
+
+
+@register_analysis("hessians", requires=("hessian_parts",))
+def layer_hessians(ctx: Context) -> dict[str, np.ndarray]:
+    """H = XᵀX per layer from every calibration sample (empty without calibration data)."""
+    parts = ctx.analysis("hessian_parts")
+    if len(parts) == 1:
+        return parts[0]
+    summed: dict[int, np.ndarray] = {}  # layers reading one tensor share one array, as in the parts
+    for name, h in parts[0].items():
+        if id(h) not in summed:
+            summed[id(h)] = sum(part[name] for part in parts)
+    return {name: summed[id(h)] for name, h in parts[0].items()}
+
+
+@register_analysis("fit_hessians", requires=("hessian_parts",), config=("allocate",))
 def fit_hessians(ctx: Context, config) -> dict[str, np.ndarray]:
     """H without the samples the allocator measures degradation on (the first ``measure_samples``):
     candidates fitted to these statistics are measured on data they never saw, so a layer whose
     GPTQ solution only holds on its own calibration samples shows it (the overfitting that breaks
     allocations on text of another domain). Full H when too few samples would remain."""
-    data = ctx.analysis("calib_data")
-    full = ctx.analysis("hessians")
-    if data is None:
-        return full
-    held, rest = calib.split_runs(data.batches, config.allocate.measure_samples)
-    if calib.count_samples(rest) < calib.count_samples(held):
-        log.warning("allocate: %d calibration samples leave too few beside the %d measured ones; candidates are "
-                    "fitted on all of them, so one-layer measurements are in-sample", data.samples,
-                    config.allocate.measure_samples)
-        return full
-    measured = _hessians(ctx, held, f"{data.digest}|head{config.allocate.measure_samples}",
-                         f"the {config.allocate.measure_samples} measurement samples")
-    return {name: full[name] - measured[name] for name in full}
+    parts = ctx.analysis("hessian_parts", allocate=config.allocate)
+    return parts[-1] if len(parts) > 1 else ctx.analysis("hessians")
 
 
-def _hessians(ctx: Context, batches, data_digest: str, what: str) -> dict[str, np.ndarray]:
+def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[dict[str, np.ndarray]]:
     # an embedding table alone has no input statistics (its rows are read, not multiplied)
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite and layer.matmuls]
     inputs = {layer.weight: layer.matmuls[0].inputs[0].name for layer in layers}
     digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}".encode())
     cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
+    names = sorted(inputs)
     if cached.exists():
         with np.load(cached) as stored:
-            log.info("calibrate: H for %d layers read from cache %s", len(stored.files), cached)
-            return {name: stored[f"h{i}"] for i, name in enumerate(sorted(inputs))}
+            log.info("calibrate: H for %d layers read from cache %s", len(names), cached)
+            return [{name: stored[f"p{p}h{i}"] for i, name in enumerate(names)} for p in range(len(parts))]
     model = ctx.model.to_onnx()
-    hs = collect_hessians(model, inputs, batches, mask_input=_mask_input(model))
+    hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model))
     fd, tmp_file = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
     os.close(fd)
-    np.savez(tmp_file, **{f"h{i}": hs[name] for i, name in enumerate(sorted(inputs))})
+    np.savez(tmp_file, **{f"p{p}h{i}": part[name] for p, part in enumerate(hs) for i, name in enumerate(names)})
     os.replace(tmp_file, cached)
-    log.info("calibrate: H for %d layers from %s", len(hs), what)
+    log.info("calibrate: H for %d layers from %s", len(names), what)
     return hs
 
 

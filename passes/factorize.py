@@ -52,9 +52,35 @@ def factorize_weight(w: np.ndarray, cfg: MethodConfig, scale_dtype: str = "float
         w, info = rotation.rotate_weight(w), None if info is None else info.rotated(rotation)
     extra = {"warm": warm} if warm is not None and method.warm_start else {}
     rep, why = method.factorize(w, cfg, scale_dtype, info, **extra)
-    if rep is None or rotation is None:
-        return rep, why
-    return dataclasses.replace(rep, rotation=rotation), why
+    return _rotated(rep, rotation), why
+
+
+def factorize_weights(w: np.ndarray, cfgs: list[MethodConfig], scale_dtype: str = "float32",
+                      h: "np.ndarray | HessianInfo | None" = None) -> list[tuple[Representation | None, str]]:
+    """``factorize_weight`` for each config (none warm-started); the configs of one method and
+    rotation go through its ``factorize_many`` together where it has one (one GPTQ pass for all
+    dense grids of a menu)."""
+    info = HessianInfo.of(h)
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        many = method_of(cfg).factorize_many is not None
+        groups.setdefault((cfg.method, getattr(cfg, "rotate", False), cfg.seed) if many else ("one", i), []).append(i)
+    out: dict[int, tuple[Representation | None, str]] = {}
+    for key, members in groups.items():
+        if key[0] == "one":
+            out[members[0]] = factorize_weight(w, cfgs[members[0]], scale_dtype, info)
+            continue
+        _, rotate, seed = key
+        rotation = Rotation(w.shape[0], seed) if rotate else None
+        target, stats = (w, info) if rotation is None else (
+            rotation.rotate_weight(w), None if info is None else info.rotated(rotation))
+        made = method_of(cfgs[members[0]]).factorize_many(target, [cfgs[i] for i in members], scale_dtype, stats)
+        out.update((i, (_rotated(rep, rotation), why)) for i, (rep, why) in zip(members, made))
+    return [out[i] for i in range(len(cfgs))]
+
+
+def _rotated(rep: Representation | None, rotation: Rotation | None) -> Representation | None:
+    return rep if rep is None or rotation is None else dataclasses.replace(rep, rotation=rotation)
 
 
 def plan_layer(layer: Layer, cfg: MethodConfig, h: np.ndarray | None) -> LayerPlan:

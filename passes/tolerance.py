@@ -44,7 +44,8 @@ from lrqgraph.passmanager import Context, register_analysis
 from lrqgraph.plan import Layer
 from lrqgraph.progress import progress
 
-from .factorize import factorize_weight
+from .calibrate import measured_samples
+from .factorize import factorize_weight, factorize_weights
 from .lower import TABLE_BITS, check_layer
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,15 @@ def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: Metho
     out, dense, energy = [], {}, None
     if layer.gathers:
         menu, h, info = table_menu(menu, w.shape[0]), None, None
-    for method, fields in menu:
-        cfg = configure(method_cfg, method=method, **fields)
+    cfgs = [configure(method_cfg, method=method, **fields) for method, fields in menu]
+    cold = [i for i, (method, _) in enumerate(menu) if not METHODS[method].warm_start]
+    made = dict(zip(cold, factorize_weights(w, [cfgs[i] for i in cold], scale_dtype, info)))
+    for i, (method, fields) in enumerate(menu):
         grid = (fields.get("bits"), fields.get("block_size"), fields.get("symmetric", True), fields.get("rotate", False))
-        warm = dense.get(grid) if METHODS[method].warm_start else None
-        rep, _ = factorize_weight(w, cfg, scale_dtype, info, warm=warm)
+        if i in made:
+            rep, _ = made.pop(i)
+        else:  # started from the dense candidate of its grid, made above (warm-started methods come last)
+            rep, _ = factorize_weight(w, cfgs[i], scale_dtype, info, warm=dense.get(grid))
         if rep is None:
             continue
         if rep.form == "dense":
@@ -184,7 +189,7 @@ def measurement_batches(ctx: Context, config) -> tuple[list[dict[str, np.ndarray
     """The first ``measure_samples`` calibration samples (synthetic inputs without --calib)."""
     data = ctx.analysis("calib_data")
     if data is not None:
-        runs, _ = calib.split_runs(data.batches, config.allocate.measure_samples)
+        runs, _ = calib.split_runs(data.batches, measured_samples(ctx, config))
         return runs, f"{calib.count_samples(runs)} samples of {data.source}"
     signature = ctx.model.signature()
     feeds = calib.synthesize(signature, ctx.model.graph, config.verify.samples, config.verify.seed)

@@ -33,7 +33,7 @@ def run(tmp_path, passes=None, **goal):
 
 
 def test_quality_mode_fits_the_budget_and_lowers_what_it_chose(tmp_path):
-    result = run(tmp_path, target_bpw=3.5)
+    result = run(tmp_path, target_bpw=3.5, measure_samples=32)  # every calibration sample, as verify
     alloc = result.report["allocation"]
     assert alloc["mode"] == "quality" and alloc["bpw"] <= 3.5
     selected = [e for e in result.report["layers"] if "choice" in e]
@@ -48,7 +48,7 @@ def test_quality_mode_fits_the_budget_and_lowers_what_it_chose(tmp_path):
         grid = f"{e['bits']}b g{e['block']}{'' if e['symmetric'] else ' asym'}"
         stored = f"r{e['rank']}x{e['bits']}b" if e["family"] == "lowrank" else grid
         assert e["choice"].startswith(f"{e['method']} {stored}"), e
-    # the measured degradation is the one verify sees on the same samples (32 = measure_samples)
+    # the measured degradation is the one verify sees on the same 32 samples
     verify_cos = result.report["verify"]["outputs"]["y"]["cosine_mean"]
     assert 1 - verify_cos == pytest.approx(alloc["measured"], rel=1e-3, abs=1e-6)
     # more budget, less predicted loss
@@ -149,6 +149,28 @@ def test_folder_of_npz_files_and_the_sample_cap(tmp_path):
     assert calib.load_calibration(folder, model).digest == data.digest  # content, not file times
     with pytest.raises(lrqgraph.LrqError, match="holds no .npz"):
         calib.load_calibration(tmp_path / "cache", model) if (tmp_path / "cache").mkdir() is None else None
+
+
+def test_measured_samples_are_cut_exactly_from_the_runs():
+    runs = [{"ids": np.arange(n * 2).reshape(n, 2) + 100 * i, "step": np.int64(3)} for i, n in enumerate((8, 8, 3))]
+    head, rest = calib.split_runs(runs, 4)
+    assert calib.count_samples(head) == 4 and calib.count_samples(rest) == 15
+    np.testing.assert_array_equal(np.concatenate([r["ids"] for r in head + rest]),
+                                  np.concatenate([r["ids"] for r in runs]))  # every sample once, in order
+    assert all(r["step"] == 3 for r in head + rest)  # no batch axis: whole in both parts
+    head, rest = calib.split_runs(runs, 8)
+    assert head == runs[:1] and rest == runs[1:]
+
+
+def test_default_measurement_covers_512_tokens():
+    def text(lengths, seq=128):
+        mask = (np.arange(seq)[None] < np.array(lengths)[:, None]).astype(np.int64)
+        return [{"input_ids": np.ones((len(lengths), seq), np.int64), "attention_mask": mask}]
+    assert calib.samples_for_positions(text([100] * 10), mask_input="attention_mask") == 6  # 600 >= 512
+    assert calib.samples_for_positions(text([30] * 40), mask_input="attention_mask") == 18
+    assert calib.samples_for_positions(text([2] * 64), mask_input="attention_mask") == 32  # at most 32
+    assert calib.samples_for_positions([{"input_ids": np.ones((16, 128), np.int64)}]) == 4  # windows: 4 x 128
+    assert calib.samples_for_positions([{"pixels": np.zeros((20, 3, 8, 8), np.float32)}]) == 16  # no sequence
 
 
 def test_hessian_cache_is_invalidated_by_other_data(tmp_path, caplog):

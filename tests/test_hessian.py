@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lrqgraph.hessian import collect_hessians
+from lrqgraph.hessian import collect_hessian_parts, collect_hessians
 
 import builders
 
@@ -18,6 +18,25 @@ def test_hessian_of_a_matmul_input_is_xtx(tmp_path):
     rows = np.concatenate([b["x"].reshape(-1, 32) for b in batches]).astype(np.float64)
     np.testing.assert_allclose(h, rows.T @ rows, rtol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary left behind
+
+
+def test_parts_are_the_hessians_of_their_batches_from_one_session(tmp_path, monkeypatch):
+    """The allocator's held-out statistics come from the calibration pass itself: one session,
+    each part H of its own batches."""
+    import lrqgraph.hessian as hessian
+    m = builders.matmul_model(16, 8, batch_dims=("b", "s"))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    rng = np.random.default_rng(4)
+    batches = [{"x": rng.standard_normal((2, 3, 16)).astype(np.float32)} for _ in range(5)]
+    opened = []
+    real = hessian.open_session
+    monkeypatch.setattr(hessian, "open_session", lambda model: opened.append(1) or real(model))
+    head, rest = collect_hessian_parts(path, {"W": "x"}, [batches[:2], batches[2:]])
+    assert len(opened) == 1
+    for part, got in ((batches[:2], head["W"]), (batches[2:], rest["W"])):
+        rows = np.concatenate([b["x"].reshape(-1, 16) for b in part]).astype(np.float64)
+        np.testing.assert_allclose(got, rows.T @ rows, rtol=1e-6)
 
 
 def test_masked_rows_are_left_out(tmp_path):

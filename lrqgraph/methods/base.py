@@ -11,7 +11,9 @@ A :class:`Method` bundles what every part of lrqgraph needs to know about a meth
    ``family`` the representation family the allocator's report groups it under (dense, qlr,
    lowrank, kashin, kmeans);
  - ``warm_start``: whether ``factorize`` takes ``warm=`` (a dense Representation of the same grid,
-   already computed for the allocator's menu, that it starts from instead of quantizing again).
+   already computed for the allocator's menu, that it starts from instead of quantizing again);
+ - ``factorize_many(w, cfgs, scale_dtype, h)``: optional, ``factorize`` for several configs of
+   one weight at once where they share work (the allocator's menus); same results.
 Adding a method is one new module that calls :func:`register_method`, plus its tests.
 """
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Method:
     summary: str = ""
     family: str = ""               # '' = the method's name
     warm_start: bool = False
+    factorize_many: Callable[[np.ndarray, list, str, "HessianInfo | None"], list] | None = None
     menu: Callable[[str], tuple[dict[str, Any], ...]] = field(default=lambda lowering: ())
     # a per-config refinement of ``lowerings`` (e.g. Kashin's kernel runs Hadamard transforms only):
     # returns '' when ``lowering`` runs ``cfg``, else what to change

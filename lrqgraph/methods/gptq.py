@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from lrqgraph.errors import LrqError
 from lrqgraph.numerics import Representation, gptq_factorize, rtn_factorize
+from lrqgraph.numerics.gptq import gptq_quantize_grids
 
 from .base import GridConfig, Method, register_method
 from .rtn import dense_storage
@@ -41,6 +42,16 @@ def factorize(w, cfg: GPTQConfig, scale_dtype: str, h=None):
     return gptq_factorize(w, cfg.spec(scale_dtype), h, cfg.sweeps), ""
 
 
+def factorize_many(w, cfgs: list[GPTQConfig], scale_dtype: str, h=None) -> list:
+    """The grids without coordinate descent (the allocator's menu) in one GPTQ pass over the rows."""
+    plain = [i for i, cfg in enumerate(cfgs) if cfg.sweeps == 0] if h is not None else []
+    out = {i: factorize(w, cfg, scale_dtype, h) for i, cfg in enumerate(cfgs) if i not in plain}
+    if plain:
+        tensors = gptq_quantize_grids(w, h, [cfgs[i].spec(scale_dtype) for i in plain])
+        out.update((i, (Representation(((q,),), "gptq", info={"sweeps": 0}), "")) for i, q in zip(plain, tensors))
+    return [out[i] for i in range(len(cfgs))]
+
+
 # grids also offered after a randomized Hadamard rotation of the input dimension (family "rotated")
 ROTATED_MENUS = {"ort": ((2, 64), (4, 128), (4, 64), (4, 32)), "std": ((4, 128), (4, 64)),
                  "lrq": ((2, 64), (3, 128), (3, 64), (4, 128), (4, 64))}
@@ -57,4 +68,5 @@ def menu(lowering: str) -> tuple[dict, ...]:
 
 METHOD = register_method(Method(
     "gptq", GPTQConfig, factorize, dense_storage, forms=("dense",), menu=menu, family="dense",
+    factorize_many=factorize_many,
     summary="dense block quantization with GPTQ error feedback (uses --calib; without it, equals rtn)"))

@@ -92,27 +92,21 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
 
     With ``act_order`` (default) rows are visited by decreasing H diagonal (the inputs with the
     most energy first, so later rows can absorb their error) on grids fixed up front by the
-    MSE-optimal block scales of W ("static groups"); without it, rows go in order and each
-    block's grid is set from its rows as updated when the block is reached (reference GPTQ).
+    MSE-optimal block scales of W ("static groups"; ``grid`` gives them); without it, rows go in
+    order and each block's grid is set from its rows as updated when the block is reached
+    (reference GPTQ).
     """
+    if act_order:
+        return gptq_quantize_grids(w, h, [spec], None if grid is None else [grid], batch)[0]
     k, n = w.shape
-    info = HessianInfo.of(h)
-    if info.h.shape != (k, k):
-        raise ValueError(f"H must be {k}x{k} for a weight with {k} rows, got {info.h.shape}")
+    info = _checked(h, k)
     block = spec.block_for(k)
     dtype = np.dtype(spec.scale_dtype)
     blocks = -(-k // block)
-    if act_order:
-        grid = grid if grid is not None else quantize(w, spec)
-        scales = grid.scales.astype(np.float32)
-        zps = None if grid.zero_points is None else grid.zero_points.astype(np.float32)
-        order, u = info.act_order()
-    else:
-        scales = np.zeros((blocks, n), np.float32)
-        zps = None if spec.symmetric else np.zeros((blocks, n), np.float32)
-        order = np.arange(k)
-        u = info.inverse_cholesky
-    w = np.array(w, dtype=np.float32)[order]
+    scales = np.zeros((blocks, n), np.float32)
+    zps = None if spec.symmetric else np.zeros((blocks, n), np.float32)
+    u = info.inverse_cholesky
+    w = np.array(w, dtype=np.float32)
     codes = np.zeros((k, n), np.uint8)
     for start in range(0, k, batch):
         stop = min(start + batch, k)
@@ -120,8 +114,8 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
         errors = np.zeros_like(rows)
         for i in range(stop - start):
             row = start + i
-            b = order[row] // block
-            if not act_order and row % block == 0:
+            b = row // block
+            if row % block == 0:
                 # a block's grid comes from its rows as updated so far (rows past this batch
                 # have not yet received this batch's feedback, as in the reference GPTQ)
                 scale, zp = _scales_for(w[None, row:row + block], spec.bits, spec.symmetric, 1.0, dtype)
@@ -130,7 +124,7 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
                     zps[b] = zp[0]
             zp_b = None if zps is None else zps[b][None]
             code = _codes_for(rows[None, i:i + 1], scales[b][None], zp_b, spec.bits)[0, 0]
-            codes[order[row]] = code
+            codes[row] = code
             offset = (1 << (spec.bits - 1)) if zps is None else zps[b]
             err = (rows[i] - (code - offset) * scales[b]) / u[row, row]
             rows[i + 1:] -= np.outer(u[row, row + 1:stop], err)
@@ -139,6 +133,59 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
     return QuantizedTensor(codes=codes, scales=scales.astype(dtype),
                            zero_points=None if zps is None else zps.astype(np.uint8),
                            bits=spec.bits, block_size=block)
+
+
+_WIDE_ENTRIES = 1 << 25  # entries of the side-by-side copies per pass (128 MB each in float32)
+
+
+def gptq_quantize_grids(w: np.ndarray, h: "np.ndarray | HessianInfo", specs: list[QuantSpec],
+                        grids: list[QuantizedTensor] | None = None, batch: int = 64) -> list[QuantizedTensor]:
+    """GPTQ with act-order and static groups on several grids of one weight in one pass.
+
+    Given H, the columns of W are quantized independently (the feedback runs down the rows), so
+    the grids' copies of W go side by side as one wide matrix: one walk over the rows serves
+    every grid, and the per-row work is long vector operations instead of one short pass per
+    grid. Each grid's scales are fixed up front (``grids``, or the MSE-optimal block scales of
+    W per spec); the result per grid equals :func:`gptq_quantize` on it alone.
+    """
+    k, n = w.shape
+    info = _checked(h, k)
+    w = np.asarray(w, np.float32)
+    grids = list(grids) if grids is not None else [quantize(w, spec) for spec in specs]
+    per_pass = max(1, _WIDE_ENTRIES // (k * n))  # a few wide float32 arrays of this size live at once
+    if len(grids) > per_pass:
+        return [q for i in range(0, len(grids), per_pass)
+                for q in gptq_quantize_grids(w, info, specs[i:i + per_pass], grids[i:i + per_pass], batch)]
+    order, u = info.act_order()
+    # per entry, in visiting order: each grid's scale, zero offset and largest code
+    scale = np.concatenate([q._per_entry(q.scales.astype(np.float32)) for q in grids], axis=1)[order]
+    offset = np.concatenate([q._per_entry(q.zero_point_array().astype(np.float32)) for q in grids], axis=1)[order]
+    top = np.repeat(np.array([(1 << q.bits) - 1 for q in grids], np.float32), n)
+    work = np.tile(w[order], (1, len(grids)))
+    codes = np.empty(work.shape, np.uint8)
+    for start in range(0, k, batch):
+        stop = min(start + batch, k)
+        rows = work[start:stop]  # a view: in-batch feedback updates work in place
+        errors = np.empty_like(rows)
+        for i in range(stop - start):
+            row = start + i
+            code = np.clip(np.rint(rows[i] / scale[row]) + offset[row], 0, top)
+            codes[row] = code
+            err = (rows[i] - (code - offset[row]) * scale[row]) / u[row, row]
+            rows[i + 1:] -= np.outer(u[row, row + 1:stop], err)
+            errors[i] = err
+        work[stop:] -= u[start:stop, stop:].T @ errors
+    codes[order] = codes.copy()
+    return [QuantizedTensor(codes=np.ascontiguousarray(codes[:, j * n:(j + 1) * n]), scales=q.scales,
+                            zero_points=q.zero_points, bits=q.bits, block_size=q.block_size)
+            for j, q in enumerate(grids)]
+
+
+def _checked(h: "np.ndarray | HessianInfo", k: int) -> HessianInfo:
+    info = HessianInfo.of(h)
+    if info.h.shape != (k, k):
+        raise ValueError(f"H must be {k}x{k} for a weight with {k} rows, got {info.h.shape}")
+    return info
 
 
 def output_energy(w: np.ndarray, h: np.ndarray) -> float:

@@ -185,7 +185,10 @@ def _scales_for(wb: np.ndarray, bits: int, symmetric: bool, ratio: float, dtype:
 
 def _codes_for(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: int) -> np.ndarray:
     offset = (1 << (bits - 1)) if zp is None else zp[:, None, :]
-    return np.clip(np.rint(wb / scale[:, None, :]) + offset, 0, (1 << bits) - 1)
+    codes = np.divide(wb, scale[:, None, :])
+    np.rint(codes, out=codes)
+    codes += offset
+    return np.clip(codes, 0, (1 << bits) - 1, out=codes)
 
 
 def quantize(w: np.ndarray, spec: QuantSpec, axis: int = 0) -> QuantizedTensor:
@@ -201,29 +204,27 @@ def quantize(w: np.ndarray, spec: QuantSpec, axis: int = 0) -> QuantizedTensor:
     block = spec.block_for(k)
     dtype = np.dtype(spec.scale_dtype)
     wb = _blocked(w, block)
-    ratios = _CLIP_RATIOS if spec.clip_search else _CLIP_RATIOS[:1]
-    best = None
     extent = _block_range(wb, spec.symmetric)
-    for ratio in ratios:
-        scale, zp = _scales_for(wb, spec.bits, spec.symmetric, ratio, dtype, extent)
-        codes = _codes_for(wb, scale, zp, spec.bits)
-        if len(ratios) == 1:
-            best = (scale, zp, codes)
-            break
-        offset = (1 << (spec.bits - 1)) if zp is None else zp[:, None, :]
-        err = (((codes - offset) * scale[:, None, :] - wb) ** 2).sum(axis=1)
-        if best is None:
-            best, best_err = (scale, zp, codes), err
-            continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        b_scale, b_zp, b_codes = best
-        best = (
-            np.where(better, scale, b_scale),
-            None if zp is None else np.where(better, zp, b_zp),
-            np.where(better[:, None, :], codes, b_codes),
-        )
-    scale, zp, codes = best
+    ratio = _CLIP_RATIOS[0]
+    if spec.clip_search:
+        # each block's clipping ratio of least squared error; its grid is then made once
+        best_err, ratio = None, np.full(extent[0].shape, _CLIP_RATIOS[0])
+        for r in _CLIP_RATIOS:
+            scale, zp = _scales_for(wb, spec.bits, spec.symmetric, r, dtype, extent)
+            offset = (1 << (spec.bits - 1)) if zp is None else zp[:, None, :]
+            delta = _codes_for(wb, scale, zp, spec.bits)  # then, in place: (code - offset)·scale − w, squared
+            delta -= offset
+            delta *= scale[:, None, :]
+            delta -= wb
+            err = np.einsum("ijk,ijk->ik", delta, delta)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            ratio[better] = r
+    scale, zp = _scales_for(wb, spec.bits, spec.symmetric, ratio, dtype, extent)
+    codes = _codes_for(wb, scale, zp, spec.bits)
     codes = codes.reshape(-1, n)[:k].astype(np.uint8)
     return QuantizedTensor(
         codes=codes,
