@@ -127,9 +127,10 @@ class Allocate(Pass):
         cfg = with_fields(ctx.config.allocate, self.params)
         if not cfg.active:
             raise LrqError("allocate needs a goal: --target-bpw, --target-size, --min-cosine or --max-kl")
-        tols = [t for t in ctx.analysis("tolerance", allocate=cfg) if len(t.candidates) > 1]
+        # a layer with no candidate but keep stays in: the goal counts it at its float size
+        tols = list(ctx.analysis("tolerance", allocate=cfg))
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
-        if not tols:
+        if not any(len(t.candidates) > 1 for t in tols):
             ctx.plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
                          for layer in layers}
             return PassResult(modified=False)

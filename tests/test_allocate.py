@@ -55,6 +55,19 @@ def test_quality_mode_fits_the_budget_and_lowers_what_it_chose(tmp_path):
     assert run(tmp_path, target_bpw=6).report["allocation"]["predicted"] < alloc["predicted"]
 
 
+def test_a_layer_without_candidates_counts_at_its_float_size(tmp_path):
+    """--families qlr on a model whose square 64x64 layer has no Q + L·R candidate: the budget
+    over the selected layers still holds, with that layer kept at 32 bits (a lower goal is refused)."""
+    cfg = OptimizeConfig(calib=mlp_calib(tmp_path, samples=1024, k=512),
+                         allocate=AllocateConfig(target_bpw=8.0, families=("qlr",)))
+    result = lrqgraph.run(builders.mlp_model((512, 1024, 64, 64)), cfg)
+    layers = {e["name"]: e for e in result.report["layers"] if "choice" in e}
+    assert layers["mm2"]["choice"] == "keep" and layers["mm0"]["family"] == "qlr"
+    stored = sum(e["stored_bytes"] * 8 if e["action"] == "rewrite" else e["params"] * 32 for e in layers.values())
+    params = sum(e["params"] for e in layers.values())
+    assert stored <= 8.0 * params and result.report["allocation"]["bpw"] == pytest.approx(stored / params, rel=1e-9)
+
+
 def test_compact_mode_meets_the_goal_by_measurement(tmp_path):
     alloc = run(tmp_path, min_cosine=0.999).report["allocation"]
     assert alloc["mode"] == "compact" and alloc["met"] and alloc["measured"] <= 0.001
