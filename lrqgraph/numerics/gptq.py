@@ -135,7 +135,7 @@ def gptq_quantize(w: np.ndarray, h: "np.ndarray | HessianInfo", spec: QuantSpec,
                            bits=spec.bits, block_size=block)
 
 
-_WIDE_ENTRIES = 1 << 25  # entries of the side-by-side copies per pass (128 MB each in float32)
+_WIDE_ENTRIES = 1 << 25  # entries of the side-by-side copies of W per pass (128 MB in float32)
 
 
 def gptq_quantize_grids(w: np.ndarray, h: "np.ndarray | HessianInfo", specs: list[QuantSpec],
@@ -152,26 +152,28 @@ def gptq_quantize_grids(w: np.ndarray, h: "np.ndarray | HessianInfo", specs: lis
     info = _checked(h, k)
     w = np.asarray(w, np.float32)
     grids = list(grids) if grids is not None else [quantize(w, spec) for spec in specs]
-    per_pass = max(1, _WIDE_ENTRIES // (k * n))  # a few wide float32 arrays of this size live at once
+    per_pass = max(1, _WIDE_ENTRIES // (k * n))  # the wide working copy stays below this
     if len(grids) > per_pass:
         return [q for i in range(0, len(grids), per_pass)
                 for q in gptq_quantize_grids(w, info, specs[i:i + per_pass], grids[i:i + per_pass], batch)]
     order, u = info.act_order()
-    # per entry, in visiting order: each grid's scale, zero offset and largest code
-    scale = np.concatenate([q._per_entry(q.scales.astype(np.float32)) for q in grids], axis=1)[order]
-    offset = np.concatenate([q._per_entry(q.zero_point_array().astype(np.float32)) for q in grids], axis=1)[order]
+    per_grid = [(q.scales.astype(np.float32), q.zero_point_array().astype(np.float32), order // q.block_size)
+                for q in grids]
     top = np.repeat(np.array([(1 << q.bits) - 1 for q in grids], np.float32), n)
     work = np.tile(w[order], (1, len(grids)))
     codes = np.empty(work.shape, np.uint8)
     for start in range(0, k, batch):
         stop = min(start + batch, k)
+        # each visited row's scale and zero offset on every grid (its block's, side by side)
+        scale = np.concatenate([sc[blocks[start:stop]] for sc, _, blocks in per_grid], axis=1)
+        offset = np.concatenate([zp[blocks[start:stop]] for _, zp, blocks in per_grid], axis=1)
         rows = work[start:stop]  # a view: in-batch feedback updates work in place
         errors = np.empty_like(rows)
         for i in range(stop - start):
             row = start + i
-            code = np.clip(np.rint(rows[i] / scale[row]) + offset[row], 0, top)
+            code = np.clip(np.rint(rows[i] / scale[i]) + offset[i], 0, top)
             codes[row] = code
-            err = (rows[i] - (code - offset[row]) * scale[row]) / u[row, row]
+            err = (rows[i] - (code - offset[i]) * scale[i]) / u[row, row]
             rows[i + 1:] -= np.outer(u[row, row + 1:stop], err)
             errors[i] = err
         work[stop:] -= u[start:stop, stop:].T @ errors
