@@ -27,6 +27,7 @@ class Layer:
     source: WeightSource | None = None
     rewrite: bool = False
     reason: str = ""
+    writes_output: bool = False     # one of its nodes writes a graph output (lm_head, classifier)
 
     @property
     def matmuls(self) -> list[gs.Node]:

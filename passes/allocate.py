@@ -2,8 +2,9 @@
 
 Modes (AllocateConfig):
   - quality: the least predicted degradation whose storage fits ``target_bpw`` bits per weight
-    over the selected layers (kept layers count at their float size) or ``target_size`` bytes for
-    the whole model;
+    over the selected layers (kept layers count at their float size; output layers and embedding
+    tables take a fixed 8-bit grid outside it unless ``outputs_in_budget``) or ``target_size``
+    bytes for the whole model;
   - compact: the smallest storage whose predicted degradation is within ``min_cosine`` (1 − mean
     cosine of the first output) or ``max_kl`` (logits).
 Both are a multiple-choice knapsack (lrqgraph.numerics.allocation). The choice is then measured
@@ -43,7 +44,7 @@ class AllocationSummary:
     mode: str
     metric: str
     goal: dict
-    bpw: float                  # over the selected layers, every stored bit counted
+    bpw: float                  # over the budgeted layers (tables and output layers only when they join), every stored bit counted
     predicted: float
     measured: float
     joint_measured: float       # the joint knapsack's choice, out of sample (before the final refit)
@@ -59,11 +60,18 @@ class AllocationSummary:
                                 # own allocation at the same goal (measured), for the joint-vs-alone comparison
 
 
+def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
+    """(parameters the bits per weight are over, bits of the layers outside the budget at their
+    fixed grid: output layers and tables under --target-bpw, see AllocateConfig.outputs_in_budget)."""
+    return (sum(t.layer.params for t in tols if t.budgeted),
+            sum(t.candidates[0].bits for t in tols if not t.budgeted))
+
+
 def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
     """('budget', bits) or ('loss', max predicted degradation)."""
-    params = sum(t.layer.params for t in tols)
+    params, fixed = budgeted_params(tols)
     if cfg.target_bpw is not None:
-        return "budget", cfg.target_bpw * params
+        return "budget", cfg.target_bpw * params + fixed
     if cfg.target_size is not None:
         selected_bytes = sum(t.candidates[-1].bits for t in tols) / 8  # their float storage today
         other = ctx.model.constant_bytes() - selected_bytes
@@ -130,6 +138,10 @@ class Allocate(Pass):
         # a layer with no candidate but keep stays in: the goal counts it at its float size
         tols = list(ctx.analysis("tolerance", allocate=cfg))
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
+        params, fixed = budgeted_params(tols)
+        if tols and not params:
+            raise LrqError("every selected layer is an output layer or embedding table, which --target-bpw keeps "
+                           "at 8 bits outside its budget; give --target-size, or --outputs-in-budget")
         if not any(len(t.candidates) > 1 for t in tols):
             ctx.plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
                          for layer in layers}
@@ -137,13 +149,15 @@ class Allocate(Pass):
         meter = ctx.analysis("degradation", allocate=cfg)
         costs = [np.array([c.bits for c in t.candidates], np.float64) for t in tols]
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
-        params = sum(t.layer.params for t in tols)
+
+        def per_weight(cost: float) -> float:
+            return (cost - fixed) / params
         kind, target = _goal(ctx, cfg, tols)
         found = _solve(kind, target, costs, losses)
         if kind == "budget":
             if found is None:
-                cheapest = sum(c.min() for c in costs) / params
-                raise LrqError(f"the goal leaves {target / params:.3f} bits per weight for the selected layers, below "
+                cheapest = per_weight(sum(c.min() for c in costs))
+                raise LrqError(f"the goal leaves {per_weight(target):.3f} bits per weight for the selected layers, below "
                                f"the cheapest choice "
                                f"({cheapest:.3f} bits per weight over the selected layers); raise the target")
         elif found is None:  # unreachable: keeping every layer predicts zero loss
@@ -166,7 +180,7 @@ class Allocate(Pass):
                 picks = [int(i) for i in alone.choice]
                 got = _measure(meter, tols, picks)
                 log.info("allocate: %s alone measures %s %.4g", family, meter.metric, got)
-                entry["alone"] = {"bpw": alone.cost / params, "predicted": alone.loss, "measured": got}
+                entry["alone"] = {"bpw": per_weight(alone.cost), "predicted": alone.loss, "measured": got}
                 # a budget: the joint choice stands unless one family alone measures better
                 # (predictions of small one-layer effects add up with noise)
                 if kind == "budget" and got < measured:
@@ -174,9 +188,9 @@ class Allocate(Pass):
             families[family] = entry
         for family, entry in families.items():
             entry["layers"] = sum(t.candidates[c].family == family for t, c in zip(tols, choice))
-            entry["frontier"] = [(cost / params, loss) for cost, loss in frontier(*_restricted(tols, family))]
+            entry["frontier"] = [(per_weight(cost), loss) for cost, loss in frontier(*_restricted(tols, family))]
         held_out = measured
-        uniform = _uniform(meter, tols, params)
+        uniform = _uniform(meter, tols, per_weight)
         hessians = ctx.analysis("hessians")
         if hessians:  # the chosen candidates again from all calibration samples, then polished
             for t, c in progress(list(zip(tols, choice)), "refit"):
@@ -187,7 +201,7 @@ class Allocate(Pass):
             log.warning("allocate: measured degradation %.4g still misses the goal %.4g after %d repairs",
                         measured, target, repairs)
         self._apply(ctx, tols, choice)
-        self._report(ctx, cfg, tols, choice, costs, params, kind, target, (measured, joint, held_out), repairs, met,
+        self._report(ctx, cfg, tols, choice, costs, per_weight, kind, target, (measured, joint, held_out), repairs, met,
                      meter, families, uniform)
         return PassResult(modified=False, preserved=None)
 
@@ -211,7 +225,7 @@ class Allocate(Pass):
         ctx.plans = plans
 
     @staticmethod
-    def _report(ctx, cfg, tols, choice, costs, params, kind, target, measured, repairs, met, meter, families,
+    def _report(ctx, cfg, tols, choice, costs, per_weight, kind, target, measured, repairs, met, meter, families,
                 uniform):
         measured, joint, held_out = measured
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
@@ -221,20 +235,20 @@ class Allocate(Pass):
             mode=cfg.mode, metric=metric, goal={k: v for k, v in dataclasses.asdict(cfg).items()
                                                 if k in ("target_bpw", "target_size", "min_cosine", "max_kl",
                                                          "max_metric") and v is not None},
-            bpw=sum(t.candidates[c].bits for t, c in zip(tols, choice)) / params,
+            bpw=per_weight(sum(t.candidates[c].bits for t, c in zip(tols, choice))),
             predicted=float(sum(t.candidates[c].predicted for t, c in zip(tols, choice))),
             measured=measured, joint_measured=joint, held_out=held_out, target_loss=target if kind == "loss" else None, met=met,
             repairs=repairs,
             spearman=spearman([c[1] for c in checks], [c[2] for c in checks]) if len(checks) > 2 else None,
             spearman_by_family=_spearman_by_family(tols),
-            frontier=[(cost / params, loss) for cost, loss in frontier(costs, losses)], uniform=uniform,
+            frontier=[(per_weight(cost), loss) for cost, loss in frontier(costs, losses)], uniform=uniform,
             families=families)
         log.info("allocate: %.3f bits per weight, predicted %s %.4g, measured %.4g%s; families %s",
                  ctx.allocation.bpw, metric, ctx.allocation.predicted, measured, "" if met else " (goal missed)",
                  ", ".join(f"{f} {v['layers']}" for f, v in families.items()))
 
 
-def _uniform(meter, tols: list[LayerTolerance], params: int) -> list[dict]:
+def _uniform(meter, tols: list[LayerTolerance], per_weight) -> list[dict]:
     """Each symmetric dense grid on every layer, measured: the baselines of the quality-vs-size
     curve, out of sample like the choice. GPTQ and data-free RTN candidates of a grid are the same
     grid; a layer without it (a table has no 2-bit grid) takes its nearest one with at least as
@@ -254,7 +268,7 @@ def _uniform(meter, tols: list[LayerTolerance], params: int) -> list[dict]:
     for bits, block in sorted(grids):
         picks = [nearest(t, bits, block) for t in tols]
         cost = sum(t.candidates[j].bits for t, j in zip(tols, picks))
-        out.append({"label": f"{bits}b g{block}", "bpw": cost / params, "measured": _measure(meter, tols, picks)})
+        out.append({"label": f"{bits}b g{block}", "bpw": per_weight(cost), "measured": _measure(meter, tols, picks)})
         log.info("allocate: uniform %db g%d measures %s %.4g", bits, block, meter.metric, out[-1]["measured"])
     return out
 

@@ -74,6 +74,7 @@ class LayerTolerance:
     estimated: bool = False                     # not measured: the sensitivity of its role at its depth
     # other families' check candidates on a sample of layers: family -> (label, predicted, measured)
     family_checks: dict[str, tuple[str, float, float]] = field(default_factory=dict)
+    budgeted: bool = True  # False: an output layer or table at its fixed 8-bit grid, outside the bpw goal
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -120,9 +121,10 @@ def candidate_label(rep: Representation) -> str:
 
 
 def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: MethodConfig,
-                   h: np.ndarray | None, lowering: str) -> list[Candidate]:
+                   h: np.ndarray | None, lowering: str, keep: bool = True) -> list[Candidate]:
     """Every menu entry the lowering runs for this layer (cheapest first), then keeping the float
-    weight. Methods with ``warm_start`` (Q + L·R) start from the dense candidate of their Q grid."""
+    weight (without ``keep``: only the cheapest entry, keeping when none runs). Methods with
+    ``warm_start`` (Q + L·R) start from the dense candidate of their Q grid."""
     w = layer.weight_matrix()
     float_bits = layer.stored_bits
     info = HessianInfo.of(h)  # factorized once for every candidate
@@ -155,8 +157,15 @@ def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: Metho
         out.append(Candidate(label, rep, rep.storage_bits(), error, family=METHODS[method].family_of(fields),
                              settings=(method, fields)))
     out.sort(key=lambda c: (c.bits, c.error))
+    if not keep and out:
+        return out[:1]
     out.append(Candidate("keep", None, float_bits, 0.0, predicted=0.0))
     return out
+
+
+# an output layer's or table's grid outside a --target-bpw budget (AllocateConfig.outputs_in_budget):
+# the cheapest of these the layer's shape and lowering take
+GUARD_MENU = [("gptq", {"bits": 8, "block_size": block, "symmetric": True, "sweeps": 0}) for block in (128, 64, 32)]
 
 
 def table_menu(menu: list[tuple[str, dict]], dim: int) -> list[tuple[str, dict]]:
@@ -223,8 +232,10 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     probed = set(probed)
     for index, layer in enumerate(progress(layers, "tolerance")):
         method_cfg = config.factorize.for_layer(layer.name, layer.weight)
-        cands = candidates_for(layer, menu, method_cfg, hessians.get(layer.weight), config.lowering)
-        tol = LayerTolerance(layer, cands)
+        guarded = not cfg.outputs_join and (bool(layer.gathers) or layer.writes_output)
+        cands = candidates_for(layer, GUARD_MENU if guarded else menu, method_cfg, hessians.get(layer.weight),
+                               config.lowering, keep=not guarded)
+        tol = LayerTolerance(layer, cands, budgeted=not guarded)
         lossy = [c for c in cands if c.rep is not None]
         if lossy and index in probed:
             # the probe: the cheapest dense grid (other families' cheapest can be far off the quadratic regime)

@@ -69,18 +69,26 @@ def tied_weight_model(dim: int = 64) -> onnx.ModelProto:
     return model(nodes, [io("ids", ["b"], TensorProto.INT64)], [io("y", ["b", dim])], {"E": weight(dim, dim)})
 
 
-def tied_lm_head_model(vocab: int = 96, dim: int = 64, gemm: bool = False, dtype=np.float32) -> onnx.ModelProto:
-    """ids -> Gather(E) -> Tanh -> lm_head reading the same E[vocab, dim] as Eᵀ (MatMul through a
-    Transpose as torch's exporter writes it, or Gemm transB=1) -> logits: a decoder's tied embedding."""
+def tied_lm_head_model(vocab: int = 96, dim: int = 64, gemm: bool = False, dtype=np.float32,
+                       hidden: int = 0) -> onnx.ModelProto:
+    """ids -> Gather(E) -> Tanh -> ``hidden`` x (MatMul dim x dim -> Tanh) -> lm_head reading the
+    same E[vocab, dim] as Eᵀ (MatMul through a Transpose as torch's exporter writes it, or Gemm
+    transB=1) -> logits: a decoder's tied embedding."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    head = ([helper.make_node("Gemm", ["h", "E"], ["logits"], name="lm_head", transB=1)] if gemm else
+    last = f"h{hidden}"
+    head = ([helper.make_node("Gemm", [last, "E"], ["logits"], name="lm_head", transB=1)] if gemm else
             [helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
-             helper.make_node("MatMul", ["h", "Et"], ["logits"], name="lm_head")])
+             helper.make_node("MatMul", [last, "Et"], ["logits"], name="lm_head")])
     nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
-             helper.make_node("Tanh", ["e"], ["h"], name="tanh"), *head]
-    table = (weight(vocab, dim) * 0.5).astype(dtype)
+             helper.make_node("Tanh", ["e"], ["h0"], name="tanh")]
+    inits = {"E": (weight(vocab, dim) * 0.5).astype(dtype)}
+    rng = np.random.default_rng(1)
+    for i in range(hidden):
+        inits[f"W{i}"] = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(dtype)
+        nodes += [helper.make_node("MatMul", [f"h{i}", f"W{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"], name=f"tanh{i}")]
     ids = ["b"] if gemm else ["b", "s"]
-    return model(nodes, [io("ids", ids, TensorProto.INT64)], [io("logits", ids + [vocab], elem)], {"E": table})
+    return model(nodes + head, [io("ids", ids, TensorProto.INT64)], [io("logits", ids + [vocab], elem)], inits)
 
 
 def activation_matmul_model(k: int = 32) -> onnx.ModelProto:

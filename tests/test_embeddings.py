@@ -114,3 +114,29 @@ def test_target_size_reaches_budgets_that_need_the_table_compressed():
     total = sum(len(t.raw_data) for t in out.graph.initializer)
     assert result.rewritten == 1 and total <= table_bytes // 4
     assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in out.graph.node}
+
+
+def _allocated(model, **goal):
+    result = lrqgraph.api.run(model, OptimizeConfig(select=SelectConfig(min_params=16), allocate=AllocateConfig(**goal)))
+    return result, {e["name"]: e for e in result.report["layers"]}
+
+
+def test_target_bpw_puts_the_tied_table_at_8_bits_outside_its_budget():
+    model = builders.tied_lm_head_model(vocab=512, dim=64, hidden=2)
+    result, entries = _allocated(model, target_bpw=3)
+    assert entries["embed"]["bits"] == 8  # the safe grid, whatever the budget
+    hidden = [entries[f"mm{i}"] for i in range(2)]
+    assert all(e["action"] == "rewrite" for e in hidden)
+    # the 3 bits per weight are the hidden layers' (the 512 x 64 table alone holds 4x their weights)
+    assert sum(e["stored_bytes"] for e in hidden) * 8 <= 3 * 2 * 64 * 64
+    assert result.report["allocation"]["bpw"] <= 3
+    # competing for the same 4.5 bits per weight, the table cannot stay at 8 bits
+    result, entries = _allocated(model, target_bpw=4.5, outputs_in_budget=True)
+    assert entries["embed"]["bits"] == 4
+    total = sum(entries[n]["stored_bytes"] for n in ("embed", "mm0", "mm1")) * 8
+    assert total <= 4.5 * (512 * 64 + 2 * 64 * 64)
+
+
+def test_target_bpw_on_output_layers_alone_says_how_to_reach_them():
+    with pytest.raises(lrqgraph.LrqError, match="--target-size, or --outputs-in-budget"):
+        _allocated(builders.tied_lm_head_model(vocab=512, dim=64), target_bpw=4)
