@@ -115,6 +115,28 @@ def _detach_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, np.
     return values
 
 
+def _detach_transposes(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> dict[str, str]:
+    """Transposes of detached 2-D inputs (a tied lm_head reading the embedding table as Eᵀ) become
+    inputs of their own, fed the transposed array: onnxruntime would otherwise transpose the table on
+    every run. In place; returns {transposed input: the input it is the transpose of}."""
+    graph = model.graph
+    aliases: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Transpose" and node.input else None
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if source in values and values[source].ndim == 2 and perm == [1, 0]:
+            aliases[node.output[0]] = source
+            values[node.output[0]] = np.ascontiguousarray(values[source].T)
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                node.output[0], onnx.helper.np_dtype_to_tensor_dtype(values[source].dtype), values[source].shape[::-1]))
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return aliases
+
+
 def _zeros(value: onnx.ValueInfoProto) -> np.ndarray:
     """A placeholder feed for an input constants do not depend on (shape dims of 1)."""
     t = value.type.tensor_type
@@ -136,6 +158,7 @@ class Degradation:
         graph_model = onnx.ModelProto()
         graph_model.CopyFrom(model)
         self.weights = _detach_constants(graph_model, list(weights))
+        self.aliases = _detach_transposes(graph_model, self.weights)
         self.session = open_session(graph_model)
         self.output = self.session.get_outputs()[0].name
         self.reference = self._outputs({})
@@ -146,7 +169,9 @@ class Degradation:
     def _outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
         """Every batch's outputs (only the first output unless a custom metric reads them all:
         a decoder's logits for every output would multiply the memory)."""
-        weights = {**self.weights, **{k: v.astype(self.weights[k].dtype) for k, v in replaced.items()}}
+        weights = {**self.weights, **{k: v.astype(self.weights[k].dtype, copy=False) for k, v in replaced.items()}}
+        weights.update({alias: np.ascontiguousarray(weights[source].T) for alias, source in self.aliases.items()
+                        if source in replaced})
         names = None if self.custom is not None else [self.output]
         return [self.session.run(names, {**feed, **weights}) for feed in self.batches]
 

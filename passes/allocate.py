@@ -104,10 +104,25 @@ def _refit(ctx: Context, t: LayerTolerance, c: int, h: np.ndarray | None, sweeps
     cand.rep, cand.error, cand.polished = rep, activation_error(w, rep.dequantize(), h), True
 
 
-def _measure(meter, tols: list[LayerTolerance], choice: list[int]) -> float:
-    replaced = {t.layer.weight: stored_layout(t.layer, t.candidates[c].rep)
-                for t, c in zip(tols, choice) if t.candidates[c].rep is not None}
-    return max(meter.measure(replaced), 0.0)
+class _Measurer:
+    """Measures a choice (one candidate index per layer) end to end. The dense layouts of the
+    previous choice are kept: successive choices (joint, each family alone, uniform grids) share
+    most layers, and dequantizing a 262144-word table costs seconds."""
+
+    def __init__(self, meter):
+        self.meter, self.metric = meter, meter.metric
+        self._layouts: dict[int, tuple] = {}  # id(rep) -> (rep, layout); the rep held so its id stays its own
+
+    def __call__(self, tols: list[LayerTolerance], choice: list[int]) -> float:
+        layouts, replaced = {}, {}
+        for t, c in zip(tols, choice):
+            rep = t.candidates[c].rep
+            if rep is None:
+                continue
+            layouts[id(rep)] = self._layouts.get(id(rep)) or (rep, stored_layout(t.layer, rep))
+            replaced[t.layer.weight] = layouts[id(rep)][1]
+        self._layouts = layouts
+        return max(self.meter.measure(replaced), 0.0)
 
 
 def _upgrade(tols: list[LayerTolerance], choice: list[int]) -> bool:
@@ -146,7 +161,7 @@ class Allocate(Pass):
             ctx.plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
                          for layer in layers}
             return PassResult(modified=False)
-        meter = ctx.analysis("degradation", allocate=cfg)
+        measure = _Measurer(ctx.analysis("degradation", allocate=cfg))
         costs = [np.array([c.bits for c in t.candidates], np.float64) for t in tols]
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
 
@@ -164,13 +179,13 @@ class Allocate(Pass):
             raise LrqError("no choice of representations meets the quality goal")
         choice = [int(i) for i in found.choice]
         # candidates were fitted without the measured samples: every comparison below is out of sample
-        measured = _measure(meter, tols, choice)
-        log.info("allocate: the joint choice measures %s %.4g (predicted %.4g)", meter.metric, measured, found.loss)
+        measured = measure(tols, choice)
+        log.info("allocate: the joint choice measures %s %.4g (predicted %.4g)", measure.metric, measured, found.loss)
         repairs = 0
         if kind == "loss":
             while measured > target and repairs < cfg.repair_steps and _upgrade(tols, choice):
                 repairs += 1
-                measured = _measure(meter, tols, choice)
+                measured = measure(tols, choice)
         families = {}  # each family alone at the same goal, measured: the comparison the report shows
         joint = measured
         for family in dict.fromkeys(c.family for t in tols for c in t.candidates if c.rep is not None):
@@ -178,8 +193,8 @@ class Allocate(Pass):
             entry = {"alone": None}
             if alone is not None:
                 picks = [int(i) for i in alone.choice]
-                got = _measure(meter, tols, picks)
-                log.info("allocate: %s alone measures %s %.4g", family, meter.metric, got)
+                got = measure(tols, picks)
+                log.info("allocate: %s alone measures %s %.4g", family, measure.metric, got)
                 entry["alone"] = {"bpw": per_weight(alone.cost), "predicted": alone.loss, "measured": got}
                 # a budget: the joint choice stands unless one family alone measures better
                 # (predictions of small one-layer effects add up with noise)
@@ -190,19 +205,19 @@ class Allocate(Pass):
             entry["layers"] = sum(t.candidates[c].family == family for t, c in zip(tols, choice))
             entry["frontier"] = [(per_weight(cost), loss) for cost, loss in frontier(*_restricted(tols, family))]
         held_out = measured
-        uniform = _uniform(meter, tols, per_weight)
+        uniform = _uniform(measure, tols, per_weight)
         hessians = ctx.analysis("hessians")
         if hessians:  # the chosen candidates again from all calibration samples, then polished
             for t, c in progress(list(zip(tols, choice)), "refit"):
                 _refit(ctx, t, c, hessians.get(t.layer.weight), cfg.polish_sweeps)
-            measured = _measure(meter, tols, choice)
+            measured = measure(tols, choice)
         met = measured <= target if kind == "loss" else True
         if not met:
             log.warning("allocate: measured degradation %.4g still misses the goal %.4g after %d repairs",
                         measured, target, repairs)
         self._apply(ctx, tols, choice)
         self._report(ctx, cfg, tols, choice, costs, per_weight, kind, target, (measured, joint, held_out), repairs, met,
-                     meter, families, uniform)
+                     measure, families, uniform)
         return PassResult(modified=False, preserved=None)
 
     @staticmethod
@@ -225,11 +240,11 @@ class Allocate(Pass):
         ctx.plans = plans
 
     @staticmethod
-    def _report(ctx, cfg, tols, choice, costs, per_weight, kind, target, measured, repairs, met, meter, families,
+    def _report(ctx, cfg, tols, choice, costs, per_weight, kind, target, measured, repairs, met, measure, families,
                 uniform):
         measured, joint, held_out = measured
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
-        metric = meter.metric
+        metric = measure.metric
         checks = [t.check for t in tols if t.check is not None]
         ctx.allocation = AllocationSummary(
             mode=cfg.mode, metric=metric, goal={k: v for k, v in dataclasses.asdict(cfg).items()
@@ -248,7 +263,7 @@ class Allocate(Pass):
                  ", ".join(f"{f} {v['layers']}" for f, v in families.items()))
 
 
-def _uniform(meter, tols: list[LayerTolerance], per_weight) -> list[dict]:
+def _uniform(measure, tols: list[LayerTolerance], per_weight) -> list[dict]:
     """Each symmetric dense grid on every layer, measured: the baselines of the quality-vs-size
     curve, out of sample like the choice. GPTQ and data-free RTN candidates of a grid are the same
     grid; a layer without it (a table has no 2-bit grid) takes its nearest one with at least as
@@ -268,8 +283,8 @@ def _uniform(meter, tols: list[LayerTolerance], per_weight) -> list[dict]:
     for bits, block in sorted(grids):
         picks = [nearest(t, bits, block) for t in tols]
         cost = sum(t.candidates[j].bits for t, j in zip(tols, picks))
-        out.append({"label": f"{bits}b g{block}", "bpw": per_weight(cost), "measured": _measure(meter, tols, picks)})
-        log.info("allocate: uniform %db g%d measures %s %.4g", bits, block, meter.metric, out[-1]["measured"])
+        out.append({"label": f"{bits}b g{block}", "bpw": per_weight(cost), "measured": measure(tols, picks)})
+        log.info("allocate: uniform %db g%d measures %s %.4g", bits, block, measure.metric, out[-1]["measured"])
     return out
 
 

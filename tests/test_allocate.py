@@ -319,3 +319,23 @@ def test_budget_goals_measure_kl_on_logits_and_cosine_elsewhere():
         AllocateConfig(min_cosine=0.99, measure="kl")
     with pytest.raises(lrqgraph.LrqError, match="cosine or kl"):
         AllocateConfig(target_bpw=4, measure="mse")
+
+
+def test_degradation_feeds_a_tied_lm_head_its_transposed_table():
+    """The lm_head's Transpose of the table becomes an input of its own; a replaced table reaches
+    both readers, and the measurement equals a session built with the replaced table as a constant."""
+    from onnx import numpy_helper
+
+    from lrqgraph.evaluate import Degradation, kl_divergence, open_session
+    model = builders.tied_lm_head_model(vocab=96, dim=32, hidden=1)
+    ids = {"ids": np.random.default_rng(0).integers(0, 96, (2, 5)).astype(np.int64)}
+    meter = Degradation(model, ["E", "W0"], [ids], metric="kl")
+    assert meter.aliases == {"Et": "E"}
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    changed = table + np.random.default_rng(1).normal(0, 0.05, table.shape).astype(np.float32)
+    edited = model.__class__()
+    edited.CopyFrom(model)
+    edited.graph.initializer[0].CopyFrom(numpy_helper.from_array(changed, "E"))
+    expected = kl_divergence(open_session(model).run(None, ids)[0], open_session(edited).run(None, ids)[0])
+    assert meter.measure({"E": changed}) == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-4 and meter.measure({}) == pytest.approx(0, abs=1e-9)
