@@ -60,7 +60,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    help="only rewrite layers whose node or weight name matches (repeatable)")
     s.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="never rewrite layers whose node or weight name matches (repeatable)")
-    s.add_argument("--op-types", default="MatMul,Gemm", help="op types to rewrite (default MatMul,Gemm)")
+    s.add_argument("--op-types", default="MatMul,Gemm,Conv", help="op types to rewrite (default MatMul,Gemm,Conv)")
     s.add_argument("--min-params", type=int, default=SelectConfig.min_params,
                    help=f"skip weights with fewer parameters (default {SelectConfig.min_params})")
     s.add_argument("--output-layers", action=argparse.BooleanOptionalAction, default=None,

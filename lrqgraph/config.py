@@ -14,7 +14,7 @@ from .methods import LOWERINGS, METHODS, GPTQConfig, MethodConfig, get_method, m
 class SelectConfig:
     """Which layers are candidates for rewriting."""
 
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     include: tuple[str, ...] = ()       # regexes on node or weight names; empty = all
     exclude: tuple[str, ...] = ()       # regexes on node or weight names
     min_params: int = 4096              # smaller weights are not worth a rewrite

@@ -2,8 +2,9 @@
 
 The model is run in onnxruntime with the layers' input tensors exposed as extra outputs; each
 batch's activations are folded into the running sums right away, so only H (K×K per layer) is
-kept, never the activations. Features are the last axis, except for 4-D (NCHW) inputs of
-convolutions, whose channels are the features and whose pixels are the rows. Rows where the mask
+kept, never the activations. Features are the last axis; a convolution's rows are its input
+patches (C·kh·kw features, numerics.patches); other 4-D (NCHW) inputs have channels as features
+and pixels as rows. Rows where the mask
 input is 0 (padding tokens) are left out. Nothing is written beside the user's model: the session
 is built from memory (or, for models past protobuf's limit, from a private temporary folder).
 """
@@ -17,6 +18,7 @@ import onnx
 
 from .evaluate import open_session
 from .io import load_model
+from .numerics.patches import ConvPatches
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -41,24 +43,41 @@ def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[st
 
 def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
                           parts: list[Iterable[dict[str, np.ndarray]]],
-                          mask_input: str | None = None) -> list[dict[str, np.ndarray]]:
+                          mask_input: str | None = None,
+                          patches: dict[str, ConvPatches] | None = None) -> list[dict[str, np.ndarray]]:
     """:func:`collect_hessians` for each part of the batches, from one session and one pass (the
-    allocator's held-out statistics); every part holds at least one batch."""
+    allocator's held-out statistics); every part holds at least one batch. ``patches`` gives the
+    geometry of convolution weights: their H is over input patches (one image at a time)."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     names = sorted(set(inputs.values()))
+    patches = patches or {}
+    keys = {weight: (tensor, patches.get(weight)) for weight, tensor in inputs.items()}
     sess = open_session(with_outputs(proto, names))
     out = []
     for batches in parts:
-        sums: dict[str, np.ndarray] = {}
+        sums: dict[tuple, np.ndarray] = {}
         for feed in batches:
             acts = dict(zip(names, sess.run(names, feed)))
             keep = None if mask_input is None else feed[mask_input].reshape(-1).astype(bool)
-            for tensor, x in acts.items():
-                if x.ndim == 4:  # NCHW: pixels are samples of a C-dimensional input
-                    x = x.transpose(0, 2, 3, 1)
-                rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                if keep is not None and len(keep) == len(rows):
-                    rows = rows[keep]
-                sums[tensor] = sums.get(tensor, 0) + rows.T @ rows
-        out.append({weight: sums[tensor] for weight, tensor in inputs.items()})
+            for key in dict.fromkeys(keys.values()):
+                tensor, geometry = key
+                sums[key] = sums.get(key, 0) + _products(acts[tensor], geometry, keep)
+        out.append({weight: sums[key] for weight, key in keys.items()})
     return out
+
+
+def _products(x: np.ndarray, geometry: ConvPatches | None, keep: np.ndarray | None) -> np.ndarray:
+    """Σ rowsᵀ·rows of one batch's activations: patches of a convolution's input, pixels of
+    another 4-D (NCHW) input (samples of a C-dimensional input), else rows of the last axis."""
+    if geometry is not None:
+        total = 0
+        for image in x:  # one image's patches at a time: never every patch of the batch at once
+            rows = geometry.rows(image[None].astype(np.float64))
+            total = total + rows.T @ rows
+        return total
+    if x.ndim == 4:
+        x = x.transpose(0, 2, 3, 1)
+    rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    if keep is not None and len(keep) == len(rows):
+        rows = rows[keep]
+    return rows.T @ rows

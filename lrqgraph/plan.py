@@ -28,6 +28,7 @@ class Layer:
     rewrite: bool = False
     reason: str = ""
     writes_output: bool = False     # one of its nodes writes a graph output (lm_head, classifier)
+    kernel: tuple[int, ...] = ()    # a Conv's weight shape (C_out, C_in, kh, kw); W = its [C_out, C_in·kh·kw] reshape, transposed
 
     @property
     def matmuls(self) -> list[gs.Node]:
@@ -50,8 +51,16 @@ class Layer:
         return self.source.stored_bits if self.source is not None else 0
 
     def weight_matrix(self) -> np.ndarray:
-        """W[K, N] as float32, whatever the stored layout."""
+        """W[K, N] as float32, whatever the stored layout (a Conv's: K = C_in·kh·kw, N = C_out)."""
         w = np.asarray(self.source.values, dtype=np.float32)
+        if self.kernel:
+            return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+        return np.ascontiguousarray(w.T) if self.transposed else w
+
+    def stored_layout(self, w: np.ndarray) -> np.ndarray:
+        """W[K, N] back in the layout the model stores the weight (the inverse of weight_matrix)."""
+        if self.kernel:
+            return np.ascontiguousarray(w.T).reshape(self.kernel)
         return np.ascontiguousarray(w.T) if self.transposed else w
 
 

@@ -20,6 +20,7 @@ import onnx
 import lrqgraph.calib as calib
 from lrqgraph.hessian import collect_hessian_parts
 from lrqgraph.io import cache_dir
+from lrqgraph.numerics.patches import ConvPatches
 from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, register_pass
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,10 @@ def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[di
     # an embedding table alone has no input statistics (its rows are read, not multiplied)
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite and layer.matmuls]
     inputs = {layer.weight: layer.matmuls[0].inputs[0].name for layer in layers}
-    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}".encode())
+    patches = {layer.weight: ConvPatches.of(layer.matmuls[0].attrs, layer.kernel[2:]) for layer in layers
+               if layer.kernel}
+    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}|{sorted(patches.items())}"
+                            .encode())
     cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
     names = sorted(inputs)
     if cached.exists():
@@ -113,7 +117,7 @@ def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[di
             log.info("calibrate: H for %d layers read from cache %s", len(names), cached)
             return [{name: stored[f"p{p}h{i}"] for i, name in enumerate(names)} for p in range(len(parts))]
     model = ctx.model.to_onnx()
-    hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model))
+    hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model), patches=patches)
     fd, tmp_file = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
     os.close(fd)
     np.savez(tmp_file, **{f"p{p}h{i}": part[name] for p, part in enumerate(hs) for i, name in enumerate(names)})

@@ -1,12 +1,15 @@
 """discover: find the weight-bearing layers a rewrite can compress, and say why others stay.
 
-Rules, in the order they are applied to every MatMul / Gemm of the main graph (and reported for
-the rest; nodes inside If / Loop bodies are not rewritten):
+Rules, in the order they are applied to every MatMul / Gemm / Conv of the main graph (and
+reported for the rest; nodes inside If / Loop bodies are not rewritten):
  1. Nodes already quantized (MatMulNBits, MatMulInteger, QLinearMatMul, weights fed by
     DequantizeLinear) are left alone.
  2. The weight must be a constant 2-D float32/float16 tensor: the second MatMul input, or Gemm's B
     with transA=0 (transB=1 means the stored tensor is Wᵀ). It may be an initializer or a Constant
     node, seen through Identity, 2-D Transpose and float Casts. Activation x activation products stay.
+    A Conv's weight must be a constant 4-D [C_out, C_in, kh, kw] with group 1 (any strides, pads,
+    dilations, auto_pad, bias); its layer is the matrix W[C_in·kh·kw, C_out] of the input patches
+    (depthwise, grouped, 1-D and 3-D convolutions are reported and kept).
  3. Weights with NaN or Inf are refused, by name.
  4. Include / exclude patterns, layers writing a graph output (lm_head, classifiers) and tiny
     weights follow the select config.
@@ -45,7 +48,7 @@ def _producer_op(tensor: gs.Tensor) -> str | None:
 
 
 def _classify(node: gs.Node, graph_outputs: set[str], select) -> tuple[WeightSource | None, bool, str]:
-    """(weight source or None, transposed, reason to skip or '') for one MatMul/Gemm node."""
+    """(weight source or None, transposed, reason to skip or '') for one MatMul/Gemm/Conv node."""
     if len(node.inputs) < 2:
         return None, False, "malformed node (fewer than two inputs)"
     weight = node.inputs[1]
@@ -61,7 +64,15 @@ def _classify(node: gs.Node, graph_outputs: set[str], select) -> tuple[WeightSou
         if node.attrs.get("transA", 0):
             return None, False, "Gemm with transA=1 is not rewritten"
         transposed = bool(node.attrs.get("transB", 0))
-    if values.ndim != 2:
+    if node.op == "Conv":
+        if values.ndim != 4:
+            return source, transposed, (f"Conv weight is {values.ndim}-D; only 2-D convolutions (4-D weights) "
+                                        f"are rewritten")
+        group = int(node.attrs.get("group", 1))
+        if group != 1:
+            kind = "depthwise" if values.shape[1] == 1 else "grouped"
+            return source, transposed, f"{kind} convolution (group={group}) is not rewritten yet"
+    elif values.ndim != 2:
         return source, transposed, f"weight is {values.ndim}-D; only 2-D weights are rewritten"
     if values.dtype not in SUPPORTED_DTYPES or source.stored_dtype not in SUPPORTED_DTYPES:
         return source, transposed, (f"weight dtype {source.stored_dtype} is not supported "
@@ -107,7 +118,11 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
         source, transposed, reason = _classify(node, graph_outputs, select)
         weight = node.inputs[1].name if source is not None else ""
         values = source.values if source is not None else None
-        shape = tuple(values.shape[::-1] if transposed else values.shape) if values is not None else ()
+        kernel = tuple(values.shape) if values is not None and node.op == "Conv" and values.ndim == 4 else ()
+        if kernel:  # the matrix of a convolution: input patches (C_in·kh·kw) x output channels
+            shape = (int(np.prod(kernel[1:])), kernel[0])
+        else:
+            shape = tuple(values.shape[::-1] if transposed else values.shape) if values is not None else ()
         if not reason and select.include and not select.matches(select.include, label, weight):
             reason = "not matched by --include"
         if not reason and select.exclude and select.matches(select.exclude, label, weight):
@@ -122,7 +137,7 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
             continue
         layer = Layer(label, node.op, weight, [node], [label], shape, transposed,
                       str(values.dtype) if values is not None else "", source, rewrite=not reason, reason=reason,
-                      writes_output=any(o.name in graph_outputs for o in node.outputs))
+                      writes_output=any(o.name in graph_outputs for o in node.outputs), kernel=kernel)
         if weight and not reason:
             layers[weight] = layer
         result.append(layer)

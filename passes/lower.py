@@ -22,6 +22,9 @@ Around the rule, per node:
     lookup) reads it with ``com.microsoft::GatherBlockQuantized`` over the bytes MatMulNBits reads,
     so a tied lm_head and its table share one copy in the file; ``std`` gathers rows of
     Transpose(DequantizeLinear(codes)).
+ 7. Convolutions (a layer with ``kernel``, see discover rule 2) are standard ONNX on every target:
+    each chain's factors dequantized (DequantizeLinear over int4/int8 codes), reshaped to kernels,
+    the first a convolution with the node's geometry, the others 1×1 (see rewrite_conv).
 Factor initializers are created once per weight, so shared weights stay shared.
 """
 from __future__ import annotations
@@ -326,10 +329,24 @@ def check_ort_compatible(name: str, rep: Representation) -> None:
 TABLE_BITS = (4, 8)  # what GatherBlockQuantized reads
 
 
-def table_target(layer: Layer, target: str) -> str:
+def layer_target(layer: Layer, target: str) -> str:
     """The lowering a layer gets: lrq's ops have no row lookup, so tables (and a tied lm_head, to
-    share the table's bytes) use onnxruntime's own ops."""
+    share the table's bytes) use onnxruntime's own ops; convolutions (rule 7) are standard ONNX
+    on every target (MatMulNBits and the lrq ops multiply matrices only)."""
+    if layer.kernel:
+        return "std"
     return "ort" if target == "lrq" and layer.gathers else target
+
+
+CONV_FORMS = ("dense", "lowrank", "dense+lowrank", "chains")
+
+
+def check_conv(name: str, rep: Representation) -> None:
+    """Rule 7's limits: chains of quantized matrices, no input rotation (a patch is not a vector
+    the ops could rotate)."""
+    if rep.form not in CONV_FORMS or rep.rotation is not None:
+        raise LrqError(f"layer '{name}': a convolution takes dense or low-rank quantized factors, not {rep.method} "
+                       f"({rep.form}{', rotated' if rep.rotation is not None else ''})")
 
 
 def check_table(name: str, rep: Representation) -> None:
@@ -349,7 +366,9 @@ def check_layer(layer: Layer, rep: Representation, target: str) -> None:
     """check_lowerable for a layer as ``lower`` will emit it (tables included)."""
     if layer.gathers:
         check_table(layer.name, rep)
-    check_lowerable(layer.name, rep, table_target(layer, target), layer.dtype)
+    if layer.kernel:
+        check_conv(layer.name, rep)
+    check_lowerable(layer.name, rep, layer_target(layer, target), layer.dtype)
 
 
 def check_lowerable(name: str, rep: Representation, target: str, io_dtype: str) -> None:
@@ -436,16 +455,56 @@ def rewrite_gather(em: Emitter, node: gs.Node, rep: Representation, tag: str) ->
     producer.outputs.append(y)
 
 
+def rewrite_conv(em: Emitter, node: gs.Node, rep: Representation, tag: str, kernel: tuple[int, ...]) -> None:
+    """Rule 7: a Conv as chains of convolutions over the codes (DequantizeLinear of W[K, N], then
+    Transpose and Reshape to a kernel): each chain's first factor W₁[C_in·kh·kw, r] is a
+    convolution with the node's geometry (strides, pads, dilations, auto_pad) and r output
+    channels, the next ones 1×1 convolutions; chains are summed, the bias joins chain 0's last."""
+    x, y = node.inputs[0], node.outputs[0]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    geometry = {k: v for k, v in node.attrs.items() if k in ("auto_pad", "dilations", "kernel_shape", "pads", "strides")}
+    node.inputs.clear()
+    node.outputs.clear()
+    if em.dtype != em.io_dtype:
+        x = em.cast(x, em.dtype, f"{tag}/in")
+    sums = []
+    for ci, chain in enumerate(rep.chains):
+        h = x
+        for fi, q in enumerate(chain):
+            k, n = q.shape
+            factors = em.once((ci, fi), lambda name: em.std_factor(name, q))
+            w = em.node("DequantizeLinear", tag, list(factors), {"axis": 0, "block_size": q.block_size})
+            w = em.node("Transpose", tag, [w], {"perm": [1, 0]})
+            shape = (n, *kernel[1:]) if fi == 0 else (n, k, 1, 1)
+            w = em.node("Reshape", tag, [w, em.array(f"{tag}.kernel_shape", np.array(shape, np.int64))])
+            last_of_first = ci == 0 and fi == len(chain) - 1
+            inputs = [h, w] + ([em.cast(bias, em.dtype, f"{tag}/bias") if em.dtype != em.io_dtype else bias]
+                               if last_of_first and bias is not None else [])
+            h = em.node("Conv", tag, inputs, geometry if fi == 0 else {})
+        sums.append(h)
+    out = sums[0]
+    for other in sums[1:]:
+        out = em.node("Add", tag, [out, other])
+    if em.dtype != em.io_dtype:
+        out = em.cast(out, em.io_dtype, f"{tag}/out")
+    producer = out.inputs[0]
+    producer.outputs.clear()
+    producer.outputs.append(y)
+
+
 def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: str,
                 accuracy_level: int | None) -> LoweredLayer:
     """Rewrite every node of ``layer`` (the replaced nodes are dropped; cleanup removes the rest)."""
     check_layer(layer, rep, target)
-    target = table_target(layer, target)
+    target = layer_target(layer, target)
     # float16 scales of a float32 layer are stored as float16 and cast once when onnxruntime loads
     # the model (Emitter.stored_scales); the lrq ops take either scale type as they are
     em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, io_dtype=np.dtype(layer.dtype))
     for node, label in zip(layer.nodes, layer.labels):
-        (rewrite_gather if node.op == "Gather" else rewrite_node)(em, node, rep, label)
+        if node.op == "Conv":
+            rewrite_conv(em, node, rep, label, layer.kernel)
+        else:
+            (rewrite_gather if node.op == "Gather" else rewrite_node)(em, node, rep, label)
     replaced = {id(node) for node in layer.nodes}
     model.graph.nodes = [n for n in model.graph.nodes if id(n) not in replaced]
     return LoweredLayer(target, em.stored_bytes, em.nodes)
@@ -486,7 +545,8 @@ class Lower(Pass):
             log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
                         "dequantizes the weight on every call; --lowering std runs 2-bit codes "
                         "(stored as int4) through the fast 4-bit kernel")
-        if target == "std":
+        std_layers = target == "std" or any(layer.kernel for layer, _ in todo)  # rule 7 is std on every target
+        if std_layers:
             upgrade_opset(ctx)
             layers = {layer.weight: layer for layer in ctx.analysis("layers")}
             todo = [(layers[layer.weight], rep) for layer, rep in todo]
@@ -495,7 +555,7 @@ class Lower(Pass):
         for layer, rep in todo:
             lowered[layer.weight] = lower_layer(ctx.model, layer, rep, target, level)
         ctx.model.graph.toposort()  # new nodes were appended at the end
-        if target == "std":
+        if std_layers:
             ctx.model.min_ir_version = max(ctx.model.min_ir_version, IR_VERSION_INT4)
         ctx.model.set_metadata("lrqgraph.version", __version__)
         ctx.model.set_metadata("lrqgraph.lowering", target)

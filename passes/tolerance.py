@@ -46,7 +46,7 @@ from lrqgraph.progress import progress
 
 from .calibrate import measured_samples
 from .factorize import factorize_weight, factorize_weights
-from .lower import TABLE_BITS, check_layer
+from .lower import TABLE_BITS, check_layer, layer_target
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def degradation_meter(ctx: Context, config) -> Degradation:
                    config=("allocate", "factorize", "lowering"))
 def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     cfg = config.allocate
-    menu = menu_for(config.lowering, cfg.menu, cfg.families)
+    menus = {target: menu_for(target, cfg.menu, cfg.families) for target in dict.fromkeys((config.lowering, "std"))}
     hessians = ctx.analysis("fit_hessians", allocate=cfg)  # without the measured samples: see calibrate.fit_hessians
     meter = ctx.analysis("degradation", allocate=cfg)
     start = time.perf_counter()
@@ -233,6 +233,7 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     for index, layer in enumerate(progress(layers, "tolerance")):
         method_cfg = config.factorize.for_layer(layer.name, layer.weight)
         guarded = not cfg.outputs_join and (bool(layer.gathers) or layer.writes_output)
+        menu = menus[layer_target(layer, config.lowering) if layer.kernel else config.lowering]  # convolutions: std
         cands = candidates_for(layer, GUARD_MENU if guarded else menu, method_cfg, hessians.get(layer.weight),
                                config.lowering, keep=not guarded)
         tol = LayerTolerance(layer, cands, budgeted=not guarded)
@@ -361,5 +362,4 @@ def _through_two_points(lossy: list[Candidate], probe: Candidate, check: Candida
 
 def stored_layout(layer: Layer, rep: Representation) -> np.ndarray:
     """The dense approximation in the layout the model stores the weight (Gemm transB keeps Wᵀ)."""
-    w = rep.dequantize()
-    return np.ascontiguousarray(w.T) if layer.transposed else w
+    return layer.stored_layout(rep.dequantize())

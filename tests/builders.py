@@ -152,3 +152,41 @@ def lowered_both_ways(model_path, factorize, folder, lowerings=("ort", "lrq")) -
         paths[lowering] = folder / f"{lowering}.onnx"
         lrqgraph.save_model(ctx.model.to_onnx(), paths[lowering], external_data=True)
     return paths
+
+
+def conv_model(c_in: int = 8, c_out: int = 16, kernel=(3, 3), bias: bool = True, group: int = 1, seed: int = 0,
+               size=(12, 12), opset: int = 17, **attrs) -> onnx.ModelProto:
+    """x[N, c_in, H, W] -> Conv (weight W, optional bias B, ``attrs``: strides, pads, dilations,
+    auto_pad) -> Relu -> y."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((c_out, c_in // group, *kernel)) / np.sqrt(c_in * np.prod(kernel))).astype(np.float32)
+    inits = {"W": w}
+    inputs = ["x", "W"]
+    if bias:
+        inits["B"] = rng.standard_normal(c_out).astype(np.float32) * 0.1
+        inputs.append("B")
+    nodes = [helper.make_node("Conv", inputs, ["h"], name="conv", group=group, **attrs),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return model(nodes, [io("x", ["n", c_in, *size])], [io("y", None)], inits, opset)
+
+
+def small_cnn_model(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
+    """x[N, 3, 16, 16] -> Conv 3x3 s2 (3->16) -> Relu -> Conv 3x3 SAME (16->32) -> Relu -> Conv 1x1
+    (32->32) -> Relu -> GlobalAveragePool -> Flatten -> Gemm (classifier) -> logits."""
+    rng = np.random.default_rng(seed)
+
+    def kernel(c_out, c_in, k):
+        return (rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2 / (c_in * k * k))).astype(np.float32)
+    inits = {"W0": kernel(16, 3, 3), "B0": np.zeros(16, np.float32), "W1": kernel(32, 16, 3),
+             "W2": kernel(32, 32, 1), "B2": rng.standard_normal(32).astype(np.float32) * 0.1,
+             "Wc": (rng.standard_normal((classes, 32)) / np.sqrt(32)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W0", "B0"], ["c0"], name="conv0", strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "W1"], ["c1"], name="conv1", auto_pad="SAME_UPPER"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wc"], ["logits"], name="classifier", transB=1)]
+    return model(nodes, [io("x", ["n", 3, 16, 16])], [io("logits", ["n", classes])], inits)

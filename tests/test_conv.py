@@ -1,0 +1,140 @@
+"""Convolutions: discover's Conv rule, input patches (im2col) against onnxruntime's Conv, and the
+Conv lowering (rule 7) against the original model with the dequantized weight, per geometry."""
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+import lrqgraph  # noqa: F401  (registers the passes)
+from lrqgraph import FactorizeConfig, OptimizeConfig, SelectConfig
+from lrqgraph.evaluate import open_session
+from lrqgraph.model import ModelState
+from lrqgraph.numerics.patches import ConvPatches
+from lrqgraph.passmanager import Context, PassManager
+
+import builders
+
+# (c_in, c_out, kernel, attrs): strides 1/2, explicit pads, auto_pad SAME_UPPER / SAME_LOWER /
+# VALID, dilation 2, kernels 1x1, 3x3, 5x5, 1x7, odd channel counts
+GEOMETRIES = {
+    "3x3": (8, 16, (3, 3), {}),
+    "3x3-pad1": (8, 16, (3, 3), {"pads": [1, 1, 1, 1]}),
+    "3x3-stride2-asym-pads": (7, 13, (3, 3), {"strides": [2, 2], "pads": [0, 1, 1, 2]}),
+    "3x3-same-upper-stride2": (8, 16, (3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    "3x3-same-lower": (5, 9, (3, 3), {"auto_pad": "SAME_LOWER"}),
+    "3x3-dilation2": (8, 16, (3, 3), {"dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+    "1x1": (24, 16, (1, 1), {}),
+    "5x5-valid": (6, 11, (5, 5), {"auto_pad": "VALID"}),
+    "1x7": (8, 16, (1, 7), {"pads": [0, 3, 0, 3]}),
+}
+
+
+def _x(batch: int, c_in: int, size=(12, 12), seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, c_in, *size)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_patches_times_the_weight_matrix_is_onnxruntimes_conv(name):
+    c_in, c_out, kernel, attrs = GEOMETRIES[name]
+    model = builders.conv_model(c_in, c_out, kernel, bias=False, **attrs)
+    model.graph.node.pop()  # no Relu: the convolution itself
+    model.graph.output[0].name = "h"
+    x = _x(2, c_in)
+    expected = open_session(model).run(None, {"x": x})[0]
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    rows = ConvPatches.of(attrs, kernel).rows(x)
+    got = (rows @ w.reshape(c_out, -1).T).reshape(2, *expected.shape[2:], c_out).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _layers(model, **select):
+    ctx = Context(ModelState(model), OptimizeConfig(select=SelectConfig(min_params=16, **select)))
+    return {layer.name: layer for layer in ctx.analysis("layers")}
+
+
+def test_a_conv_is_a_layer_of_its_patch_matrix():
+    model = builders.conv_model(8, 16, (3, 3))
+    conv = _layers(model)["conv"]
+    assert conv.rewrite and conv.kernel == (16, 8, 3, 3) and conv.shape == (72, 16)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    np.testing.assert_array_equal(conv.weight_matrix(), w.reshape(16, -1).T)
+    np.testing.assert_array_equal(conv.stored_layout(conv.weight_matrix()), w)
+
+
+@pytest.mark.parametrize("group, why", [(4, "grouped convolution (group=4)"), (8, "depthwise convolution (group=8)")])
+def test_grouped_and_depthwise_convolutions_are_kept_with_the_reason(group, why):
+    conv = _layers(builders.conv_model(8, 16 if group == 4 else 8, (3, 3), group=group))["conv"]
+    assert not conv.rewrite and why in conv.reason
+
+
+def test_conv_can_be_left_out_by_op_type():
+    conv = _layers(builders.conv_model(), op_types=("MatMul", "Gemm"))
+    assert "conv" not in conv or not conv["conv"].rewrite
+
+
+def _reference_with(model, dequantized: np.ndarray):
+    """The original model with its weight replaced by the dequantized one (what the lowering must compute)."""
+    ref = model.__class__()
+    ref.CopyFrom(model)
+    ref.graph.initializer[0].CopyFrom(numpy_helper.from_array(dequantized.astype(np.float32), "W"))
+    return open_session(ref)
+
+
+FORMS = {"dense 4-bit": FactorizeConfig(method="rtn", bits=4, block_size=16),
+         "dense 8-bit asym": FactorizeConfig(method="rtn", bits=8, block_size=32, symmetric=False),
+         "low rank": FactorizeConfig(method="lplr", rank=4, bits=8, block_size=16),
+         "q + l·r": FactorizeConfig(method="qlr", bits=2, lr_bits=8, rank=4, block_size=16)}
+
+
+@pytest.mark.parametrize("lowering", ["ort", "std", "lrq"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_lowered_conv_matches_the_model_with_its_dequantized_weight(name, form, lowering):
+    c_in, c_out, kernel, attrs = GEOMETRIES[name]
+    if lowering == "lrq":
+        pytest.importorskip("lrqgraph.runtime").available() or pytest.skip("native ops not built")
+    for bias in (True, False):
+        model = builders.conv_model(c_in, c_out, kernel, bias=bias, **attrs)
+        ctx = Context(ModelState(model), OptimizeConfig(factorize=FORMS[form], lowering=lowering,
+                                                        select=SelectConfig(min_params=16)))
+        PassManager(f"discover,factorize,lower({lowering}),cleanup").run(ctx)
+        plan = ctx.plans["W"]
+        assert plan.rewrite, plan.reason
+        dequantized = plan.layer.stored_layout(plan.rep.dequantize())
+        lowered = ctx.model.to_onnx()
+        ops = {n.op_type for n in lowered.graph.node}
+        assert "DequantizeLinear" in ops and "Conv" in ops
+        for batch in (1, 3):
+            x = _x(batch, c_in, seed=batch)
+            want = _reference_with(model, dequantized).run(None, {"x": x})[0]
+            got = open_session(lowered).run(None, {"x": x})[0]
+            # float32 sums in another order (several factors): 1e-5 of the output scale
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_conv_statistics_are_over_input_patches(tmp_path):
+    from lrqgraph.hessian import collect_hessian_parts
+    model = builders.small_cnn_model()
+    x = _x(3, 3, size=(16, 16))
+    geometry = ConvPatches.of({"strides": [2, 2], "pads": [1, 1, 1, 1]}, (3, 3))
+    h = collect_hessian_parts(model, {"W0": "x"}, [[{"x": x}]], patches={"W0": geometry})[0]["W0"]
+    rows = geometry.rows(x.astype(np.float64))
+    assert h.shape == (27, 27)
+    np.testing.assert_allclose(h, rows.T @ rows, rtol=1e-12)
+
+
+def test_a_cnn_allocates_its_convolutions_within_the_budget(tmp_path):
+    model = builders.small_cnn_model()
+    calib = tmp_path / "photos.npz"
+    np.savez(calib, x=_x(48, 3, size=(16, 16), seed=7))
+    cfg = OptimizeConfig(calib=str(calib), select=SelectConfig(min_params=256),
+                         allocate=lrqgraph.AllocateConfig(target_bpw=5))
+    result = lrqgraph.api.run(model, cfg)
+    entries = {e["name"]: e for e in result.report["layers"]}
+    convs = [entries[f"conv{i}"] for i in (1, 2)]  # conv0 (432 weights) and the classifier: 8-bit or tiny
+    assert all(e["action"] == "rewrite" and e["family"] in ("dense", "lowrank", "qlr") for e in convs)
+    assert result.report["allocation"]["bpw"] <= 5
+    assert {"Conv", "DequantizeLinear"} <= {n.op_type for n in result.model.graph.node}
+    x = _x(4, 3, size=(16, 16), seed=11)
+    got = open_session(result.model).run(None, {"x": x})[0]
+    want = open_session(model).run(None, {"x": x})[0]
+    assert got.shape == want.shape and np.isfinite(got).all()
