@@ -48,7 +48,7 @@ PARAMS = 268_098_176
 ALLOCATIONS = {  # --allocate names: (label, AllocateConfig goal)
     "bpw4": ("lrqgraph --target-bpw 4 --calib (table 8-bit)", dict(target_bpw=4.0)),
     "bpw3": ("lrqgraph --target-bpw 3 --calib (table 8-bit)", dict(target_bpw=3.0)),
-    "bpw4-tables": ("lrqgraph --target-bpw 4 --outputs-in-budget --calib", dict(target_bpw=4.0, outputs_in_budget=True)),
+    "bpw4-tables": ("lrqgraph --target-bpw 4 --tables-in-budget --calib", dict(target_bpw=4.0, tables_in_budget=True)),
     "size4.25": ("lrqgraph --target-size 142.4MB --calib (4.25 bits/param)", dict(target_size=int(4.25 * PARAMS / 8))),
 }
 

@@ -7,7 +7,7 @@
 2. ``lrqgraph optimize --target-bpw 4``: every layer gets candidates from every representation
    family the lowering runs (dense grids, rotated grids, Q + L·R, L·R), measured in onnxruntime;
    the allocator picks one per layer within 4 bits per weight and writes the HTML report. The word
-   and position embedding tables take 8-bit grids outside that budget (``--outputs-in-budget``
+   and position embedding tables take 8-bit grids outside that budget (``--tables-in-budget``
    lets them compete; ``--target-size`` always does). The command prints the family chosen per layer.
 3. onnxruntime's own quantizer (RTN 4-bit block 32 on the MatMuls; its Gather path upgrades
    MiniLM to opset 21 and writes a ReduceL2 that onnxruntime then refuses, so tables stay float).

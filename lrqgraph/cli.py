@@ -91,10 +91,10 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--families", type=lambda t: tuple(f.strip() for f in t.split(",") if f.strip()),
                    help="representation families the allocator may choose from, comma-separated "
                         "(dense, rotated, qlr, lowrank, kashin, kmeans; default: every family the lowering runs)")
-    g.add_argument("--outputs-in-budget", action=argparse.BooleanOptionalAction, default=None,
-                   help="output layers (lm_head, classifier) and embedding tables compete for --target-bpw's bits "
-                        "like every other layer (default: they take an 8-bit grid outside it; --target-size and "
-                        "the quality goals always let them compete)")
+    g.add_argument("--tables-in-budget", action=argparse.BooleanOptionalAction, default=None,
+                   help="embedding tables (and a tied lm_head) compete for --target-bpw's bits like every other "
+                        "layer (default: they take an 8-bit grid outside it; --target-size and the quality goals "
+                        "always let them compete)")
     g.add_argument("--report-html", help="write a self-contained HTML report with plots here")
 
 
@@ -194,7 +194,7 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
                                                                       "max_kl")},
                               families=getattr(args, "families", None) or (), measure=getattr(args, "measure", None),
-                              outputs_in_budget=getattr(args, "outputs_in_budget", None))
+                              tables_in_budget=getattr(args, "tables_in_budget", None))
     return OptimizeConfig(select=select, factorize=factorize, verify=verify, allocate=allocate,
                           lowering=getattr(args, "lowering", "ort"),
                           accuracy_level=getattr(args, "accuracy_level", None), calib=getattr(args, "calib", None),

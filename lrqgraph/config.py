@@ -84,13 +84,13 @@ class AllocateConfig:
     # 4..32; 16 without a sequence axis). MiniLM at --target-bpw 4 chooses alike with 16 and 32
     # samples (cosine on other text 0.9736 and 0.9743) and 16 halve the measurement time
     measure_samples: int | None = None
-    # output layers (lm_head, classifier) and embedding tables compete in the knapsack like every
-    # other layer; None: for --target-size and the compact goals, which count or measure every byte.
-    # Otherwise (--target-bpw by default) they take their cheapest 8-bit grid, outside the bits
-    # per weight, which are then the other layers'. Gemma 3 270M at --target-bpw 4 with its tied
+    # embedding tables (and a tied lm_head with them) compete in the knapsack like every other
+    # layer; None: for --target-size and the compact goals, which count or measure every byte.
+    # Otherwise (--target-bpw by default) a table takes its cheapest 8-bit grid, outside the bits
+    # per weight, which are then the other layers' (an untied output layer competes as usual). Gemma 3 270M at --target-bpw 4 with its tied
     # 262144-word table competing: table at 4 bits, 1.44x fp32 perplexity on KJV, 2.02x on reviews;
     # with the table at 8 bits outside the budget: 1.15x / 1.49x (bench/RESULTS.md)
-    outputs_in_budget: bool | None = None
+    tables_in_budget: bool | None = None
     polish_sweeps: int = 4       # coordinate-descent sweeps on each chosen GPTQ candidate
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
 
@@ -138,9 +138,9 @@ class AllocateConfig:
         return "kl" if self.min_cosine is None and "logits" in first_output.lower() else "cosine"
 
     @property
-    def outputs_join(self) -> bool:
-        """Whether output layers and tables compete in the knapsack (``outputs_in_budget``, resolved)."""
-        return self.target_bpw is None if self.outputs_in_budget is None else self.outputs_in_budget
+    def tables_join(self) -> bool:
+        """Whether embedding tables compete in the knapsack (``tables_in_budget``, resolved)."""
+        return self.target_bpw is None if self.tables_in_budget is None else self.tables_in_budget
 
     @property
     def mode(self) -> str:

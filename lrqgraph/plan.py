@@ -27,7 +27,6 @@ class Layer:
     source: WeightSource | None = None
     rewrite: bool = False
     reason: str = ""
-    writes_output: bool = False     # one of its nodes writes a graph output (lm_head, classifier)
     kernel: tuple[int, ...] = ()    # a Conv's weight shape (C_out, C_in, kh, kw); W = its [C_out, C_in·kh·kw] reshape, transposed
 
     @property

@@ -2,8 +2,8 @@
 
 Modes (AllocateConfig):
   - quality: the least predicted degradation whose storage fits ``target_bpw`` bits per weight
-    over the selected layers (kept layers count at their float size; output layers and embedding
-    tables take a fixed 8-bit grid outside it unless ``outputs_in_budget``) or ``target_size``
+    over the selected layers (kept layers count at their float size; embedding tables take a fixed
+    8-bit grid outside it unless ``tables_in_budget``) or ``target_size``
     bytes for the whole model;
   - compact: the smallest storage whose predicted degradation is within ``min_cosine`` (1 − mean
     cosine of the first output) or ``max_kl`` (logits).
@@ -62,7 +62,7 @@ class AllocationSummary:
 
 def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
     """(parameters the bits per weight are over, bits of the layers outside the budget at their
-    fixed grid: output layers and tables under --target-bpw, see AllocateConfig.outputs_in_budget)."""
+    fixed grid: tables under --target-bpw, see AllocateConfig.tables_in_budget)."""
     return (sum(t.layer.params for t in tols if t.budgeted),
             sum(t.candidates[0].bits for t in tols if not t.budgeted))
 
@@ -155,8 +155,8 @@ class Allocate(Pass):
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         params, fixed = budgeted_params(tols)
         if tols and not params:
-            raise LrqError("every selected layer is an output layer or embedding table, which --target-bpw keeps "
-                           "at 8 bits outside its budget; give --target-size, or --outputs-in-budget")
+            raise LrqError("every selected layer is an embedding table, which --target-bpw keeps at 8 bits outside "
+                           "its budget; give --target-size, or --tables-in-budget")
         if not any(len(t.candidates) > 1 for t in tols):
             ctx.plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
                          for layer in layers}

@@ -133,11 +133,9 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
                 shared.rewrite, shared.reason = False, "weight shared by nodes with different layouts"
             shared.nodes.append(node)
             shared.labels.append(label)
-            shared.writes_output |= any(o.name in graph_outputs for o in node.outputs)
             continue
         layer = Layer(label, node.op, weight, [node], [label], shape, transposed,
-                      str(values.dtype) if values is not None else "", source, rewrite=not reason, reason=reason,
-                      writes_output=any(o.name in graph_outputs for o in node.outputs), kernel=kernel)
+                      str(values.dtype) if values is not None else "", source, rewrite=not reason, reason=reason, kernel=kernel)
         if weight and not reason:
             layers[weight] = layer
         result.append(layer)
@@ -185,7 +183,6 @@ def _tie_tables(result: list[Layer]) -> list[Layer]:
             continue
         table.nodes[:0], table.labels[:0] = layer.nodes, layer.labels  # the MatMuls first: H is theirs
         table.op = f"{layer.op}+Gather"
-        table.writes_output = layer.writes_output
         table.source = WeightSource(table.source.values, table.source.root, table.source.stored_dtype,
                                     table.source.chain + layer.source.chain)
         tied.append(id(layer))

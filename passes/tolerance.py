@@ -74,7 +74,7 @@ class LayerTolerance:
     estimated: bool = False                     # not measured: the sensitivity of its role at its depth
     # other families' check candidates on a sample of layers: family -> (label, predicted, measured)
     family_checks: dict[str, tuple[str, float, float]] = field(default_factory=dict)
-    budgeted: bool = True  # False: an output layer or table at its fixed 8-bit grid, outside the bpw goal
+    budgeted: bool = True  # False: a table at its fixed 8-bit grid, outside the bpw goal
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -163,8 +163,8 @@ def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: Metho
     return out
 
 
-# an output layer's or table's grid outside a --target-bpw budget (AllocateConfig.outputs_in_budget):
-# the cheapest of these the layer's shape and lowering take
+# an embedding table's grid outside a --target-bpw budget (AllocateConfig.tables_in_budget): the
+# cheapest of these its dimension takes
 GUARD_MENU = [("gptq", {"bits": 8, "block_size": block, "symmetric": True, "sweeps": 0}) for block in (128, 64, 32)]
 
 
@@ -232,7 +232,7 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     probed = set(probed)
     for index, layer in enumerate(progress(layers, "tolerance")):
         method_cfg = config.factorize.for_layer(layer.name, layer.weight)
-        guarded = not cfg.outputs_join and (bool(layer.gathers) or layer.writes_output)
+        guarded = not cfg.tables_join and bool(layer.gathers)
         menu = menus[layer_target(layer, config.lowering) if layer.kernel else config.lowering]  # convolutions: std
         cands = candidates_for(layer, GUARD_MENU if guarded else menu, method_cfg, hessians.get(layer.weight),
                                config.lowering, keep=not guarded)

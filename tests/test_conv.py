@@ -130,7 +130,7 @@ def test_a_cnn_allocates_its_convolutions_within_the_budget(tmp_path):
                          allocate=lrqgraph.AllocateConfig(target_bpw=5))
     result = lrqgraph.api.run(model, cfg)
     entries = {e["name"]: e for e in result.report["layers"]}
-    convs = [entries[f"conv{i}"] for i in (1, 2)]  # conv0 (432 weights) and the classifier: 8-bit or tiny
+    convs = [entries[f"conv{i}"] for i in range(3)]
     assert all(e["action"] == "rewrite" and e["family"] in ("dense", "lowrank", "qlr") for e in convs)
     assert result.report["allocation"]["bpw"] <= 5
     assert {"Conv", "DequantizeLinear"} <= {n.op_type for n in result.model.graph.node}

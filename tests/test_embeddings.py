@@ -131,12 +131,12 @@ def test_target_bpw_puts_the_tied_table_at_8_bits_outside_its_budget():
     assert sum(e["stored_bytes"] for e in hidden) * 8 <= 3 * 2 * 64 * 64
     assert result.report["allocation"]["bpw"] <= 3
     # competing for the same 4.5 bits per weight, the table cannot stay at 8 bits
-    result, entries = _allocated(model, target_bpw=4.5, outputs_in_budget=True)
+    result, entries = _allocated(model, target_bpw=4.5, tables_in_budget=True)
     assert entries["embed"]["bits"] == 4
     total = sum(entries[n]["stored_bytes"] for n in ("embed", "mm0", "mm1")) * 8
     assert total <= 4.5 * (512 * 64 + 2 * 64 * 64)
 
 
-def test_target_bpw_on_output_layers_alone_says_how_to_reach_them():
-    with pytest.raises(lrqgraph.LrqError, match="--target-size, or --outputs-in-budget"):
+def test_target_bpw_on_a_table_alone_says_how_to_reach_it():
+    with pytest.raises(lrqgraph.LrqError, match="--target-size, or --tables-in-budget"):
         _allocated(builders.tied_lm_head_model(vocab=512, dim=64), target_bpw=4)
