@@ -167,7 +167,7 @@ def conv_model(c_in: int = 8, c_out: int = 16, kernel=(3, 3), bias: bool = True,
         inputs.append("B")
     nodes = [helper.make_node("Conv", inputs, ["h"], name="conv", group=group, **attrs),
              helper.make_node("Relu", ["h"], ["y"], name="relu")]
-    return model(nodes, [io("x", ["n", c_in, *size])], [io("y", None)], inits, opset)
+    return model(nodes, [io("x", ["n", c_in, *size])], [io("y", ["n", c_out, "h_out", "w_out"])], inits, opset)
 
 
 def small_cnn_model(seed: int = 0, classes: int = 10) -> onnx.ModelProto:

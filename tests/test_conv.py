@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
-import lrqgraph  # noqa: F401  (registers the passes)
+import lrqgraph
 from lrqgraph import FactorizeConfig, OptimizeConfig, SelectConfig
 from lrqgraph.evaluate import open_session
 from lrqgraph.model import ModelState
@@ -138,3 +138,23 @@ def test_a_cnn_allocates_its_convolutions_within_the_budget(tmp_path):
     got = open_session(result.model).run(None, {"x": x})[0]
     want = open_session(model).run(None, {"x": x})[0]
     assert got.shape == want.shape and np.isfinite(got).all()
+
+
+# Measured on the 96 crops of other photos (bench/cnn.py's evaluation set, 48 of them here):
+# 8-bit RTN on the 26 group-1 convolutions agrees with fp32's top-1 on 0.979 of them; 4-bit block
+# 32 on 0.58 (asymmetric) to 0.67 (symmetric, block 16): EfficientNet's convolutions do not take
+# 4 bits as they are (bench/RESULTS.md, the CNN table).
+MIN_8BIT_AGREEMENT = 0.95
+
+
+def test_efficientnet_convolutions_at_8_bits_keep_the_top1_on_other_photos():
+    from lrqgraph.testing import efficientnet
+    fp32 = efficientnet.onnx_path()
+    result = lrqgraph.api.run(fp32, OptimizeConfig(factorize=FactorizeConfig(method="rtn", bits=8, block_size=32)))
+    convs = [e for e in result.report["layers"] if e["op"] == "Conv"]
+    assert sum(e["action"] == "rewrite" for e in convs) == 26  # the others depthwise or tiny, with the reason
+    assert all(e["reason"] for e in convs if e["action"] == "keep")
+    photos = efficientnet.photo_batch(4, seed=2, photos=efficientnet.OTHER_PHOTOS)
+    want = open_session(str(fp32)).run(None, {"image": photos})[0].argmax(1)
+    got = open_session(result.model).run(None, {"image": photos})[0].argmax(1)
+    assert (got == want).mean() >= MIN_8BIT_AGREEMENT, (got == want).mean()

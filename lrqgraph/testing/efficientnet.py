@@ -38,15 +38,32 @@ def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return resize(img, (height, width), order=3, anti_aliasing=True, preserve_range=True)
 
 
-def photo_batch(crops_per_photo: int = 1, seed: int = 0) -> np.ndarray:
+# other photos, for evaluation on images the calibration never saw: scikit-learn's two sample
+# photos and scikit-image's other bundled pictures (grey ones repeated over three channels)
+OTHER_PHOTOS = ("sklearn:china.jpg", "sklearn:flower.jpg", "stereo_motorcycle", "hubble_deep_field",
+                "immunohistochemistry", "retina", "colorwheel", "camera", "coins", "brick", "grass", "gravel")
+
+
+def _photo(name: str) -> np.ndarray:
+    """[H, W, 3] float32 in 0..255 of a bundled photo (``sklearn:<file>`` or a skimage.data name)."""
+    if name.startswith("sklearn:"):
+        from sklearn.datasets import load_sample_image
+        img = load_sample_image(name.split(":", 1)[1])
+    else:
+        import skimage.data
+        img = getattr(skimage.data, name)()
+        img = img[0] if isinstance(img, tuple) else img  # a stereo pair: the left picture
+    img = np.asarray(img, np.float32)
+    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+
+
+def photo_batch(crops_per_photo: int = 1, seed: int = 0, photos: tuple[str, ...] = PHOTOS) -> np.ndarray:
     """Preprocessed NCHW float32 batch: short side 256 (bicubic), 224 crops (centre first, then
     seeded random crops), /255, ImageNet mean/std."""
-    import skimage.data
-
     rng = np.random.default_rng(seed)
     out = []
-    for name in PHOTOS:
-        img = getattr(skimage.data, name)().astype(np.float32)
+    for name in photos:
+        img = _photo(name)
         h, w = img.shape[:2]
         scale = 256 / min(h, w)
         img = _resize(img, round(h * scale), round(w * scale))
