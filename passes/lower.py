@@ -23,8 +23,10 @@ Around the rule, per node:
     so a tied lm_head and its table share one copy in the file; ``std`` gathers rows of
     Transpose(DequantizeLinear(codes)).
  7. Convolutions (a layer with ``kernel``, see discover rule 2) are standard ONNX on every target:
-    each chain's factors dequantized (DequantizeLinear over int4/int8 codes), reshaped to kernels,
-    the first a convolution with the node's geometry, the others 1×1 (see rewrite_conv).
+    each chain's factors dequantized from int4/int8 codes by ops onnxruntime folds when the session
+    loads (so the file holds the codes and the convolutions run at float speed, the weights float
+    in memory), reshaped to kernels, the first a convolution with the node's geometry, the others
+    1×1 (see rewrite_conv).
 Factor initializers are created once per weight, so shared weights stay shared.
 """
 from __future__ import annotations
@@ -455,9 +457,28 @@ def rewrite_gather(em: Emitter, node: gs.Node, rep: Representation, tag: str) ->
     producer.outputs.append(y)
 
 
+def _dequantized(em: Emitter, factors: list[gs.Tensor], q: QuantizedTensor, tag: str) -> gs.Variable:
+    """W[K, N] = (codes − zero points) · scales, blockwise along K, in ops onnxruntime folds into a
+    float constant when the session loads (Cast, Sub, Mul, Expand, Reshape, Slice: it never folds
+    DequantizeLinear, which would then run on every call and double a CNN's latency)."""
+    k, n = q.shape
+    blocks = -(-k // q.block_size)
+
+    def rows(t: gs.Tensor) -> gs.Variable:  # [blocks, N] -> [K, N], each row of a block repeated
+        shape = lambda *dims: em.array(f"{tag}.shape", np.array(dims, np.int64))  # noqa: E731
+        t = em.node("Reshape", tag, [t, shape(blocks, 1, n)], dtype=t.dtype)
+        t = em.node("Expand", tag, [t, shape(blocks, q.block_size, n)], dtype=t.dtype)
+        t = em.node("Reshape", tag, [t, shape(blocks * q.block_size, n)], dtype=t.dtype)
+        return em.node("Slice", tag, [t, shape(0), shape(k), shape(0)], dtype=t.dtype)
+    w = em.cast(factors[0], em.dtype, tag)
+    if len(factors) > 2:
+        w = em.node("Sub", tag, [w, rows(em.cast(factors[2], em.dtype, tag))])
+    return em.node("Mul", tag, [w, rows(factors[1])])
+
+
 def rewrite_conv(em: Emitter, node: gs.Node, rep: Representation, tag: str, kernel: tuple[int, ...]) -> None:
-    """Rule 7: a Conv as chains of convolutions over the codes (DequantizeLinear of W[K, N], then
-    Transpose and Reshape to a kernel): each chain's first factor W₁[C_in·kh·kw, r] is a
+    """Rule 7: a Conv as chains of convolutions over the codes (W[K, N] dequantized by foldable
+    ops, then Transpose and Reshape to a kernel): each chain's first factor W₁[C_in·kh·kw, r] is a
     convolution with the node's geometry (strides, pads, dilations, auto_pad) and r output
     channels, the next ones 1×1 convolutions; chains are summed, the bias joins chain 0's last."""
     x, y = node.inputs[0], node.outputs[0]
@@ -473,8 +494,7 @@ def rewrite_conv(em: Emitter, node: gs.Node, rep: Representation, tag: str, kern
         for fi, q in enumerate(chain):
             k, n = q.shape
             factors = em.once((ci, fi), lambda name: em.std_factor(name, q))
-            w = em.node("DequantizeLinear", tag, list(factors), {"axis": 0, "block_size": q.block_size})
-            w = em.node("Transpose", tag, [w], {"perm": [1, 0]})
+            w = em.node("Transpose", tag, [_dequantized(em, factors, q, tag)], {"perm": [1, 0]})
             shape = (n, *kernel[1:]) if fi == 0 else (n, k, 1, 1)
             w = em.node("Reshape", tag, [w, em.array(f"{tag}.kernel_shape", np.array(shape, np.int64))])
             last_of_first = ci == 0 and fi == len(chain) - 1

@@ -102,7 +102,7 @@ def test_lowered_conv_matches_the_model_with_its_dequantized_weight(name, form, 
         dequantized = plan.layer.stored_layout(plan.rep.dequantize())
         lowered = ctx.model.to_onnx()
         ops = {n.op_type for n in lowered.graph.node}
-        assert "DequantizeLinear" in ops and "Conv" in ops
+        assert "Conv" in ops and "DequantizeLinear" not in ops  # dequantized by ops onnxruntime folds
         for batch in (1, 3):
             x = _x(batch, c_in, seed=batch)
             want = _reference_with(model, dequantized).run(None, {"x": x})[0]
@@ -133,7 +133,7 @@ def test_a_cnn_allocates_its_convolutions_within_the_budget(tmp_path):
     convs = [entries[f"conv{i}"] for i in range(3)]
     assert all(e["action"] == "rewrite" and e["family"] in ("dense", "lowrank", "qlr") for e in convs)
     assert result.report["allocation"]["bpw"] <= 5
-    assert {"Conv", "DequantizeLinear"} <= {n.op_type for n in result.model.graph.node}
+    assert {"Conv", "Cast", "Mul"} <= {n.op_type for n in result.model.graph.node}
     x = _x(4, 3, size=(16, 16), seed=11)
     got = open_session(result.model).run(None, {"x": x})[0]
     want = open_session(model).run(None, {"x": x})[0]
