@@ -27,7 +27,7 @@ class Layer:
     source: WeightSource | None = None
     rewrite: bool = False
     reason: str = ""
-    kernel: tuple[int, ...] = ()    # a Conv's weight shape (C_out, C_in, kh, kw); W = its [C_out, C_in·kh·kw] reshape, transposed
+    kernel: tuple[int, ...] = ()    # a Conv's weight shape (C_out, C_in/group, kh, kw); W = its [C_out, C_in/group·kh·kw] reshape, transposed
 
     @property
     def matmuls(self) -> list[gs.Node]:
@@ -39,6 +39,11 @@ class Layer:
         """Gather nodes that read rows of Wᵀ: an embedding table (tied with an lm_head when
         ``matmuls`` is not empty)."""
         return [n for n in self.nodes if n.op == "Gather"]
+
+    @property
+    def groups(self) -> int:
+        """A convolution's group count (1 for every other layer)."""
+        return int(self.nodes[0].attrs.get("group", 1)) if self.kernel else 1
 
     @property
     def params(self) -> int:

@@ -7,9 +7,10 @@ reported for the rest; nodes inside If / Loop bodies are not rewritten):
  2. The weight must be a constant 2-D float32/float16 tensor: the second MatMul input, or Gemm's B
     with transA=0 (transB=1 means the stored tensor is Wᵀ). It may be an initializer or a Constant
     node, seen through Identity, 2-D Transpose and float Casts. Activation x activation products stay.
-    A Conv's weight must be a constant 4-D [C_out, C_in, kh, kw] with group 1 (any strides, pads,
-    dilations, auto_pad, bias); its layer is the matrix W[C_in·kh·kw, C_out] of the input patches
-    (depthwise, grouped, 1-D and 3-D convolutions are reported and kept).
+    A Conv's weight must be a constant 4-D [C_out, C_in/g, kh, kw] (any strides, pads, dilations,
+    auto_pad, bias, group g); its layer is the matrix W[C_in/g·kh·kw, C_out] of the input patches
+    (a grouped or depthwise one takes dense grids only, see lower.check_conv; 1-D and 3-D
+    convolutions are reported and kept).
  3. Weights with NaN or Inf are refused, by name.
  4. Include / exclude patterns, layers writing a graph output (lm_head, classifiers) and tiny
     weights follow the select config.
@@ -69,9 +70,8 @@ def _classify(node: gs.Node, graph_outputs: set[str], select) -> tuple[WeightSou
             return source, transposed, (f"Conv weight is {values.ndim}-D; only 2-D convolutions (4-D weights) "
                                         f"are rewritten")
         group = int(node.attrs.get("group", 1))
-        if group != 1:
-            kind = "depthwise" if values.shape[1] == 1 else "grouped"
-            return source, transposed, f"{kind} convolution (group={group}) is not rewritten yet"
+        if group < 1 or values.shape[0] % group:
+            return source, transposed, f"Conv group={group} does not divide its {values.shape[0]} output channels"
     elif values.ndim != 2:
         return source, transposed, f"weight is {values.ndim}-D; only 2-D weights are rewritten"
     if values.dtype not in SUPPORTED_DTYPES or source.stored_dtype not in SUPPORTED_DTYPES:

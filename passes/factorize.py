@@ -26,7 +26,7 @@ from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.plan import Layer, LayerPlan
 from lrqgraph.progress import progress
 
-from .lower import check_table
+from .lower import check_form
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,9 @@ def plan_layer(layer: Layer, cfg: MethodConfig, h: np.ndarray | None) -> LayerPl
         why = (f"{cfg.method}{f' at rank {rep.rank}' if rep.rank else ''} takes {rep.bits_per_weight():.2f} bits "
                f"per weight, no fewer than the {layer.source.stored_dtype} weight")
         rep = None
-    if rep is not None and layer.gathers:
+    if rep is not None:
         try:
-            check_table(layer.name, rep)
+            check_form(layer, rep)
         except LrqError as exc:
             rep, why = None, str(exc).split(": ", 1)[1]
     if rep is None:

@@ -343,12 +343,16 @@ def layer_target(layer: Layer, target: str) -> str:
 CONV_FORMS = ("dense", "lowrank", "dense+lowrank", "chains")
 
 
-def check_conv(name: str, rep: Representation) -> None:
+def check_conv(name: str, rep: Representation, groups: int = 1) -> None:
     """Rule 7's limits: chains of quantized matrices, no input rotation (a patch is not a vector
-    the ops could rotate)."""
+    the ops could rotate); a grouped convolution one dense matrix (a factor W₁[K, r] would mix the
+    groups' output channels)."""
     if rep.form not in CONV_FORMS or rep.rotation is not None:
         raise LrqError(f"layer '{name}': a convolution takes dense or low-rank quantized factors, not {rep.method} "
                        f"({rep.form}{', rotated' if rep.rotation is not None else ''})")
+    if groups > 1 and rep.form != "dense":
+        raise LrqError(f"layer '{name}': a grouped convolution (group={groups}) takes a dense grid, not "
+                       f"{rep.method} ({rep.form}); use a dense method (rtn, gptq) for it")
 
 
 def check_table(name: str, rep: Representation) -> None:
@@ -364,12 +368,17 @@ def check_table(name: str, rep: Representation) -> None:
                        f"that divide its dimension {k}, got {q.bits} bits in blocks of {q.block_size}")
 
 
-def check_layer(layer: Layer, rep: Representation, target: str) -> None:
-    """check_lowerable for a layer as ``lower`` will emit it (tables included)."""
+def check_form(layer: Layer, rep: Representation) -> None:
+    """The limits of the layer's kind on its representation: tables (rule 6), convolutions (rule 7)."""
     if layer.gathers:
         check_table(layer.name, rep)
     if layer.kernel:
-        check_conv(layer.name, rep)
+        check_conv(layer.name, rep, layer.groups)
+
+
+def check_layer(layer: Layer, rep: Representation, target: str) -> None:
+    """check_lowerable for a layer as ``lower`` will emit it (tables and convolutions included)."""
+    check_form(layer, rep)
     check_lowerable(layer.name, rep, layer_target(layer, target), layer.dtype)
 
 
@@ -483,7 +492,8 @@ def rewrite_conv(em: Emitter, node: gs.Node, rep: Representation, tag: str, kern
     channels, the next ones 1×1 convolutions; chains are summed, the bias joins chain 0's last."""
     x, y = node.inputs[0], node.outputs[0]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    geometry = {k: v for k, v in node.attrs.items() if k in ("auto_pad", "dilations", "kernel_shape", "pads", "strides")}
+    geometry = {k: v for k, v in node.attrs.items()
+                if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
     node.inputs.clear()
     node.outputs.clear()
     if em.dtype != em.io_dtype:

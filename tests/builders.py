@@ -171,20 +171,23 @@ def conv_model(c_in: int = 8, c_out: int = 16, kernel=(3, 3), bias: bool = True,
 
 
 def small_cnn_model(seed: int = 0, classes: int = 10) -> onnx.ModelProto:
-    """x[N, 3, 16, 16] -> Conv 3x3 s2 (3->16) -> Relu -> Conv 3x3 SAME (16->32) -> Relu -> Conv 1x1
-    (32->32) -> Relu -> GlobalAveragePool -> Flatten -> Gemm (classifier) -> logits."""
+    """x[N, 3, 16, 16] -> Conv 3x3 s2 (3->16) -> Relu -> Conv 3x3 SAME (16->32) -> Relu -> depthwise
+    Conv 5x5 SAME (32) -> Relu -> Conv 1x1 (32->32) -> Relu -> GlobalAveragePool -> Flatten -> Gemm
+    (classifier) -> logits."""
     rng = np.random.default_rng(seed)
 
     def kernel(c_out, c_in, k):
         return (rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2 / (c_in * k * k))).astype(np.float32)
     inits = {"W0": kernel(16, 3, 3), "B0": np.zeros(16, np.float32), "W1": kernel(32, 16, 3),
-             "W2": kernel(32, 32, 1), "B2": rng.standard_normal(32).astype(np.float32) * 0.1,
+             "Wd": kernel(32, 1, 5), "W2": kernel(32, 32, 1), "B2": rng.standard_normal(32).astype(np.float32) * 0.1,
              "Wc": (rng.standard_normal((classes, 32)) / np.sqrt(32)).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["x", "W0", "B0"], ["c0"], name="conv0", strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c0"], ["r0"]),
              helper.make_node("Conv", ["r0", "W1"], ["c1"], name="conv1", auto_pad="SAME_UPPER"),
              helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2"),
+             helper.make_node("Conv", ["r1", "Wd"], ["d"], name="depthwise", group=32, auto_pad="SAME_UPPER"),
+             helper.make_node("Relu", ["d"], ["rd"]),
+             helper.make_node("Conv", ["rd", "W2", "B2"], ["c2"], name="conv2"),
              helper.make_node("Relu", ["c2"], ["r2"]),
              helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
              helper.make_node("Flatten", ["p"], ["f"]),

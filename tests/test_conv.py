@@ -14,7 +14,7 @@ from lrqgraph.passmanager import Context, PassManager
 import builders
 
 # (c_in, c_out, kernel, attrs): strides 1/2, explicit pads, auto_pad SAME_UPPER / SAME_LOWER /
-# VALID, dilation 2, kernels 1x1, 3x3, 5x5, 1x7, odd channel counts
+# VALID, dilation 2, kernels 1x1, 3x3, 5x5, 1x7, odd channel counts, groups 1 / 4 / depthwise
 GEOMETRIES = {
     "3x3": (8, 16, (3, 3), {}),
     "3x3-pad1": (8, 16, (3, 3), {"pads": [1, 1, 1, 1]}),
@@ -25,7 +25,11 @@ GEOMETRIES = {
     "1x1": (24, 16, (1, 1), {}),
     "5x5-valid": (6, 11, (5, 5), {"auto_pad": "VALID"}),
     "1x7": (8, 16, (1, 7), {"pads": [0, 3, 0, 3]}),
+    "3x3-group4": (8, 12, (3, 3), {"group": 4, "pads": [1, 1, 1, 1]}),
+    "5x5-depthwise-stride2": (12, 12, (5, 5), {"group": 12, "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+    "3x3-depthwise-multiplier2-dilation2": (7, 14, (3, 3), {"group": 7, "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
 }
+GROUPED = {name for name, (_, _, _, attrs) in GEOMETRIES.items() if attrs.get("group", 1) > 1}
 
 
 def _x(batch: int, c_in: int, size=(12, 12), seed: int = 3) -> np.ndarray:
@@ -41,8 +45,12 @@ def test_patches_times_the_weight_matrix_is_onnxruntimes_conv(name):
     x = _x(2, c_in)
     expected = open_session(model).run(None, {"x": x})[0]
     w = numpy_helper.to_array(model.graph.initializer[0])
-    rows = ConvPatches.of(attrs, kernel).rows(x)
-    got = (rows @ w.reshape(c_out, -1).T).reshape(2, *expected.shape[2:], c_out).transpose(0, 3, 1, 2)
+    g = attrs.get("group", 1)
+    rows = ConvPatches.of(attrs, kernel).rows(x)  # [2·g·pixels, C_in/g·kh·kw]: each group's patches
+    per_group = rows.reshape(2, g, -1, rows.shape[1])
+    w_groups = w.reshape(g, c_out // g, -1)  # group j's output channels read group j's patches
+    got = np.einsum("ngpk,gok->ngpo", per_group, w_groups).transpose(0, 2, 1, 3).reshape(2, -1, c_out)
+    got = got.reshape(2, *expected.shape[2:], c_out).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -60,10 +68,30 @@ def test_a_conv_is_a_layer_of_its_patch_matrix():
     np.testing.assert_array_equal(conv.stored_layout(conv.weight_matrix()), w)
 
 
-@pytest.mark.parametrize("group, why", [(4, "grouped convolution (group=4)"), (8, "depthwise convolution (group=8)")])
-def test_grouped_and_depthwise_convolutions_are_kept_with_the_reason(group, why):
-    conv = _layers(builders.conv_model(8, 16 if group == 4 else 8, (3, 3), group=group))["conv"]
-    assert not conv.rewrite and why in conv.reason
+@pytest.mark.parametrize("group", [4, 8])
+def test_grouped_and_depthwise_convolutions_are_layers_of_their_group_matrix(group):
+    model = builders.conv_model(8, 16, (3, 3), group=group)
+    conv = _layers(model)["conv"]
+    assert conv.rewrite and conv.groups == group and conv.shape == (8 // group * 9, 16)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    np.testing.assert_array_equal(conv.stored_layout(conv.weight_matrix()), w)
+
+
+def test_a_group_that_does_not_divide_the_output_channels_is_kept_with_the_reason():
+    model = builders.conv_model(8, 16, (3, 3), group=4)
+    model.graph.node[0].attribute[0].i = 3  # corrupt: 16 output channels in 3 groups
+    conv = _layers(model)["conv"]
+    assert not conv.rewrite and "group=3 does not divide its 16 output channels" in conv.reason
+
+
+@pytest.mark.parametrize("method", ["lplr", "qlr"])
+def test_a_grouped_convolution_refuses_low_rank_with_the_reason(method):
+    model = builders.conv_model(8, 16, (3, 3), group=4)
+    ctx = Context(ModelState(model), OptimizeConfig(factorize=FactorizeConfig(method=method, rank=2),
+                                                    select=SelectConfig(min_params=16)))
+    PassManager("discover,factorize").run(ctx)
+    plan = ctx.plans["W"]
+    assert not plan.rewrite and "grouped convolution (group=4) takes a dense grid" in plan.reason
 
 
 def test_conv_can_be_left_out_by_op_type():
@@ -85,9 +113,13 @@ FORMS = {"dense 4-bit": FactorizeConfig(method="rtn", bits=4, block_size=16),
          "q + l·r": FactorizeConfig(method="qlr", bits=2, lr_bits=8, rank=4, block_size=16)}
 
 
+# a grouped convolution takes dense grids only (test_a_grouped_convolution_refuses_low_rank...)
+CASES = [(name, form) for name in GEOMETRIES for form in FORMS
+         if name not in GROUPED or FORMS[form].method not in ("lplr", "qlr")]
+
+
 @pytest.mark.parametrize("lowering", ["ort", "std", "lrq"])
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("name", GEOMETRIES)
+@pytest.mark.parametrize("name, form", CASES)
 def test_lowered_conv_matches_the_model_with_its_dequantized_weight(name, form, lowering):
     c_in, c_out, kernel, attrs = GEOMETRIES[name]
     if lowering == "lrq":
@@ -122,6 +154,20 @@ def test_conv_statistics_are_over_input_patches(tmp_path):
     np.testing.assert_allclose(h, rows.T @ rows, rtol=1e-12)
 
 
+def test_depthwise_statistics_sum_every_channels_patches():
+    from lrqgraph.hessian import collect_hessian_parts
+    model = builders.conv_model(8, 8, (3, 3), group=8, pads=[1, 1, 1, 1])
+    x = _x(2, 8)
+    geometry = ConvPatches.of({"group": 8, "pads": [1, 1, 1, 1]}, (3, 3))
+    h = collect_hessian_parts(model, {"W": "x"}, [[{"x": x}]], patches={"W": geometry})[0]["W"]
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.zeros((9, 9))
+    for c in range(8):  # channel c's own 3x3 patches, summed over channels
+        windows = np.lib.stride_tricks.sliding_window_view(padded[:, c], (3, 3), axis=(1, 2)).reshape(-1, 9)
+        want += windows.T @ windows
+    np.testing.assert_allclose(h, want, rtol=1e-12)
+
+
 def test_a_cnn_allocates_its_convolutions_within_the_budget(tmp_path):
     model = builders.small_cnn_model()
     calib = tmp_path / "photos.npz"
@@ -132,6 +178,8 @@ def test_a_cnn_allocates_its_convolutions_within_the_budget(tmp_path):
     entries = {e["name"]: e for e in result.report["layers"]}
     convs = [entries[f"conv{i}"] for i in range(3)]
     assert all(e["action"] == "rewrite" and e["family"] in ("dense", "lowrank", "qlr") for e in convs)
+    depthwise = entries["depthwise"]  # dense grids only
+    assert depthwise["action"] == "rewrite" and depthwise["family"] == "dense", depthwise
     assert result.report["allocation"]["bpw"] <= 5
     assert {"Conv", "Cast", "Mul"} <= {n.op_type for n in result.model.graph.node}
     x = _x(4, 3, size=(16, 16), seed=11)
