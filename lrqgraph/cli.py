@@ -85,6 +85,9 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
                       help="smallest model whose first output keeps this mean per-sample cosine")
     goal.add_argument("--max-kl", type=float,
                       help="smallest model whose first output (logits) keeps mean KL divergence below this")
+    goal.add_argument("--labels", metavar="LABELS.npz",
+                      help="lossless: the smallest model whose top-1 accuracy on half of these labelled samples "
+                           "(the model's inputs and 'labels') is not below the original's, checked on the other half")
     g.add_argument("--metric", choices=("cosine", "kl"), dest="measure",
                    help="what --target-bpw / --target-size minimise: cosine of the first output, or KL of its "
                         "softmax (default: kl when the first output is named like logits, else cosine)")
@@ -192,7 +195,7 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     factorize = method_config(args.method, **given)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
-                                                                      "max_kl")},
+                                                                      "max_kl", "labels")},
                               families=getattr(args, "families", None) or (), measure=getattr(args, "measure", None),
                               tables_in_budget=getattr(args, "tables_in_budget", None))
     return OptimizeConfig(select=select, factorize=factorize, verify=verify, allocate=allocate,

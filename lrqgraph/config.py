@@ -68,6 +68,11 @@ class AllocateConfig:
     # the model's outputs for one batch), with max_metric as the compact mode's tolerance
     metric: Callable[[list, list], float] | None = field(default=None, compare=False)
     max_metric: float | None = None
+    # the lossless goal: labels.npz (the model's inputs and 'labels', lrqgraph.labels): the smallest
+    # model whose top-1 accuracy on a seeded half of the samples is not below the original's, checked
+    # on the other half (the report's "labelled" entry)
+    labels: str | None = None
+    labels_seed: int = 0
     # what a budget goal minimises: "cosine" (1 − mean cosine of the first output) or "kl" (KL of its
     # softmax); None: "kl" for --max-kl or a first output named like logits, "cosine" otherwise
     measure: str | None = None
@@ -95,10 +100,10 @@ class AllocateConfig:
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
 
     def __post_init__(self) -> None:
-        goals = [g for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl, self.max_metric)
-                 if g is not None]
+        goals = [g for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl, self.max_metric,
+                             self.labels) if g is not None]
         if len(goals) > 1:
-            raise LrqError("give one goal: --target-bpw, --target-size, --min-cosine or --max-kl")
+            raise LrqError("give one goal: --target-bpw, --target-size, --min-cosine, --max-kl or --labels")
         if (self.metric is None) != (self.max_metric is None):
             raise LrqError("a custom metric needs both metric (a callable) and max_metric")
         if self.target_bpw is not None and not 1 <= self.target_bpw <= 32:
@@ -127,13 +132,13 @@ class AllocateConfig:
     @property
     def active(self) -> bool:
         return any(g is not None for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl,
-                                           self.max_metric))
+                                           self.max_metric, self.labels))
 
     def metric_for(self, first_output: str) -> str:
         """The built-in metric the allocation measures (``measure``, resolved)."""
         if self.measure is not None:
             return self.measure
-        if self.max_kl is not None:
+        if self.max_kl is not None or self.labels is not None:  # labels: a classifier's logits
             return "kl"
         return "kl" if self.min_cosine is None and "logits" in first_output.lower() else "cosine"
 
@@ -144,6 +149,8 @@ class AllocateConfig:
 
     @property
     def mode(self) -> str:
+        if self.labels is not None:
+            return "lossless"
         return "quality" if self.target_bpw is not None or self.target_size is not None else "compact"
 
 

@@ -6,8 +6,12 @@ Modes (AllocateConfig):
     8-bit grid outside it unless ``tables_in_budget``) or ``target_size``
     bytes for the whole model;
   - compact: the smallest storage whose predicted degradation is within ``min_cosine`` (1 − mean
-    cosine of the first output) or ``max_kl`` (logits).
-Both are a multiple-choice knapsack (lrqgraph.numerics.allocation). The choice is then measured
+    cosine of the first output) or ``max_kl`` (logits);
+  - lossless (``labels``): the smallest storage whose top-1 accuracy on the search half of the
+    labelled samples is not below the original's: a bisection over the compact mode's KL goal
+    (log scale, 12 steps), each step's choice measured on the labelled samples; the result is checked
+    on the validation half, which the search never saw (the report's "labelled" entry).
+All are a multiple-choice knapsack (lrqgraph.numerics.allocation). The choice is then measured
 end to end on the calibration inputs; in compact mode, while the measurement misses the goal, the
 layer with the largest predicted share moves to its next more precise candidate (at worst, back to
 float) and the model is measured again. A goal that cannot be met is an error naming the cheapest
@@ -23,6 +27,7 @@ import numpy as np
 
 from lrqgraph.config import AllocateConfig, with_fields
 from lrqgraph.errors import LrqError
+from lrqgraph.labels import load_labelled
 from lrqgraph.methods import configure
 from lrqgraph.numerics import activation_error
 from lrqgraph.numerics.allocation import frontier, within_budget, within_loss
@@ -58,6 +63,7 @@ class AllocationSummary:
     uniform: list               # one dense grid for every layer, measured: the baselines
     families: dict              # family -> its layers' count in the choice, its own frontier and its
                                 # own allocation at the same goal (measured), for the joint-vs-alone comparison
+    labelled: dict | None = None  # the lossless goal: samples and top-1 accuracy per half, original and chosen
 
 
 def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
@@ -79,6 +85,8 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
             raise LrqError(f"--target-size {cfg.target_size} bytes is below the {int(other)} bytes the model "
                            f"keeps outside the selected layers; raise it or select more layers")
         return "budget", (cfg.target_size - other) * 8
+    if cfg.labels is not None:
+        return "lossless", 0.0
     if cfg.min_cosine is not None:
         return "loss", 1.0 - cfg.min_cosine
     return "loss", cfg.max_kl if cfg.max_kl is not None else cfg.max_metric
@@ -149,7 +157,7 @@ class Allocate(Pass):
     def run(self, ctx: Context) -> PassResult:
         cfg = with_fields(ctx.config.allocate, self.params)
         if not cfg.active:
-            raise LrqError("allocate needs a goal: --target-bpw, --target-size, --min-cosine or --max-kl")
+            raise LrqError("allocate needs a goal: --target-bpw, --target-size, --min-cosine, --max-kl or --labels")
         # a layer with no candidate but keep stays in: the goal counts it at its float size
         tols = list(ctx.analysis("tolerance", allocate=cfg))
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
@@ -168,7 +176,14 @@ class Allocate(Pass):
         def per_weight(cost: float) -> float:
             return (cost - fixed) / params
         kind, target = _goal(ctx, cfg, tols)
-        found = _solve(kind, target, costs, losses)
+        labelled = None
+        if kind == "lossless":
+            search, validation = load_labelled(cfg.labels, ctx.model.to_onnx(), [t.layer.weight for t in tols],
+                                               cfg.labels_seed)
+            lost = _Measurer(search.meter)
+            found = _lossless_search(tols, costs, losses, lost)
+        else:
+            found = _solve(kind, target, costs, losses)
         if kind == "budget":
             if found is None:
                 cheapest = per_weight(sum(c.min() for c in costs))
@@ -189,7 +204,7 @@ class Allocate(Pass):
         families = {}  # each family alone at the same goal, measured: the comparison the report shows
         joint = measured
         for family in dict.fromkeys(c.family for t in tols for c in t.candidates if c.rep is not None):
-            alone = _family_alone(tols, family, kind, target)
+            alone = _family_alone(tols, family, kind, target) if kind != "lossless" else None
             entry = {"alone": None}
             if alone is not None:
                 picks = [int(i) for i in alone.choice]
@@ -211,13 +226,23 @@ class Allocate(Pass):
             for t, c in progress(list(zip(tols, choice)), "refit"):
                 _refit(ctx, t, c, hessians.get(t.layer.weight), cfg.polish_sweeps)
             measured = measure(tols, choice)
+        if kind == "lossless":  # the refit moved every chosen layer: the search accuracy again, repaired
+            while lost(tols, choice) > 0 and repairs < cfg.repair_steps and _upgrade(tols, choice):
+                repairs += 1
+            measured = measure(tols, choice)
+            labelled = _labelled_entry(tols, choice, search, validation)
         met = measured <= target if kind == "loss" else True
-        if not met:
+        if labelled is not None:
+            met = labelled["validation"]["accuracy"] >= labelled["validation"]["original"]
+        if not met and labelled is not None:
+            log.warning("allocate: top-1 accuracy %.4f on the validation half is below the original's %.4f",
+                        labelled["validation"]["accuracy"], labelled["validation"]["original"])
+        elif not met:
             log.warning("allocate: measured degradation %.4g still misses the goal %.4g after %d repairs",
                         measured, target, repairs)
         self._apply(ctx, tols, choice)
         self._report(ctx, cfg, tols, choice, costs, per_weight, kind, target, (measured, joint, held_out), repairs, met,
-                     measure, families, uniform)
+                     measure, families, uniform, labelled)
         return PassResult(modified=False, preserved=None)
 
     @staticmethod
@@ -241,7 +266,7 @@ class Allocate(Pass):
 
     @staticmethod
     def _report(ctx, cfg, tols, choice, costs, per_weight, kind, target, measured, repairs, met, measure, families,
-                uniform):
+                uniform, labelled=None):
         measured, joint, held_out = measured
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
         metric = measure.metric
@@ -249,7 +274,7 @@ class Allocate(Pass):
         ctx.allocation = AllocationSummary(
             mode=cfg.mode, metric=metric, goal={k: v for k, v in dataclasses.asdict(cfg).items()
                                                 if k in ("target_bpw", "target_size", "min_cosine", "max_kl",
-                                                         "max_metric") and v is not None},
+                                                         "max_metric", "labels", "labels_seed") and v is not None},
             bpw=per_weight(sum(t.candidates[c].bits for t, c in zip(tols, choice))),
             predicted=float(sum(t.candidates[c].predicted for t, c in zip(tols, choice))),
             measured=measured, joint_measured=joint, held_out=held_out, target_loss=target if kind == "loss" else None, met=met,
@@ -257,7 +282,7 @@ class Allocate(Pass):
             spearman=spearman([c[1] for c in checks], [c[2] for c in checks]) if len(checks) > 2 else None,
             spearman_by_family=_spearman_by_family(tols),
             frontier=[(per_weight(cost), loss) for cost, loss in frontier(costs, losses)], uniform=uniform,
-            families=families)
+            families=families, labelled=labelled)
         log.info("allocate: %.3f bits per weight, predicted %s %.4g, measured %.4g%s; families %s",
                  ctx.allocation.bpw, metric, ctx.allocation.predicted, measured, "" if met else " (goal missed)",
                  ", ".join(f"{f} {v['layers']}" for f, v in families.items()))
@@ -312,6 +337,46 @@ def _restricted(tols: list[LayerTolerance], family: str) -> tuple[list[np.ndarra
         costs.append(np.array([c.bits for c in t.candidates], np.float64))
         losses.append(np.where(inside, [c.predicted for c in t.candidates], np.inf))
     return costs, losses
+
+
+def _lossless_search(tols: list[LayerTolerance], costs: list[np.ndarray], losses: list[np.ndarray], lost,
+                     steps: int = 12):
+    """The smallest choice along the compact mode's goals whose measured accuracy loss (``lost``, on
+    the labelled search samples) is not above zero: the cheapest choice first, then a bisection of
+    the predicted-loss goal on a log scale between it and 1e-6 of it. Keeping every layer (the
+    original) is the fallback, lossless by definition."""
+    cheapest = within_budget(costs, losses, sum(float(c.min()) for c in costs))
+    passing = [within_loss(costs, losses, 0.0)]  # zero predicted loss: every layer kept (or lossless)
+    high = float(cheapest.loss) if cheapest is not None and np.isfinite(cheapest.loss) else 0.0
+    low = high * 1e-6
+    goal = high
+    for step in progress(range(steps + 1), "lossless search"):
+        found = within_loss(costs, losses, goal) if goal > 0 else None
+        if found is not None:
+            accepted = lost(tols, [int(i) for i in found.choice]) <= 0
+            log.info("allocate: lossless step %d: predicted kl %.4g, %.0f bits, %s", step, found.loss, found.cost,
+                     "no accuracy lost" if accepted else "accuracy lost")
+            if accepted:
+                passing.append(found)
+                if step == 0:
+                    break  # the cheapest model loses nothing
+                low = goal
+            else:
+                high = goal
+        goal = float(np.sqrt(low * high)) if low > 0 else 0.0
+    return min((p for p in passing if p is not None), key=lambda p: p.cost)
+
+
+def _labelled_entry(tols: list[LayerTolerance], choice: list[int], search, validation) -> dict:
+    """Top-1 accuracy of the original and of the choice on both halves of the labelled samples."""
+    replaced = {t.layer.weight: stored_layout(t.layer, t.candidates[c].rep) for t, c in zip(tols, choice)
+                if t.candidates[c].rep is not None}
+    entry = {name: {"samples": half.samples, "original": half.original_accuracy, "accuracy": half.accuracy(replaced)}
+             for name, half in (("search", search), ("validation", validation))}
+    log.info("allocate: top-1 accuracy %.4f (original %.4f) on %d search samples, %.4f (original %.4f) on %d "
+             "validation samples", entry["search"]["accuracy"], entry["search"]["original"], search.samples,
+             entry["validation"]["accuracy"], entry["validation"]["original"], validation.samples)
+    return entry
 
 
 def _solve(kind: str, target: float, costs: list[np.ndarray], losses: list[np.ndarray]):

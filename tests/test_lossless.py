@@ -1,0 +1,97 @@
+"""The lossless goal (--labels): the smallest model whose top-1 accuracy on labelled samples is not
+below the original's, searched on one half of them and checked on the other."""
+import numpy as np
+import pytest
+
+import lrqgraph
+from lrqgraph import AllocateConfig, OptimizeConfig, SelectConfig
+from lrqgraph.evaluate import open_session
+
+import builders
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 64)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A 48-class classifier (a 3-layer MLP: random weights, whose top-1 varies with the input, where a
+    small CNN's would not), calibration inputs, and labelled inputs: the class the original predicts
+    with a margin (ties broken by noise would make the task itself noise), 3 in 4 of them right."""
+    tmp = tmp_path_factory.mktemp("lossless")
+    model = builders.mlp_model()
+    np.savez(tmp / "calib.npz", x=_images(48, 7))
+    x = _images(512, 8)
+    logits = open_session(model).run(None, {"x": x})[0]
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > np.median(top2[:, 1] - top2[:, 0])
+    x, logits = x[clear], logits[clear]
+    labels = logits.argmax(1)
+    wrong = np.random.default_rng(0).random(len(labels)) < 0.25  # a task the original does not ace
+    labels[wrong] = (labels[wrong] + 1) % logits.shape[1]
+    np.savez(tmp / "labels.npz", x=x, labels=labels)
+    return model, tmp
+
+
+def _run(model, tmp, **allocate):
+    cfg = OptimizeConfig(calib=str(tmp / "calib.npz"), select=SelectConfig(min_params=256, keep_output_layers=False),
+                         allocate=AllocateConfig(labels=str(tmp / "labels.npz"), **allocate))
+    return lrqgraph.api.run(model, cfg)
+
+
+def test_the_lossless_search_finds_a_smaller_model_that_keeps_the_search_accuracy(labelled):
+    model, tmp = labelled
+    result = _run(model, tmp)
+    a = result.report["allocation"]
+    assert a["mode"] == "lossless"
+    search, validation = a["labelled"]["search"], a["labelled"]["validation"]
+    assert search["accuracy"] >= search["original"] and 0.5 < search["original"] < 1.0
+    assert search["samples"] + validation["samples"] == len(np.load(tmp / "labels.npz")["labels"])
+    assert a["met"] == (validation["accuracy"] >= validation["original"])
+    rewritten = [e for e in result.report["layers"] if e["action"] == "rewrite"]
+    assert rewritten and a["bpw"] < 32  # smaller than the float model
+    # the report's accuracy is the written model's: recompute it with onnxruntime
+    data = np.load(tmp / "labels.npz")
+    order = np.random.default_rng(0).permutation(len(data["labels"]))[:search["samples"]]
+    predicted = open_session(result.model).run(None, {"x": data["x"][order]})[0].argmax(1)
+    assert float((predicted == data["labels"][order]).mean()) == pytest.approx(search["accuracy"], abs=1e-9)
+
+
+def test_when_the_cheapest_model_loses_accuracy_the_search_bisects_to_one_that_does_not(labelled, tmp_path):
+    model, tmp = labelled
+    x = _images(192, 9)
+    np.savez(tmp_path / "labels.npz", x=x, labels=open_session(model).run(None, {"x": x})[0].argmax(1))
+    cfg = OptimizeConfig(calib=str(tmp / "calib.npz"), select=SelectConfig(min_params=256, keep_output_layers=False),
+                         allocate=AllocateConfig(labels=str(tmp_path / "labels.npz")))
+    a = lrqgraph.api.run(model, cfg).report["allocation"]
+    cheapest = min(bpw for bpw, _ in a["frontier"])
+    # labels are the original's own top-1: any flipped sample loses accuracy, the cheapest flips some
+    assert a["labelled"]["search"]["original"] == 1.0 and a["labelled"]["search"]["accuracy"] == 1.0
+    assert cheapest < a["bpw"] < 32
+
+
+def test_the_split_follows_the_seed(labelled):
+    model, tmp = labelled
+    one, other = (_run(model, tmp, labels_seed=s).report["allocation"]["labelled"] for s in (0, 1))
+    assert (one["search"]["original"], one["validation"]["original"]) != \
+        (other["search"]["original"], other["validation"]["original"])
+
+
+@pytest.mark.parametrize("arrays, why", [
+    ({"x": _images(8, 1)}, "no array 'labels'"),
+    ({"image": _images(8, 1), "labels": np.zeros(8)}, "no array 'x'"),
+    ({"x": _images(8, 1), "labels": np.zeros(5)}, "5 labels for 8 samples of 'x'"),
+])
+def test_bad_labels_are_refused_in_one_line(labelled, arrays, why):
+    model, tmp = labelled
+    np.savez(tmp / "bad.npz", **arrays)
+    cfg = OptimizeConfig(calib=str(tmp / "calib.npz"), select=SelectConfig(min_params=256, keep_output_layers=False),
+                         allocate=AllocateConfig(labels=str(tmp / "bad.npz")))
+    with pytest.raises(lrqgraph.LrqError, match=why):
+        lrqgraph.api.run(model, cfg)
+
+
+def test_labels_are_one_goal_among_the_others():
+    with pytest.raises(lrqgraph.LrqError, match="give one goal"):
+        AllocateConfig(labels="labels.npz", target_bpw=4)
