@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 on real photos: lrqgraph's Conv rewrites against onnxruntime's static int8 QDQ.
 
-    python bench/cnn.py [--calib-crops 16] [--eval-crops 8] [--runs 30] [--out cnn.md]
+    python bench/cnn.py [--calib-crops 16] [--eval-crops 8] [--runs 30] [--lossless-seeds 5] [--out cnn.md]
 
 Calibration: random 224 crops of scikit-image's five colour photos (astronaut, chelsea, coffee,
 rocket, cat). Evaluation: crops of twelve other photos (scikit-learn's china and flower,
@@ -11,6 +11,13 @@ calibration on the same crops); lrqgraph data-free (the default), with --calib, 
 --target-bpw 4 and 3. "bits/weight" counts every constant of the file (Conv, depthwise, classifier,
 biases) over the fp32 parameters. Latency: median of interleaved runs (models take turns), at batch 1
 and 8, as ratios to fp32.
+
+Second table, the lossless goal (--labels): a labelled task from real photos, each crop labelled
+with the class fp32 gives its photo's centre crop (so the original itself misses crops that show
+something else); 16 other random crops of each of the twelve other photos, split by each seed into
+the search half and the validation half; lrqgraph --labels with --calib on the five calibration
+photos. Columns: file bits per weight and MB, top-1 accuracy of the original and of the result on
+both halves; then the mean and spread over the seeds.
 """
 from __future__ import annotations
 
@@ -66,60 +73,108 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def labelled_photos(crops: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of the other photos, each labelled with fp32's top-1 on its photo's centre crop."""
+    sess = session(str(efficientnet.onnx_path()), session_options(threads=2))
+    images, labels = [], []
+    for photo in efficientnet.OTHER_PHOTOS:
+        centre = efficientnet.photo_batch(1, photos=(photo,))
+        label = int(sess.run(None, {"image": centre})[0].argmax())
+        batch = efficientnet.photo_batch(crops + 1, seed=seed, photos=(photo,))[1:]  # random crops only
+        images.append(batch)
+        labels += [label] * len(batch)
+    return np.concatenate(images), np.array(labels)
+
+
+def lossless_table(tmp: Path, calib: np.ndarray, seeds: int) -> str:
+    fp32 = efficientnet.onnx_path()
+    images, labels = labelled_photos(16, seed=3)
+    np.savez(tmp / "labels.npz", image=images, labels=labels)
+    rows, kept = [], []
+    for seed in range(seeds):
+        start = time.perf_counter()
+        config = OptimizeConfig(calib=str(tmp / "photos.npz"), calib_samples=len(calib),
+                                allocate=AllocateConfig(labels=str(tmp / "labels.npz"), labels_seed=seed))
+        result = lrqgraph.run(fp32, config)
+        out = tmp / f"lossless{seed}.onnx"
+        lrqgraph.save_model(result.model, out)
+        got = result.report["allocation"]["labelled"]
+        s, v = got["search"], got["validation"]
+        kept.append((file_bits_per_param(out, fp32), out.stat().st_size / 1e6, v["accuracy"] - v["original"]))
+        rows.append([str(seed), f"{kept[-1][0]:.3f}", f"{kept[-1][1]:.2f}", f"{s['original']:.4f}", f"{s['accuracy']:.4f}",
+                     f"{v['original']:.4f}", f"{v['accuracy']:.4f}", f"{time.perf_counter() - start:.0f}"])
+        print(rows[-1], flush=True)
+    bits, mb, delta = (np.array(col) for col in zip(*kept))
+    rows.append(["mean ± std", f"{bits.mean():.3f} ± {bits.std():.3f}", f"{mb.mean():.2f} ± {mb.std():.2f}", "", "",
+                 "", f"Δ {delta.mean():+.4f} ± {delta.std():.4f}", ""])
+    headers = ["seed", "bits/weight (file)", "MB", "search: fp32", "search: lrq", "validation: fp32",
+               "validation: lrq", "build s"]
+    head = (f"lossless goal: {len(labels)} labelled crops of 12 photos (label: fp32's top-1 on the photo's centre "
+            f"crop), halves by seed; fp32 file {fp32.stat().st_size / 1e6:.2f} MB")
+    return head + "\n" + table(headers, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-crops", type=int, default=16, help="random crops per calibration photo")
     parser.add_argument("--eval-crops", type=int, default=8, help="crops per evaluation photo (12 photos)")
     parser.add_argument("--runs", type=int, default=30, help="interleaved latency runs")
-    parser.add_argument("--out", help="also write the table (markdown) here")
+    parser.add_argument("--lossless-seeds", type=int, default=5, help="seeds of the lossless table (0: skip it)")
+    parser.add_argument("--skip-main", action="store_true", help="only the lossless table")
+    parser.add_argument("--out", help="also write the tables (markdown) here")
     args = parser.parse_args()
-    fp32 = efficientnet.onnx_path()
     calib = efficientnet.photo_batch(args.calib_crops, seed=1)
-    evaluation = efficientnet.photo_batch(args.eval_crops, seed=2, photos=efficientnet.OTHER_PHOTOS)
-    rows = [("fp32", fp32, 0.0)]
+    printed = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         np.savez(tmp / "photos.npz", image=calib)
-        start = time.perf_counter()
-        ort_static_qdq(fp32, tmp / "ort_qdq.onnx", calib)
-        rows.append(("onnxruntime static QDQ int8 per channel", tmp / "ort_qdq.onnx", time.perf_counter() - start))
-        for i, (label, fields, calibrated) in enumerate(SETTINGS):
-            out, start = tmp / f"lrq{i}.onnx", time.perf_counter()
-            config = OptimizeConfig(**fields, calib=str(tmp / "photos.npz") if calibrated else None,
-                                    calib_samples=len(calib))
-            result = lrqgraph.run(fp32, config)
-            lrqgraph.save_model(result.model, out)
-            rows.append((label, out, time.perf_counter() - start))
-            print(f"built {label} in {rows[-1][2]:.0f} s", flush=True)
-        paths = [str(path) for _, path, _ in rows]
-        b1 = {"image": evaluation[:1]}
-        b8 = {"image": evaluation[:8]}
-        ms1 = interleaved_latency_ms(paths, b1, args.runs)
-        ms8 = interleaved_latency_ms(paths, b8, max(5, args.runs // 3))
-        reference = None
-        printed = []
-        for (label, path, seconds), t1, t8 in zip(rows, ms1, ms8):
-            sess = session(str(path), session_options(threads=2))
-            logits = np.concatenate([sess.run(None, {"image": evaluation[i:i + 8]})[0]
-                                     for i in range(0, len(evaluation), 8)])
-            p = softmax(logits)
-            reference = p if reference is None else reference
-            top1 = float((p.argmax(1) == reference.argmax(1)).mean())
-            kl = float((reference * (np.log(reference + 1e-30) - np.log(p + 1e-30))).sum(1).mean())
-            printed.append([label, f"{file_bits_per_param(path, fp32):.3f}", f"{path.stat().st_size / 1e6:.2f}",
-                            f"{seconds:.0f}" if seconds else "", f"{top1:.4f}", f"{kl:.4f}",
-                            f"{t1:.2f}", f"{t1 / ms1[0]:.2f}", f"{t8:.2f}", f"{t8 / ms8[0]:.2f}"])
+        if not args.skip_main:
+            printed.append(main_table(tmp, calib, args))
             print(printed[-1], flush=True)
+        if args.lossless_seeds:
+            printed.append(lossless_table(tmp, calib, args.lossless_seeds))
+            print(printed[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n\n".join(printed) + "\n")
+
+
+def main_table(tmp: Path, calib: np.ndarray, args) -> str:
+    fp32 = efficientnet.onnx_path()
+    evaluation = efficientnet.photo_batch(args.eval_crops, seed=2, photos=efficientnet.OTHER_PHOTOS)
+    rows = [("fp32", fp32, 0.0)]
+    start = time.perf_counter()
+    ort_static_qdq(fp32, tmp / "ort_qdq.onnx", calib)
+    rows.append(("onnxruntime static QDQ int8 per channel", tmp / "ort_qdq.onnx", time.perf_counter() - start))
+    for i, (label, fields, calibrated) in enumerate(SETTINGS):
+        out, start = tmp / f"lrq{i}.onnx", time.perf_counter()
+        config = OptimizeConfig(**fields, calib=str(tmp / "photos.npz") if calibrated else None,
+                                calib_samples=len(calib))
+        result = lrqgraph.run(fp32, config)
+        lrqgraph.save_model(result.model, out)
+        rows.append((label, out, time.perf_counter() - start))
+        print(f"built {label} in {rows[-1][2]:.0f} s", flush=True)
+    paths = [str(path) for _, path, _ in rows]
+    ms1 = interleaved_latency_ms(paths, {"image": evaluation[:1]}, args.runs)
+    ms8 = interleaved_latency_ms(paths, {"image": evaluation[:8]}, max(5, args.runs // 3))
+    reference = None
+    printed = []
+    for (label, path, seconds), t1, t8 in zip(rows, ms1, ms8):
+        sess = session(str(path), session_options(threads=2))
+        logits = np.concatenate([sess.run(None, {"image": evaluation[i:i + 8]})[0]
+                                 for i in range(0, len(evaluation), 8)])
+        p = softmax(logits)
+        reference = p if reference is None else reference
+        top1 = float((p.argmax(1) == reference.argmax(1)).mean())
+        kl = float((reference * (np.log(reference + 1e-30) - np.log(p + 1e-30))).sum(1).mean())
+        printed.append([label, f"{file_bits_per_param(path, fp32):.3f}", f"{path.stat().st_size / 1e6:.2f}",
+                        f"{seconds:.0f}" if seconds else "", f"{top1:.4f}", f"{kl:.4f}",
+                        f"{t1:.2f}", f"{t1 / ms1[0]:.2f}", f"{t8:.2f}", f"{t8 / ms8[0]:.2f}"])
+        print(printed[-1], flush=True)
     headers = ["model", "bits/weight (file)", "MB", "build s", "top-1 agree", "KL", "ms b1", "x fp32", "ms b8",
                "x fp32"]
     head = (f"{datetime.date.today()} · {platform.machine()} · EfficientNet-Lite0 · calibration "
             f"{len(calib)} crops of 5 photos · evaluation {len(evaluation)} crops of 12 other photos")
-    print(head)
-    print(table(headers, printed))
-    if args.out:
-        md = [head, "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        md += ["| " + " | ".join(r) + " |" for r in printed]
-        Path(args.out).write_text("\n".join(md) + "\n")
+    return head + "\n" + table(headers, printed)
 
 
 if __name__ == "__main__":

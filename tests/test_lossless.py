@@ -95,3 +95,20 @@ def test_bad_labels_are_refused_in_one_line(labelled, arrays, why):
 def test_labels_are_one_goal_among_the_others():
     with pytest.raises(lrqgraph.LrqError, match="give one goal"):
         AllocateConfig(labels="labels.npz", target_bpw=4)
+
+
+def test_the_cli_takes_labels_and_reports_both_halves(labelled, tmp_path):
+    import json
+
+    import onnx
+
+    from lrqgraph.cli import main
+    model, tmp = labelled
+    onnx.save(model, tmp_path / "m.onnx")
+    code = main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "--calib", str(tmp / "calib.npz"),
+                 "--labels", str(tmp / "labels.npz"), "--min-params", "256", "--output-layers",
+                 "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["allocation"]["mode"] == "lossless"
+    assert set(report["allocation"]["labelled"]) == {"search", "validation"}
