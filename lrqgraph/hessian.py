@@ -7,6 +7,12 @@ patches (C·kh·kw features, numerics.patches); other 4-D (NCHW) inputs have cha
 and pixels as rows. Rows where the mask
 input is 0 (padding tokens) are left out. Nothing is written beside the user's model: the session
 is built from memory (or, for models past protobuf's limit, from a private temporary folder).
+
+With ``shrink``, each H is shrunk towards its diagonal, H' = (1 - a)·H + a·diag(H) with
+a = K / (K + n) for n rows of K features: the correlations of n < K rows (a classifier after global
+pooling: one row per image) are mostly noise, and GPTQ fitted to them puts its whole error in the
+directions the calibration never saw, which other inputs do see (EfficientNet-Lite0's fc: in-sample
+KL 0.01, KL 0.4 on held-out photos). With n ≫ K the shrinkage vanishes.
 """
 from __future__ import annotations
 
@@ -31,6 +37,14 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelPr
     return out
 
 
+def shrunk(h: np.ndarray, rows: int) -> np.ndarray:
+    """H from ``rows`` rows shrunk towards its diagonal by K / (K + rows) (see the module doc)."""
+    a = h.shape[0] / (h.shape[0] + max(rows, 0))
+    out = (1 - a) * h
+    out[np.diag_indices_from(out)] += a * np.diag(h)
+    return out
+
+
 def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
                      batches: Iterable[dict[str, np.ndarray]], mask_input: str | None = None) -> dict[str, np.ndarray]:
     """H per weight for ``inputs`` = {weight name: activation tensor name}, summed over ``batches``.
@@ -44,10 +58,12 @@ def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[st
 def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
                           parts: list[Iterable[dict[str, np.ndarray]]],
                           mask_input: str | None = None,
-                          patches: dict[str, ConvPatches] | None = None) -> list[dict[str, np.ndarray]]:
+                          patches: dict[str, ConvPatches] | None = None,
+                          shrink: bool = False) -> list[dict[str, np.ndarray]]:
     """:func:`collect_hessians` for each part of the batches, from one session and one pass (the
     allocator's held-out statistics); every part holds at least one batch. ``patches`` gives the
-    geometry of convolution weights: their H is over input patches (one image at a time)."""
+    geometry of convolution weights: their H is over input patches (one image at a time). With
+    ``shrink``, each part's H is shrunk by its own row count (:func:`shrunk`)."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     names = sorted(set(inputs.values()))
     patches = patches or {}
@@ -56,28 +72,32 @@ def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: di
     out = []
     for batches in parts:
         sums: dict[tuple, np.ndarray] = {}
+        rows: dict[tuple, int] = {}
         for feed in batches:
             acts = dict(zip(names, sess.run(names, feed)))
             keep = None if mask_input is None else feed[mask_input].reshape(-1).astype(bool)
             for key in dict.fromkeys(keys.values()):
                 tensor, geometry = key
-                sums[key] = sums.get(key, 0) + _products(acts[tensor], geometry, keep)
+                h, n = _products(acts[tensor], geometry, keep)
+                sums[key], rows[key] = sums.get(key, 0) + h, rows.get(key, 0) + n
+        if shrink:
+            sums = {key: shrunk(h, rows[key]) for key, h in sums.items()}
         out.append({weight: sums[key] for weight, key in keys.items()})
     return out
 
 
-def _products(x: np.ndarray, geometry: ConvPatches | None, keep: np.ndarray | None) -> np.ndarray:
-    """Σ rowsᵀ·rows of one batch's activations: patches of a convolution's input, pixels of
-    another 4-D (NCHW) input (samples of a C-dimensional input), else rows of the last axis."""
+def _products(x: np.ndarray, geometry: ConvPatches | None, keep: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(Σ rowsᵀ·rows, number of rows) of one batch's activations: patches of a convolution's input,
+    pixels of another 4-D (NCHW) input (samples of a C-dimensional input), else rows of the last axis."""
     if geometry is not None:
-        total = 0
+        total, count = 0, 0
         for image in x:  # one image's patches at a time: never every patch of the batch at once
             rows = geometry.rows(image[None].astype(np.float64))
-            total = total + rows.T @ rows
-        return total
+            total, count = total + rows.T @ rows, count + len(rows)
+        return total, count
     if x.ndim == 4:
         x = x.transpose(0, 2, 3, 1)
     rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
     if keep is not None and len(keep) == len(rows):
         rows = rows[keep]
-    return rows.T @ rows
+    return rows.T @ rows, len(rows)

@@ -108,7 +108,7 @@ def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[di
     inputs = {layer.weight: layer.matmuls[0].inputs[0].name for layer in layers}
     patches = {layer.weight: ConvPatches.of(layer.matmuls[0].attrs, layer.kernel[2:]) for layer in layers
                if layer.kernel}
-    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}|{sorted(patches.items())}"
+    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}|{sorted(patches.items())}|shrunk"
                             .encode())
     cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
     names = sorted(inputs)
@@ -117,7 +117,7 @@ def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[di
             log.info("calibrate: H for %d layers read from cache %s", len(names), cached)
             return [{name: stored[f"p{p}h{i}"] for i, name in enumerate(names)} for p in range(len(parts))]
     model = ctx.model.to_onnx()
-    hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model), patches=patches)
+    hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model), patches=patches, shrink=True)
     fd, tmp_file = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
     os.close(fd)
     np.savez(tmp_file, **{f"p{p}h{i}": part[name] for p, part in enumerate(hs) for i, name in enumerate(names)})

@@ -189,7 +189,8 @@ def test_a_cnn_allocates_its_convolutions_within_the_budget(tmp_path):
 
 
 # Measured on the 96 crops of other photos (bench/cnn.py's evaluation set, 48 of them here):
-# 8-bit RTN on the 26 group-1 convolutions agrees with fp32's top-1 on 0.979 of them; 4-bit block
+# 8-bit RTN on the 26 group-1 convolutions agrees with fp32's top-1 on 0.979 of them, with the 11
+# depthwise ones too (per channel: a 3x3 or 5x5 kernel is one block) on 0.958 (46 of 48); 4-bit block
 # 32 on 0.58 (asymmetric) to 0.67 (symmetric, block 16): EfficientNet's convolutions do not take
 # 4 bits as they are (bench/RESULTS.md, the CNN table).
 MIN_8BIT_AGREEMENT = 0.95
@@ -200,7 +201,8 @@ def test_efficientnet_convolutions_at_8_bits_keep_the_top1_on_other_photos():
     fp32 = efficientnet.onnx_path()
     result = lrqgraph.api.run(fp32, OptimizeConfig(factorize=FactorizeConfig(method="rtn", bits=8, block_size=32)))
     convs = [e for e in result.report["layers"] if e["op"] == "Conv"]
-    assert sum(e["action"] == "rewrite" for e in convs) == 26  # the others depthwise or tiny, with the reason
+    # 26 group-1 and 11 depthwise convolutions; the others tiny (< 4096 parameters), with the reason
+    assert sum(e["action"] == "rewrite" for e in convs) == 37
     assert all(e["reason"] for e in convs if e["action"] == "keep")
     photos = efficientnet.photo_batch(4, seed=2, photos=efficientnet.OTHER_PHOTOS)
     want = open_session(str(fp32)).run(None, {"image": photos})[0].argmax(1)

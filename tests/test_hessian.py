@@ -82,3 +82,16 @@ def test_nothing_is_written_beside_the_users_model(tmp_path, monkeypatch):
     x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
     collect_hessians(path, {"W": "x"}, [{"x": x}])
     assert not [w for w in writes if str(tmp_path) in w]
+
+
+def test_shrinkage_pulls_h_of_few_rows_towards_its_diagonal_by_k_over_k_plus_n(tmp_path):
+    m = builders.matmul_model(32, 16, batch_dims=("b", "s"))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.standard_normal((2, 4, 32)).astype(np.float32)}]  # 8 rows of 32 features
+    raw = collect_hessian_parts(path, {"W": "x"}, [batches])[0]["W"]
+    got = collect_hessian_parts(path, {"W": "x"}, [batches], shrink=True)[0]["W"]
+    a = 32 / (32 + 8)
+    np.testing.assert_allclose(got, (1 - a) * raw + a * np.diag(np.diag(raw)), rtol=1e-12)
+    assert np.linalg.matrix_rank(raw) == 8 and np.linalg.matrix_rank(got) == 32  # full rank: GPTQ sees every direction
