@@ -10,9 +10,10 @@ is built from memory (or, for models past protobuf's limit, from a private tempo
 
 With ``shrink``, each H is shrunk towards its diagonal, H' = (1 - a)·H + a·diag(H) with
 a = K / (K + n) for n rows of K features: the correlations of n < K rows (a classifier after global
-pooling: one row per image) are mostly noise, and GPTQ fitted to them puts its whole error in the
-directions the calibration never saw, which other inputs do see (EfficientNet-Lite0's fc: in-sample
-KL 0.01, KL 0.4 on held-out photos). With n ≫ K the shrinkage vanishes.
+pooling has one row per image: EfficientNet-Lite0's fc gets 64 rows for K = 1280) are mostly
+noise, and GPTQ fitted to them puts its error in the directions the calibration never saw, which
+other inputs do see. With n ≫ K the shrinkage vanishes. MiniLM calibrated on KJV verses keeps its
+KJV cosine and gains on movie reviews (0.9009 -> 0.9126 at --target-bpw 3, 0.9722 -> 0.9748 at 4).
 """
 from __future__ import annotations
 
