@@ -8,7 +8,7 @@ and pixels as rows. Rows where the mask
 input is 0 (padding tokens) are left out. Nothing is written beside the user's model: the session
 is built from memory (or, for models past protobuf's limit, from a private temporary folder).
 
-With ``shrink``, each H is shrunk towards its diagonal, H' = (1 - a)·H + a·diag(H) with
+:meth:`HessianPart.shrunk` pulls each H towards its diagonal, H' = (1 - a)·H + a·diag(H) with
 a = K / (K + n) for n rows of K features: the correlations of n < K rows (a classifier after global
 pooling has one row per image: EfficientNet-Lite0's fc gets 64 rows for K = 1280) are mostly
 noise, and GPTQ fitted to them puts its error in the directions the calibration never saw, which
@@ -18,6 +18,7 @@ KJV cosine and gains on movie reviews (0.9009 -> 0.9126 at --target-bpw 3, 0.972
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -46,6 +47,35 @@ def shrunk(h: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class HessianPart:
+    """Σ XᵀX per weight over some calibration rows, with the number of rows behind each. Weights
+    reading one tensor share one array, here and in what the methods return."""
+    h: dict[str, np.ndarray]
+    rows: dict[str, int]
+
+    def shrunk(self) -> dict[str, np.ndarray]:
+        """Each H shrunk by its own row count (:func:`shrunk`)."""
+        done: dict[int, np.ndarray] = {}
+        for name, h in self.h.items():
+            if id(h) not in done:
+                done[id(h)] = shrunk(h, self.rows[name])
+        return {name: done[id(h)] for name, h in self.h.items()}
+
+    @staticmethod
+    def total(parts: list[HessianPart]) -> HessianPart:
+        """The statistics of every part's rows together: sums of H and of rows, not of shrunk H
+        (shrinking each part by its own count would pull a small part almost to its diagonal)."""
+        if len(parts) == 1:
+            return parts[0]
+        summed: dict[int, np.ndarray] = {}
+        for name, h in parts[0].h.items():
+            if id(h) not in summed:
+                summed[id(h)] = sum(part.h[name] for part in parts)
+        return HessianPart({name: summed[id(h)] for name, h in parts[0].h.items()},
+                           {name: sum(part.rows[name] for part in parts) for name in parts[0].rows})
+
+
 def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
                      batches: Iterable[dict[str, np.ndarray]], mask_input: str | None = None) -> dict[str, np.ndarray]:
     """H per weight for ``inputs`` = {weight name: activation tensor name}, summed over ``batches``.
@@ -53,18 +83,16 @@ def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[st
     ``model`` is a ModelProto or a path (external data beside it is read). ``mask_input`` names a
     [batch, seq] feed whose zeros mark rows to ignore (e.g. an attention mask).
     """
-    return collect_hessian_parts(model, inputs, [batches], mask_input)[0]
+    return collect_hessian_parts(model, inputs, [batches], mask_input)[0].h
 
 
 def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
                           parts: list[Iterable[dict[str, np.ndarray]]],
                           mask_input: str | None = None,
-                          patches: dict[str, ConvPatches] | None = None,
-                          shrink: bool = False) -> list[dict[str, np.ndarray]]:
+                          patches: dict[str, ConvPatches] | None = None) -> list[HessianPart]:
     """:func:`collect_hessians` for each part of the batches, from one session and one pass (the
     allocator's held-out statistics); every part holds at least one batch. ``patches`` gives the
-    geometry of convolution weights: their H is over input patches (one image at a time). With
-    ``shrink``, each part's H is shrunk by its own row count (:func:`shrunk`)."""
+    geometry of convolution weights: their H is over input patches (one image at a time)."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     names = sorted(set(inputs.values()))
     patches = patches or {}
@@ -81,9 +109,8 @@ def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: di
                 tensor, geometry = key
                 h, n = _products(acts[tensor], geometry, keep)
                 sums[key], rows[key] = sums.get(key, 0) + h, rows.get(key, 0) + n
-        if shrink:
-            sums = {key: shrunk(h, rows[key]) for key, h in sums.items()}
-        out.append({weight: sums[key] for weight, key in keys.items()})
+        out.append(HessianPart({weight: sums[key] for weight, key in keys.items()},
+                               {weight: rows[key] for weight, key in keys.items()}))
     return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 import lrqgraph.calib as calib
-from lrqgraph.hessian import collect_hessian_parts
+from lrqgraph.hessian import HessianPart, collect_hessian_parts
 from lrqgraph.io import cache_dir
 from lrqgraph.numerics.patches import ConvPatches
 from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, register_pass
@@ -53,12 +53,12 @@ def calibration_data(ctx: Context, config) -> calib.CalibData | None:
 
 
 @register_analysis("hessian_parts", requires=("calib_data", "layers"), config=("allocate",))
-def hessian_parts(ctx: Context, config) -> list[dict[str, np.ndarray]]:
-    """H of the calibration samples in one pass: [all of them], or, for an allocation, [its
+def hessian_parts(ctx: Context, config) -> list[HessianPart]:
+    """Raw H of the calibration samples in one pass: [all of them], or, for an allocation, [its
     measured samples (the first ``measure_samples``), the others] (see fit_hessians)."""
     data = ctx.analysis("calib_data")
     if data is None:
-        return [{}]
+        return [HessianPart({}, {})]
     measured = measured_samples(ctx, config)
     head, rest = calib.split_runs(data.batches, measured)
     split = config.allocate.active and calib.count_samples(rest) >= calib.count_samples(head)
@@ -81,15 +81,9 @@ def measured_samples(ctx: Context, config) -> int:
 
 @register_analysis("hessians", requires=("hessian_parts",))
 def layer_hessians(ctx: Context) -> dict[str, np.ndarray]:
-    """H = XᵀX per layer from every calibration sample (empty without calibration data)."""
-    parts = ctx.analysis("hessian_parts")
-    if len(parts) == 1:
-        return parts[0]
-    summed: dict[int, np.ndarray] = {}  # layers reading one tensor share one array, as in the parts
-    for name, h in parts[0].items():
-        if id(h) not in summed:
-            summed[id(h)] = sum(part[name] for part in parts)
-    return {name: summed[id(h)] for name, h in parts[0].items()}
+    """H = XᵀX per layer from every calibration sample, shrunk by their count (empty without
+    calibration data)."""
+    return HessianPart.total(ctx.analysis("hessian_parts")).shrunk()
 
 
 @register_analysis("fit_hessians", requires=("hessian_parts",), config=("allocate",))
@@ -99,28 +93,32 @@ def fit_hessians(ctx: Context, config) -> dict[str, np.ndarray]:
     GPTQ solution only holds on its own calibration samples shows it (the overfitting that breaks
     allocations on text of another domain). Full H when too few samples would remain."""
     parts = ctx.analysis("hessian_parts", allocate=config.allocate)
-    return parts[-1] if len(parts) > 1 else ctx.analysis("hessians")
+    return parts[-1].shrunk() if len(parts) > 1 else ctx.analysis("hessians")
 
 
-def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[dict[str, np.ndarray]]:
+def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[HessianPart]:
     # an embedding table alone has no input statistics (its rows are read, not multiplied)
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite and layer.matmuls]
     inputs = {layer.weight: layer.matmuls[0].inputs[0].name for layer in layers}
     patches = {layer.weight: ConvPatches.of(layer.matmuls[0].attrs, layer.kernel[2:]) for layer in layers
                if layer.kernel}
-    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}|{sorted(patches.items())}|shrunk"
+    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}|{sorted(patches.items())}|rows"
                             .encode())
     cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
     names = sorted(inputs)
     if cached.exists():
         with np.load(cached) as stored:
             log.info("calibrate: H for %d layers read from cache %s", len(names), cached)
-            return [{name: stored[f"p{p}h{i}"] for i, name in enumerate(names)} for p in range(len(parts))]
+            return [HessianPart({name: stored[f"p{p}h{i}"] for i, name in enumerate(names)},
+                                {name: int(stored[f"p{p}n{i}"]) for i, name in enumerate(names)})
+                    for p in range(len(parts))]
     model = ctx.model.to_onnx()
-    hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model), patches=patches, shrink=True)
+    hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model), patches=patches)
     fd, tmp_file = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
     os.close(fd)
-    np.savez(tmp_file, **{f"p{p}h{i}": part[name] for p, part in enumerate(hs) for i, name in enumerate(names)})
+    arrays = {f"p{p}h{i}": part.h[name] for p, part in enumerate(hs) for i, name in enumerate(names)}
+    arrays.update({f"p{p}n{i}": np.int64(part.rows[name]) for p, part in enumerate(hs) for i, name in enumerate(names)})
+    np.savez(tmp_file, **arrays)
     os.replace(tmp_file, cached)
     log.info("calibrate: H for %d layers from %s", len(names), what)
     return hs

@@ -148,7 +148,7 @@ def test_conv_statistics_are_over_input_patches(tmp_path):
     model = builders.small_cnn_model()
     x = _x(3, 3, size=(16, 16))
     geometry = ConvPatches.of({"strides": [2, 2], "pads": [1, 1, 1, 1]}, (3, 3))
-    h = collect_hessian_parts(model, {"W0": "x"}, [[{"x": x}]], patches={"W0": geometry})[0]["W0"]
+    h = collect_hessian_parts(model, {"W0": "x"}, [[{"x": x}]], patches={"W0": geometry})[0].h["W0"]
     rows = geometry.rows(x.astype(np.float64))
     assert h.shape == (27, 27)
     np.testing.assert_allclose(h, rows.T @ rows, rtol=1e-12)
@@ -159,7 +159,7 @@ def test_depthwise_statistics_sum_every_channels_patches():
     model = builders.conv_model(8, 8, (3, 3), group=8, pads=[1, 1, 1, 1])
     x = _x(2, 8)
     geometry = ConvPatches.of({"group": 8, "pads": [1, 1, 1, 1]}, (3, 3))
-    h = collect_hessian_parts(model, {"W": "x"}, [[{"x": x}]], patches={"W": geometry})[0]["W"]
+    h = collect_hessian_parts(model, {"W": "x"}, [[{"x": x}]], patches={"W": geometry})[0].h["W"]
     padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
     want = np.zeros((9, 9))
     for c in range(8):  # channel c's own 3x3 patches, summed over channels

@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lrqgraph.hessian import collect_hessian_parts, collect_hessians
+from lrqgraph.hessian import HessianPart, collect_hessian_parts, collect_hessians
 
 import builders
 
@@ -34,9 +34,10 @@ def test_parts_are_the_hessians_of_their_batches_from_one_session(tmp_path, monk
     monkeypatch.setattr(hessian, "open_session", lambda model: opened.append(1) or real(model))
     head, rest = collect_hessian_parts(path, {"W": "x"}, [batches[:2], batches[2:]])
     assert len(opened) == 1
-    for part, got in ((batches[:2], head["W"]), (batches[2:], rest["W"])):
+    for part, got in ((batches[:2], head), (batches[2:], rest)):
         rows = np.concatenate([b["x"].reshape(-1, 16) for b in part]).astype(np.float64)
-        np.testing.assert_allclose(got, rows.T @ rows, rtol=1e-6)
+        np.testing.assert_allclose(got.h["W"], rows.T @ rows, rtol=1e-6)
+        assert got.rows["W"] == len(rows)
 
 
 def test_masked_rows_are_left_out(tmp_path):
@@ -90,8 +91,24 @@ def test_shrinkage_pulls_h_of_few_rows_towards_its_diagonal_by_k_over_k_plus_n(t
     onnx.save(m, path)
     rng = np.random.default_rng(1)
     batches = [{"x": rng.standard_normal((2, 4, 32)).astype(np.float32)}]  # 8 rows of 32 features
-    raw = collect_hessian_parts(path, {"W": "x"}, [batches])[0]["W"]
-    got = collect_hessian_parts(path, {"W": "x"}, [batches], shrink=True)[0]["W"]
+    part = collect_hessian_parts(path, {"W": "x"}, [batches])[0]
+    raw, got = part.h["W"], part.shrunk()["W"]
     a = 32 / (32 + 8)
     np.testing.assert_allclose(got, (1 - a) * raw + a * np.diag(np.diag(raw)), rtol=1e-12)
     assert np.linalg.matrix_rank(raw) == 8 and np.linalg.matrix_rank(got) == 32  # full rank: GPTQ sees every direction
+
+
+def test_parts_are_summed_before_they_are_shrunk(tmp_path):
+    """The statistics of all samples shrink by the count of all of them: a part of 4 rows shrunk by
+    its own count would be nearly diagonal, and adding it would drop most of its correlations."""
+    m = builders.matmul_model(32, 16, batch_dims=("b", "s"))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.standard_normal((1, 4, 32)).astype(np.float32)},
+               {"x": rng.standard_normal((4, 16, 32)).astype(np.float32)}]
+    parts = collect_hessian_parts(path, {"W": "x"}, [batches[:1], batches[1:]])
+    whole = collect_hessian_parts(path, {"W": "x"}, [batches])[0]
+    total = HessianPart.total(parts)
+    assert total.rows["W"] == 68
+    np.testing.assert_allclose(total.shrunk()["W"], whole.shrunk()["W"], rtol=1e-10)
