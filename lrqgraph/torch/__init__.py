@@ -1,0 +1,151 @@
+"""The torch way in: compress nn.Linear / nn.Conv2d of a torch module, and export the result to ONNX.
+
+:func:`compress` exports the module (torch.onnx, dynamo), lets the ONNX pipeline decide every
+layer (discover, calibrate, allocate or factorize: the same rules and numerics as
+``lrqgraph optimize``), and returns a copy of the module whose chosen layers are
+:class:`CompressedLinear` / :class:`CompressedConv2d`, holding the packed codes, scales and factors
+and computing with them in torch (CPU or CUDA). :func:`export` writes such a module as ONNX with
+those layers lowered to the same subgraphs as the ONNX path (``ort``, ``std`` or ``lrq``), from
+the very representations the module holds (nothing is fitted again).
+
+    small = lrqgraph.torch.compress(model, (x,), target_bpw=4, calib=[(x1,), (x2,)])
+    lrqgraph.torch.export(small, (x,), "small.onnx", lowering="ort")
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import lrqgraph.passes  # noqa: F401  (registers the built-in passes and analyses)
+from lrqgraph.config import AllocateConfig, FactorizeConfig, OptimizeConfig
+from lrqgraph.errors import LrqError
+from lrqgraph.io import save_model
+from lrqgraph.model import ModelState
+from lrqgraph.numerics import Representation
+from lrqgraph.passmanager import Context, PassManager
+from lrqgraph.plan import use_plans
+
+from .bridge import FilterFn, compressible, exclusion, matrix_key, owners, to_onnx, write_calibration
+from .modules import CompressedConv2d, CompressedLinear, CompressedMatrix
+
+__all__ = ["CompressedConv2d", "CompressedLinear", "CompressedMatrix", "compress", "export"]
+
+
+def compress(module: nn.Module, example_inputs: Any, *, target_bpw: float | None = None,
+             target_size: int | None = None, method: str | None = None, calib: Any = None,
+             filter_fn: FilterFn | None = None, config: OptimizeConfig | None = None) -> nn.Module:
+    """A compressed copy of ``module`` (plain or a ``torch.fx.GraphModule``; the input is not modified).
+
+    ``example_inputs``: a tensor or a tuple of positional inputs (their first axis is exported as
+    dynamic). ``target_bpw`` / ``target_size`` (bytes of the exported model) ask for an
+    allocation, ``method`` for one method on every layer (e.g. "gptq", "qlr"); ``calib`` (a tensor,
+    a list of input tuples, or a DataLoader) gives real inputs for the statistics. ``filter_fn(module,
+    qualified_name)`` keeps the modules it returns False for, and they do not count in the budget.
+    ``config`` sets everything else as for ``lrqgraph.optimize``."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    config = _config(config or OptimizeConfig(), target_bpw, target_size, method)
+    out = copy.deepcopy(module).eval()
+    proto = to_onnx(out, args)
+    candidates = compressible(out, filter_fn)
+    with tempfile.TemporaryDirectory(prefix="lrqgraph-calib-") as tmp:
+        if calib is not None:
+            names = [i.name for i in proto.graph.input]
+            config = dataclasses.replace(config, calib=write_calibration(calib, names, tmp))
+        layers = Context(ModelState(proto), config, original=proto).analysis("layers")
+        owned = owners(layers, candidates)
+        # layers torch cannot swap (not a selected Linear/Conv2d) stay out of the decision and its budget
+        others = [layer.weight for layer in layers if layer.rewrite and layer.weight not in owned]
+        if others:
+            select = dataclasses.replace(config.select, exclude=config.select.exclude + exclusion(others))
+            config = dataclasses.replace(config, select=select)
+        ctx = Context(ModelState(proto), config, original=proto)
+        PassManager(_decide_pipeline(config)).run(ctx)
+    for weight, plan in ctx.plans.items():
+        if plan.rep is None:
+            continue
+        for fqn in owned[weight]:
+            _replace(out, fqn, _compressed(plan.rep, out.get_submodule(fqn)))
+    return out
+
+
+def export(module: nn.Module, args: Any, path: str | os.PathLike, *, lowering: str = "ort",
+           accuracy_level: int | None = None, dynamic_shapes: Any = None, **kwargs: Any) -> Path:
+    """Write ``module`` (from :func:`compress`) to ``path`` as ONNX, its compressed layers lowered
+    as the ONNX path lowers them (``lowering``: ort, std or lrq). ``dynamic_shapes`` and ``kwargs``
+    go to torch.onnx.export (default: every input's first axis dynamic). Written atomically."""
+    args = args if isinstance(args, tuple) else (args,)
+    plain = copy.deepcopy(module).eval()
+    reps: dict[str, tuple[str, Representation]] = {}
+    for fqn, m in list(plain.named_modules()):
+        if isinstance(m, (CompressedLinear, CompressedConv2d)):
+            w_hat = m.matrix.representation.dequantize()
+            reps[matrix_key(w_hat)] = (fqn, m.matrix.representation)
+            _replace(plain, fqn, _float_module(m, w_hat))
+    proto = to_onnx(plain, args, dynamic_shapes, **kwargs)
+    config = OptimizeConfig(lowering=lowering, accuracy_level=accuracy_level)
+    ctx = Context(ModelState(proto), config, original=proto)
+    chosen, found = {}, set()
+    for layer in ctx.analysis("layers"):
+        if layer.source is None or len(layer.shape) != 2:
+            continue
+        key = matrix_key(layer.weight_matrix())
+        if key in reps:
+            chosen[layer.weight] = reps[key][1]
+            found.add(key)
+    missing = sorted(fqn for key, (fqn, _) in reps.items() if key not in found)
+    if missing:
+        raise LrqError(f"export: the exported graph has no MatMul/Gemm/Conv layer for {', '.join(missing)}")
+    use_plans(ctx, chosen)
+    PassManager(f"lower({lowering}),cleanup").run(ctx)
+    return save_model(ctx.model.to_onnx(), path)
+
+
+def _config(config: OptimizeConfig, target_bpw: float | None, target_size: int | None,
+            method: str | None) -> OptimizeConfig:
+    if target_bpw is not None or target_size is not None:
+        config = dataclasses.replace(config, allocate=dataclasses.replace(
+            config.allocate if config.allocate.active else AllocateConfig(), target_bpw=target_bpw,
+            target_size=target_size))
+    if method is not None:
+        config = dataclasses.replace(config, factorize=FactorizeConfig(method))
+    return config
+
+
+def _decide_pipeline(config: OptimizeConfig) -> str:
+    calibrate = "calibrate," if config.calib else ""
+    return f"discover,{calibrate}{'allocate' if config.allocate.active else 'factorize'}"
+
+
+def _compressed(rep: Representation, original: nn.Module) -> nn.Module:
+    if isinstance(original, nn.Conv2d):
+        return CompressedConv2d(rep, original)
+    return CompressedLinear(rep, original.bias)
+
+
+def _float_module(m: nn.Module, w_hat) -> nn.Module:
+    """A plain module computing with Ŵ (what the exporter traces; lowering then replaces it)."""
+    import torch
+    weight = torch.from_numpy(w_hat.T.copy())
+    if isinstance(m, CompressedConv2d):
+        conv = nn.Conv2d(m.kernel[1] * m.groups, m.kernel[0], m.kernel[2:], m.stride, m.padding, m.dilation,
+                         m.groups, bias=m.bias is not None)
+        conv.weight.data = weight.reshape(m.kernel)
+        if m.bias is not None:
+            conv.bias.data = m.bias.detach().clone()
+        return conv
+    linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    linear.weight.data = weight
+    if m.bias is not None:
+        linear.bias.data = m.bias.detach().clone()
+    return linear
+
+
+def _replace(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent, _, name = fqn.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
