@@ -40,9 +40,13 @@ HEADER = ["model", "path", "bits/weight (file)", "build s", "quality vs fp32", "
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's first output; feeds by name, or in order when the export named its inputs after
+    the forward's arguments (EfficientNet's ``inputs`` for the ONNX file's ``image``)."""
     sess = session(str(path))
-    names = {i.name for i in sess.get_inputs()}
-    return sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+    names = [i.name for i in sess.get_inputs()]
+    if not set(names) <= set(feeds):
+        feeds = dict(zip(names, feeds.values()))
+    return sess.run(None, {k: feeds[k] for k in names})[0]
 
 
 def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -51,7 +55,7 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def _both_paths(tmp: Path, name: str, module: torch.nn.Module, onnx_fp32: Path, example: tuple,
                 calib_feeds: list[dict[str, np.ndarray]], eval_feeds: dict[str, np.ndarray], quality,
-                target_bpw: float) -> list[list[str]]:
+                target_bpw: float, dynamic_shapes=None) -> list[list[str]]:
     """Rows for the ONNX path and the torch path of one model."""
     rows = []
     calib_dir = tmp / f"{name}-calib"
@@ -71,9 +75,9 @@ def _both_paths(tmp: Path, name: str, module: torch.nn.Module, onnx_fp32: Path, 
 
     order = list(calib_feeds[0])
     t = time.perf_counter()
-    small = lt.compress(module, example, target_bpw=target_bpw,
+    small = lt.compress(module, example, target_bpw=target_bpw, dynamic_shapes=dynamic_shapes,
                         calib=[tuple(torch.from_numpy(f[k]) for k in order) for f in calib_feeds])
-    torch_out = lt.export(small, example, tmp / f"{name}-torch.onnx")
+    torch_out = lt.export(small, example, tmp / f"{name}-torch.onnx", dynamic_shapes=dynamic_shapes)
     seconds = time.perf_counter() - t
     with torch.no_grad():
         mine = small(*(torch.from_numpy(eval_feeds[k]) for k in order)).numpy()
@@ -102,8 +106,9 @@ def minilm_rows(tmp: Path, target_bpw: float) -> list[list[str]]:
 
     def cosine(got, want):
         return f"cosine {float(minilm.cosines(want, got).mean()):.4f}"
+    axes = tuple({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for _ in minilm.INPUT_NAMES)
     return _both_paths(tmp, "MiniLM-L6", minilm.torch_module(), minilm.onnx_path(), example,
-                       [{k: f[k] for k in minilm.INPUT_NAMES} for f in calib], reviews, cosine, target_bpw)
+                       [{k: f[k] for k in minilm.INPUT_NAMES} for f in calib], reviews, cosine, target_bpw, axes)
 
 
 def main() -> None:

@@ -128,6 +128,69 @@ def test_compress_rewrites_convolutions_and_export_writes_the_onnx_paths_graph(n
     assert _max_rel(_ort(path, batch5), _ort(reference, batch5)) < 1e-5
 
 
+class ConvBN(torch.nn.Module):
+    """Convolutions followed by BatchNorm: exported with γ/σ folded into each conv's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64)
+        self.conv2, self.bn2 = torch.nn.Conv2d(64, 64, 1, bias=False), torch.nn.BatchNorm2d(64)
+        self.fc = torch.nn.Linear(64, 10)
+        for bn in (self.bn1, self.bn2):  # statistics of a trained network, not the identity
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_convolutions_with_a_folded_batchnorm(tmp_path):
+    torch.manual_seed(3)
+    net = ConvBN().eval()
+    x = _images(3, 11)
+    cfg = OptimizeConfig(factorize=FactorizeConfig("rtn"), select=lrqgraph.SelectConfig(min_params=512))
+    small = lt.compress(net, (x,), config=cfg)
+    assert isinstance(small.conv1, lt.CompressedConv2d) and isinstance(small.conv2, lt.CompressedConv2d)
+    assert type(small.bn1) is torch.nn.BatchNorm2d  # kept: the compressed weight stands for conv·(1/scale)
+    reference = lrqgraph.run(to_onnx(net, (x,)), cfg)
+    assert reference.rewritten == 2
+    with torch.no_grad():
+        got = small(x).numpy()
+    assert _max_rel(got, _ort(reference.model, x)) < 1e-5
+    path = lt.export(small, (x,), tmp_path / "m.onnx")
+    kinds = sorted(n.op_type for n in onnx.load(path).graph.node)
+    assert kinds == sorted(n.op_type for n in reference.model.graph.node)
+    assert _max_rel(_ort(path, x), got) <= 1e-3
+
+
+class PaddedConv(torch.nn.Conv2d):
+    """A Conv2d subclass with its own forward (EfficientNet's static SAME padding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias,
+                                          self.stride, 0, self.dilation, self.groups)
+
+
+def test_subclasses_keep_their_own_forward(tmp_path):
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(PaddedConv(3, 64, 3, stride=2), torch.nn.ReLU(), PaddedConv(64, 64, 3)).eval()
+    x = _images(2, 12)
+    cfg = OptimizeConfig(factorize=FactorizeConfig("rtn"), select=lrqgraph.SelectConfig(min_params=512))
+    small = lt.compress(net, (x,), config=cfg)
+    assert type(small[0]) is PaddedConv and "weight" not in dict(small[0].named_parameters())
+    reference = lrqgraph.run(to_onnx(net, (x,)), cfg)
+    assert reference.rewritten == 1  # the last conv writes the output: kept, as the ONNX path keeps it
+    with torch.no_grad():
+        got = small(x).numpy()
+    assert _max_rel(got, _ort(reference.model, x)) < 1e-5
+    path = lt.export(small, (x,), tmp_path / "m.onnx")
+    assert _max_rel(_ort(path, x), got) <= 1e-3
+    assert type(small[0]) is PaddedConv and not hasattr(small[0], "weight")  # export left the module alone
+
+
 @pytest.mark.parametrize("lowering", ["ort", "std", "lrq"])
 def test_export_runs_each_lowering(net, tmp_path, lowering):
     if lowering == "lrq":
@@ -208,3 +271,32 @@ def test_compressed_modules_run_on_cuda(net):
         want = small(x).numpy()
         got = small.cuda()(x.cuda()).cpu().numpy()
     assert _max_rel(got, want) < 1e-4
+
+
+def _example(name: str):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.real
+def test_example_torch_compress_on_efficientnet(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs the examples extra")
+    result = _example("torch_compress").main(["--out", str(tmp_path), "--crops", "2"])
+    # the 26 group-1 and 11 depthwise convolutions past min_params (the classifier writes the output: kept)
+    assert result["compressed_layers"] == 37
+    # the deployed file computes what the torch module computes (float32 rounding of other kernels)
+    assert result["torch_vs_onnx_max_rel"] <= 1e-3
+    assert result["top1_agreement_torch"] == result["top1_agreement_onnx"]
+
+
+@pytest.mark.real
+def test_example_onnx_ir_pass_in_a_dynamo_export(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs the examples extra")
+    result = _example("onnx_ir_pass").main(["--out", str(tmp_path), "--crops", "2"])
+    assert result["layers_rewritten"] >= 37
+    assert (tmp_path / "efficientnet-lite0.onnx").exists()

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 import lrqgraph.passes  # noqa: F401  (registers the built-in passes and analyses)
@@ -31,15 +33,16 @@ from lrqgraph.numerics import Representation
 from lrqgraph.passmanager import Context, PassManager
 from lrqgraph.plan import use_plans
 
-from .bridge import FilterFn, compressible, exclusion, matrix_key, owners, to_onnx, write_calibration
-from .modules import CompressedConv2d, CompressedLinear, CompressedMatrix
+from .bridge import FilterFn, compressible, exclusion, owners, to_onnx, write_calibration
+from .modules import CompressedConv2d, CompressedLinear, CompressedMatrix, CompressedWeight
 
 __all__ = ["CompressedConv2d", "CompressedLinear", "CompressedMatrix", "compress", "export"]
 
 
 def compress(module: nn.Module, example_inputs: Any, *, target_bpw: float | None = None,
              target_size: int | None = None, method: str | None = None, calib: Any = None,
-             filter_fn: FilterFn | None = None, config: OptimizeConfig | None = None) -> nn.Module:
+             filter_fn: FilterFn | None = None, config: OptimizeConfig | None = None,
+             dynamic_shapes: Any = None) -> nn.Module:
     """A compressed copy of ``module`` (plain or a ``torch.fx.GraphModule``; the input is not modified).
 
     ``example_inputs``: a tensor or a tuple of positional inputs (their first axis is exported as
@@ -47,11 +50,12 @@ def compress(module: nn.Module, example_inputs: Any, *, target_bpw: float | None
     allocation, ``method`` for one method on every layer (e.g. "gptq", "qlr"); ``calib`` (a tensor,
     a list of input tuples, or a DataLoader) gives real inputs for the statistics. ``filter_fn(module,
     qualified_name)`` keeps the modules it returns False for, and they do not count in the budget.
-    ``config`` sets everything else as for ``lrqgraph.optimize``."""
+    ``config`` sets everything else as for ``lrqgraph.optimize``; ``dynamic_shapes`` goes to
+    torch.onnx.export (calibration batches of several sequence lengths need that axis dynamic)."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     config = _config(config or OptimizeConfig(), target_bpw, target_size, method)
     out = copy.deepcopy(module).eval()
-    proto = to_onnx(out, args)
+    proto = to_onnx(out, args, dynamic_shapes)
     candidates = compressible(out, filter_fn)
     with tempfile.TemporaryDirectory(prefix="lrqgraph-calib-") as tmp:
         if calib is not None:
@@ -69,8 +73,9 @@ def compress(module: nn.Module, example_inputs: Any, *, target_bpw: float | None
     for weight, plan in ctx.plans.items():
         if plan.rep is None:
             continue
-        for fqn in owned[weight]:
-            _replace(out, fqn, _compressed(plan.rep, out.get_submodule(fqn)))
+        owner = owned[weight]
+        for fqn in owner.fqns:
+            _compress_module(out, fqn, plan.rep, owner.column_scale)
     return out
 
 
@@ -81,24 +86,22 @@ def export(module: nn.Module, args: Any, path: str | os.PathLike, *, lowering: s
     go to torch.onnx.export (default: every input's first axis dynamic). Written atomically."""
     args = args if isinstance(args, tuple) else (args,)
     plain = copy.deepcopy(module).eval()
-    reps: dict[str, tuple[str, Representation]] = {}
+    compressed: dict[str, CompressedMatrix] = {}
     for fqn, m in list(plain.named_modules()):
         if isinstance(m, (CompressedLinear, CompressedConv2d)):
-            w_hat = m.matrix.representation.dequantize()
-            reps[matrix_key(w_hat)] = (fqn, m.matrix.representation)
-            _replace(plain, fqn, _float_module(m, w_hat))
+            compressed[fqn] = m.matrix
+            _replace(plain, fqn, _float_module(m))
+        elif isinstance(getattr(m, "lrq_matrix", None), CompressedMatrix):
+            compressed[fqn] = m.lrq_matrix
+            weight = torch.from_numpy(np.ascontiguousarray(_float_matrix(m.lrq_matrix).T))
+            CompressedWeight.detach(m, weight.reshape(m.lrq_weight_shape))
     proto = to_onnx(plain, args, dynamic_shapes, **kwargs)
     config = OptimizeConfig(lowering=lowering, accuracy_level=accuracy_level)
     ctx = Context(ModelState(proto), config, original=proto)
-    chosen, found = {}, set()
-    for layer in ctx.analysis("layers"):
-        if layer.source is None or len(layer.shape) != 2:
-            continue
-        key = matrix_key(layer.weight_matrix())
-        if key in reps:
-            chosen[layer.weight] = reps[key][1]
-            found.add(key)
-    missing = sorted(fqn for key, (fqn, _) in reps.items() if key not in found)
+    # the exporter folds a following BatchNorm into the float weight again: matched by name and scale
+    found = owners(ctx.analysis("layers"), {fqn: plain.get_submodule(fqn) for fqn in compressed})
+    chosen = {weight: compressed[owner.fqns[0]].representation for weight, owner in found.items()}
+    missing = sorted(set(compressed) - {fqn for owner in found.values() for fqn in owner.fqns})
     if missing:
         raise LrqError(f"export: the exported graph has no MatMul/Gemm/Conv layer for {', '.join(missing)}")
     use_plans(ctx, chosen)
@@ -122,16 +125,20 @@ def _decide_pipeline(config: OptimizeConfig) -> str:
     return f"discover,{calibrate}{'allocate' if config.allocate.active else 'factorize'}"
 
 
-def _compressed(rep: Representation, original: nn.Module) -> nn.Module:
-    if isinstance(original, nn.Conv2d):
-        return CompressedConv2d(rep, original)
-    return CompressedLinear(rep, original.bias)
+def _compress_module(root: nn.Module, fqn: str, rep: Representation, column_scale) -> None:
+    original = root.get_submodule(fqn)
+    if type(original) is nn.Conv2d:
+        _replace(root, fqn, CompressedConv2d(rep, original, column_scale))
+    elif type(original) is nn.Linear:
+        _replace(root, fqn, CompressedLinear(rep, original.bias, column_scale))
+    else:  # a subclass with its own forward keeps it
+        CompressedWeight.attach(original, CompressedMatrix(rep, column_scale))
 
 
-def _float_module(m: nn.Module, w_hat) -> nn.Module:
-    """A plain module computing with Ŵ (what the exporter traces; lowering then replaces it)."""
-    import torch
-    weight = torch.from_numpy(w_hat.T.copy())
+def _float_module(m: nn.Module) -> nn.Module:
+    """A plain module computing with the compressed module's matrix (what the exporter traces and
+    folds normalizations into, as it did for the original; lowering then replaces it)."""
+    weight = torch.from_numpy(np.ascontiguousarray(_float_matrix(m.matrix).T))
     if isinstance(m, CompressedConv2d):
         conv = nn.Conv2d(m.kernel[1] * m.groups, m.kernel[0], m.kernel[2:], m.stride, m.padding, m.dilation,
                          m.groups, bias=m.bias is not None)
@@ -144,6 +151,13 @@ def _float_module(m: nn.Module, w_hat) -> nn.Module:
     if m.bias is not None:
         linear.bias.data = m.bias.detach().clone()
     return linear
+
+
+def _float_matrix(matrix: CompressedMatrix) -> np.ndarray:
+    """The module's W[K, N] in float32: Ŵ, over the folded normalization's scale if any."""
+    w_hat = matrix.representation.dequantize()
+    scale = matrix.column_scale
+    return np.asarray(w_hat if scale is None else w_hat / scale.astype(np.float32), np.float32)
 
 
 def _replace(root: nn.Module, fqn: str, new: nn.Module) -> None:

@@ -1,10 +1,12 @@
 """Between torch modules and the ONNX pipeline: export, calibration feeds, and which ONNX layer
 each nn.Linear / nn.Conv2d became.
 
-Layers are matched by value, not by name: exporters rename weights (torch.onnx's dynamo exporter
-folds a Linear's transpose into a new initializer ``val_0``), but the layer's effective matrix
-W[K, N] (discover's ``weight_matrix``) is the module's weightᵀ (a Conv's weight reshaped to
-[C_out, C_in/g·kh·kw], transposed) byte for byte, whatever the exporter called it.
+Layers are matched by value first: exporters rename weights (torch.onnx's dynamo exporter folds a
+Linear's transpose into a new initializer ``val_0``), but the layer's effective matrix W[K, N]
+(discover's ``weight_matrix``) is the module's weightᵀ (a Conv's weight reshaped to
+[C_out, C_in/g·kh·kw], transposed) byte for byte, whatever the exporter called it. A Conv followed
+by a BatchNorm is exported with the normalization folded into its weight (W·γ/σ per output
+channel) under the conv's own name: those are matched by name and that per-column scale.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +56,48 @@ def compressible(module: nn.Module, filter_fn: FilterFn | None = None) -> dict[s
             if isinstance(m, (nn.Linear, nn.Conv2d)) and (filter_fn is None or filter_fn(m, fqn))}
 
 
-def owners(layers: Iterable, modules: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """{ONNX weight name: qualified names of the modules holding that matrix} (several modules
-    with one matrix: tied or identical weights)."""
+@dataclass(frozen=True)
+class Owner:
+    """The modules holding one ONNX layer's matrix: W_onnx = W_module · diag(column_scale)
+    (None: equal). A scale comes from a normalization the exporter folded into the weight
+    (Conv + BatchNorm: W·γ/σ per output channel, the initializer keeping the conv's name)."""
+    fqns: list[str]
+    column_scale: np.ndarray | None = None
+
+
+def owners(layers: Iterable, modules: dict[str, nn.Module]) -> dict[str, Owner]:
+    """{ONNX weight name: its Owner}: by value, else by name with a per-column scale (folded
+    normalizations); layers neither finds have no module torch could swap."""
     by_key: dict[str, list[str]] = {}
     for fqn, m in modules.items():
         by_key.setdefault(matrix_key(module_matrix(m)), []).append(fqn)
     out = {}
     for layer in layers:
-        if layer.shape and len(layer.shape) == 2 and layer.source is not None:
-            fqns = by_key.get(matrix_key(layer.weight_matrix()))
-            if fqns:
-                out[layer.weight] = fqns
+        if not layer.shape or len(layer.shape) != 2 or layer.source is None:
+            continue
+        w = layer.weight_matrix()
+        fqns = by_key.get(matrix_key(w))
+        if fqns:
+            out[layer.weight] = Owner(fqns)
+            continue
+        fqn = layer.weight.removesuffix(".weight")
+        if layer.weight.endswith(".weight") and fqn in modules:
+            scale = column_scale(w, module_matrix(modules[fqn]))
+            if scale is not None:
+                out[layer.weight] = Owner([fqn], scale)
     return out
+
+
+def column_scale(w: np.ndarray, base: np.ndarray, tol: float = 1e-5) -> np.ndarray | None:
+    """c with w ≈ base · diag(c) to ``tol`` of w's largest entry, every c_j away from 0; else None."""
+    if w.shape != base.shape:
+        return None
+    w64, b64 = w.astype(np.float64), base.astype(np.float64)
+    norms = (b64 * b64).sum(0)
+    c = np.where(norms > 0, (w64 * b64).sum(0) / np.where(norms > 0, norms, 1), 1.0)
+    if np.abs(c).min() < 1e-12 or np.abs(w64 - b64 * c).max() > tol * max(np.abs(w64).max(), 1e-30):
+        return None
+    return c
 
 
 def exclusion(weights: Iterable[str]) -> tuple[str, ...]:

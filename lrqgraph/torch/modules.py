@@ -94,11 +94,16 @@ class HadamardRotation(nn.Module):
 
 
 class CompressedMatrix(nn.Module):
-    """x ↦ x·Ŵ for a Representation Ŵ[K, N]: rotation, then the sum of each chain's matmuls."""
+    """x ↦ x·Ŵ for a Representation Ŵ[K, N]: rotation, then the sum of each chain's matmuls; with
+    ``column_scale`` c, x ↦ x·Ŵ·diag(1/c) (Ŵ stands for the weight with a following BatchNorm's
+    γ/σ folded in, as the exporter wrote it, and the module keeps that BatchNorm)."""
 
-    def __init__(self, rep: Representation) -> None:
+    def __init__(self, rep: Representation, column_scale: np.ndarray | None = None) -> None:
         super().__init__()
         self.representation = rep  # what export lowers (the buffers below are its torch form)
+        self.column_scale = column_scale
+        inverse = None if column_scale is None else torch.from_numpy((1.0 / column_scale).astype(np.float32))
+        self.register_buffer("inverse_scale", inverse)
         self.shape = rep.shape
         self.method, self.form = rep.method, rep.form
         self.storage_bits = rep.storage_bits()
@@ -109,13 +114,16 @@ class CompressedMatrix(nn.Module):
         return f"form={self.form}, bits_per_weight={self.storage_bits / math.prod(self.shape):.3f}"
 
     def weight(self) -> torch.Tensor:
-        """Ŵ[K, N] as float32 (R·Σ_chains Π factors)."""
+        """The module's matrix as float32: R·Σ_chains Π factors (·diag(1/c))."""
         inner = sum(_product([f.dequantize() for f in chain]) for chain in self.chains)
         if self.rotation is None:
-            return inner
+            return self._unscaled(inner)
         # R·W': the rotation maps the identity's rows to R's (x ↦ x·R), formed only here, never in forward
         eye = torch.eye(inner.shape[0], dtype=inner.dtype, device=inner.device)
-        return self.rotation(eye) @ inner
+        return self._unscaled(self.rotation(eye) @ inner)
+
+    def _unscaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.inverse_scale is None else y * self.inverse_scale.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x if self.rotation is None else self.rotation(x)
@@ -125,7 +133,7 @@ class CompressedMatrix(nn.Module):
             for factor in chain:
                 y = y @ factor.dequantize().to(x.dtype)
             out = y if out is None else out + y
-        return out
+        return self._unscaled(out)
 
 
 def _product(mats: list[torch.Tensor]) -> torch.Tensor:
@@ -138,10 +146,10 @@ def _product(mats: list[torch.Tensor]) -> torch.Tensor:
 class CompressedLinear(nn.Module):
     """nn.Linear with its weight held compressed (y = x·Ŵ + b, Ŵ = weightᵀ's Representation)."""
 
-    def __init__(self, rep: Representation, bias: torch.Tensor | None) -> None:
+    def __init__(self, rep: Representation, bias: torch.Tensor | None, column_scale: np.ndarray | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = rep.shape
-        self.matrix = CompressedMatrix(rep)
+        self.matrix = CompressedMatrix(rep, column_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,13 +164,13 @@ class CompressedConv2d(nn.Module):
     """nn.Conv2d with its weight held compressed: the kernel is rebuilt from Ŵ[C_in/g·kh·kw, C_out]
     on each call (the layout the ONNX path uses) and convolved with the original geometry."""
 
-    def __init__(self, rep: Representation, conv: nn.Conv2d) -> None:
+    def __init__(self, rep: Representation, conv: nn.Conv2d, column_scale: np.ndarray | None = None) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (zeros only)")
         self.kernel = tuple(conv.weight.shape)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.matrix = CompressedMatrix(rep)
+        self.matrix = CompressedMatrix(rep, column_scale)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,3 +180,36 @@ class CompressedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}, groups={self.groups}, "
                 f"{self.matrix.extra_repr()}")
+
+
+class CompressedWeight:
+    """A subclass of nn.Linear / nn.Conv2d with its own forward (EfficientNet's
+    Conv2dStaticSamePadding pads before convolving) keeps that forward: its ``weight`` parameter is
+    removed, the module holds the CompressedMatrix as ``lrq_matrix``, and a pre-forward hook
+    rebuilds ``weight`` from it for the call (dropped again after it)."""
+
+    @staticmethod
+    def attach(module: nn.Module, matrix: CompressedMatrix) -> None:
+        shape = tuple(module.weight.shape)
+        del module.weight
+        module.lrq_matrix = matrix
+        module.lrq_weight_shape = shape
+        module.lrq_hooks = (module.register_forward_pre_hook(CompressedWeight._build),
+                            module.register_forward_hook(CompressedWeight._drop))
+
+    @staticmethod
+    def detach(module: nn.Module, weight: torch.Tensor) -> None:
+        """Back to a float module whose weight is ``weight`` (what export traces)."""
+        for hook in module.lrq_hooks:
+            hook.remove()
+        del module.lrq_matrix, module.lrq_weight_shape, module.lrq_hooks
+        module.weight = nn.Parameter(weight, requires_grad=False)
+
+    @staticmethod
+    def _build(module: nn.Module, args) -> None:
+        w = module.lrq_matrix.weight()
+        module.weight = w.T.reshape(module.lrq_weight_shape).to(args[0].dtype)
+
+    @staticmethod
+    def _drop(module: nn.Module, args, output) -> None:
+        del module.weight
