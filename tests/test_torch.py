@@ -14,6 +14,7 @@ import lrqgraph  # noqa: E402
 import lrqgraph.torch as lt  # noqa: E402
 from lrqgraph import OptimizeConfig  # noqa: E402
 from lrqgraph.config import FactorizeConfig  # noqa: E402
+from lrqgraph.io import constant_bytes  # noqa: E402
 from lrqgraph.numerics.rotation import Rotation  # noqa: E402
 from lrqgraph.torch.bridge import to_onnx  # noqa: E402
 from lrqgraph.passes.factorize import factorize_weight  # noqa: E402
@@ -189,6 +190,47 @@ def test_subclasses_keep_their_own_forward(tmp_path):
     path = lt.export(small, (x,), tmp_path / "m.onnx")
     assert _max_rel(_ort(path, x), got) <= 1e-3
     assert type(small[0]) is PaddedConv and not hasattr(small[0], "weight")  # export left the module alone
+
+
+class TinyDecoder(torch.nn.Module):
+    """An embedding table, one MLP and an lm_head tied to the table (as small decoders do)."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(512, 64)
+        self.up, self.down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+        self.lm_head = torch.nn.Linear(64, 512, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return self.lm_head(h + self.down(torch.relu(self.up(h))))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_embedding_tables_compress_and_export(tmp_path, tied):
+    torch.manual_seed(5)
+    net = TinyDecoder(tied).eval()
+    ids = torch.from_numpy(np.random.default_rng(6).integers(0, 512, (2, 9)))
+    cfg = OptimizeConfig(factorize=FactorizeConfig("rtn"),
+                         select=lrqgraph.SelectConfig(embeddings=True, keep_output_layers=False))
+    small = lt.compress(net, (ids,), config=cfg)
+    assert isinstance(small.embed, lt.CompressedEmbedding) and isinstance(small.lm_head, lt.CompressedLinear)
+    reference = lrqgraph.run(to_onnx(net, (ids,)), cfg)
+    with torch.no_grad():
+        got = small(ids).numpy()
+    sess = ort.InferenceSession(reference.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert _max_rel(got, sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]) < 1e-5
+    path = lt.export(small, (ids,), tmp_path / "m.onnx")
+    kinds = sorted(n.op_type for n in onnx.load(path).graph.node)
+    assert kinds == sorted(n.op_type for n in reference.model.graph.node)
+    assert "GatherBlockQuantized" in kinds
+    if tied:  # one matrix in torch and one table in the file, as the ONNX path stores it
+        assert small.embed.matrix is small.lm_head.matrix
+    assert constant_bytes(onnx.load(path)) == constant_bytes(reference.model)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert _max_rel(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0], got) <= 1e-3
 
 
 @pytest.mark.parametrize("lowering", ["ort", "std", "lrq"])

@@ -1,12 +1,14 @@
-"""The torch way in: compress nn.Linear / nn.Conv2d of a torch module, and export the result to ONNX.
+"""The torch way in: compress the nn.Linear / nn.Conv2d / nn.Embedding of a torch module, and export
+the result to ONNX.
 
 :func:`compress` exports the module (torch.onnx, dynamo), lets the ONNX pipeline decide every
 layer (discover, calibrate, allocate or factorize: the same rules and numerics as
 ``lrqgraph optimize``), and returns a copy of the module whose chosen layers are
-:class:`CompressedLinear` / :class:`CompressedConv2d`, holding the packed codes, scales and factors
-and computing with them in torch (CPU or CUDA). :func:`export` writes such a module as ONNX with
-those layers lowered to the same subgraphs as the ONNX path (``ort``, ``std`` or ``lrq``), from
-the very representations the module holds (nothing is fitted again).
+:class:`CompressedLinear` / :class:`CompressedConv2d` / :class:`CompressedEmbedding`, holding the
+packed codes, scales and factors and computing with them in torch (CPU or CUDA). :func:`export`
+writes such a module as ONNX with those layers lowered to the same subgraphs as the ONNX path
+(``ort``, ``std`` or ``lrq``), from the very representations the module holds (nothing is fitted
+again).
 
     small = lrqgraph.torch.compress(model, (x,), target_bpw=4, calib=[(x1,), (x2,)])
     lrqgraph.torch.export(small, (x,), "small.onnx", lowering="ort")
@@ -25,18 +27,17 @@ import torch
 from torch import nn
 
 import lrqgraph.passes  # noqa: F401  (registers the built-in passes and analyses)
-from lrqgraph.config import AllocateConfig, FactorizeConfig, OptimizeConfig
+from lrqgraph.config import AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig
 from lrqgraph.errors import LrqError
 from lrqgraph.io import save_model
 from lrqgraph.model import ModelState
-from lrqgraph.numerics import Representation
 from lrqgraph.passmanager import Context, PassManager
 from lrqgraph.plan import use_plans
 
 from .bridge import FilterFn, compressible, exclusion, owners, to_onnx, write_calibration
-from .modules import CompressedConv2d, CompressedLinear, CompressedMatrix, CompressedWeight
+from .modules import CompressedConv2d, CompressedEmbedding, CompressedLinear, CompressedMatrix, CompressedWeight
 
-__all__ = ["CompressedConv2d", "CompressedLinear", "CompressedMatrix", "compress", "export"]
+__all__ = ["CompressedConv2d", "CompressedEmbedding", "CompressedLinear", "CompressedMatrix", "compress", "export"]
 
 
 def compress(module: nn.Module, example_inputs: Any, *, target_bpw: float | None = None,
@@ -74,8 +75,9 @@ def compress(module: nn.Module, example_inputs: Any, *, target_bpw: float | None
         if plan.rep is None:
             continue
         owner = owned[weight]
+        matrix = CompressedMatrix(plan.rep, owner.column_scale)  # tied modules share it, as they shared the weight
         for fqn in owner.fqns:
-            _compress_module(out, fqn, plan.rep, owner.column_scale)
+            _compress_module(out, fqn, matrix)
     return out
 
 
@@ -87,16 +89,18 @@ def export(module: nn.Module, args: Any, path: str | os.PathLike, *, lowering: s
     args = args if isinstance(args, tuple) else (args,)
     plain = copy.deepcopy(module).eval()
     compressed: dict[str, CompressedMatrix] = {}
+    weights = _FloatWeights()
     for fqn, m in list(plain.named_modules()):
-        if isinstance(m, (CompressedLinear, CompressedConv2d)):
+        if isinstance(m, (CompressedLinear, CompressedConv2d, CompressedEmbedding)):
             compressed[fqn] = m.matrix
-            _replace(plain, fqn, _float_module(m))
+            _replace(plain, fqn, _float_module(m, weights))
         elif isinstance(getattr(m, "lrq_matrix", None), CompressedMatrix):
             compressed[fqn] = m.lrq_matrix
-            weight = torch.from_numpy(np.ascontiguousarray(_float_matrix(m.lrq_matrix).T))
-            CompressedWeight.detach(m, weight.reshape(m.lrq_weight_shape))
+            CompressedWeight.detach(m, weights(m.lrq_matrix, m.lrq_weight_shape))
     proto = to_onnx(plain, args, dynamic_shapes, **kwargs)
-    config = OptimizeConfig(lowering=lowering, accuracy_level=accuracy_level)
+    # every layer a candidate, so that discover ties a table to its lm_head as the deciding run did
+    select = SelectConfig(embeddings=True, keep_output_layers=False, min_params=0)
+    config = OptimizeConfig(lowering=lowering, accuracy_level=accuracy_level, select=select)
     ctx = Context(ModelState(proto), config, original=proto)
     # the exporter folds a following BatchNorm into the float weight again: matched by name and scale
     found = owners(ctx.analysis("layers"), {fqn: plain.get_submodule(fqn) for fqn in compressed})
@@ -125,32 +129,51 @@ def _decide_pipeline(config: OptimizeConfig) -> str:
     return f"discover,{calibrate}{'allocate' if config.allocate.active else 'factorize'}"
 
 
-def _compress_module(root: nn.Module, fqn: str, rep: Representation, column_scale) -> None:
+def _compress_module(root: nn.Module, fqn: str, matrix: CompressedMatrix) -> None:
     original = root.get_submodule(fqn)
     if type(original) is nn.Conv2d:
-        _replace(root, fqn, CompressedConv2d(rep, original, column_scale))
+        _replace(root, fqn, CompressedConv2d(matrix, original))
+    elif type(original) is nn.Embedding:
+        _replace(root, fqn, CompressedEmbedding(matrix, original))
     elif type(original) is nn.Linear:
-        _replace(root, fqn, CompressedLinear(rep, original.bias, column_scale))
+        _replace(root, fqn, CompressedLinear(matrix, original.bias))
     else:  # a subclass with its own forward keeps it
-        CompressedWeight.attach(original, CompressedMatrix(rep, column_scale))
+        CompressedWeight.attach(original, matrix)
 
 
-def _float_module(m: nn.Module) -> nn.Module:
+class _FloatWeights:
+    """One float Parameter per (compressed matrix, layout): modules that share a matrix (a tied
+    embedding and lm_head) share their float weight, so the export keeps one initializer and
+    the lowering stores the table once, as the ONNX path does."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple, nn.Parameter] = {}
+
+    def __call__(self, matrix: CompressedMatrix, shape: tuple[int, ...]) -> nn.Parameter:
+        key = (id(matrix), tuple(shape))
+        if key not in self.made:
+            w = torch.from_numpy(np.ascontiguousarray(_float_matrix(matrix).T)).reshape(shape)
+            self.made[key] = nn.Parameter(w, requires_grad=False)
+        return self.made[key]
+
+
+def _float_module(m: nn.Module, weights: _FloatWeights) -> nn.Module:
     """A plain module computing with the compressed module's matrix (what the exporter traces and
     folds normalizations into, as it did for the original; lowering then replaces it)."""
-    weight = torch.from_numpy(np.ascontiguousarray(_float_matrix(m.matrix).T))
-    if isinstance(m, CompressedConv2d):
-        conv = nn.Conv2d(m.kernel[1] * m.groups, m.kernel[0], m.kernel[2:], m.stride, m.padding, m.dilation,
-                         m.groups, bias=m.bias is not None)
-        conv.weight.data = weight.reshape(m.kernel)
-        if m.bias is not None:
-            conv.bias.data = m.bias.detach().clone()
-        return conv
-    linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-    linear.weight.data = weight
-    if m.bias is not None:
-        linear.bias.data = m.bias.detach().clone()
-    return linear
+    if isinstance(m, CompressedEmbedding):
+        out = nn.Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx)
+        shape = (m.num_embeddings, m.embedding_dim)
+    elif isinstance(m, CompressedConv2d):
+        out = nn.Conv2d(m.kernel[1] * m.groups, m.kernel[0], m.kernel[2:], m.stride, m.padding, m.dilation,
+                        m.groups, bias=m.bias is not None)
+        shape = m.kernel
+    else:
+        out = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        shape = (m.out_features, m.in_features)
+    out.weight = weights(m.matrix, shape)
+    if getattr(m, "bias", None) is not None:
+        out.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+    return out
 
 
 def _float_matrix(matrix: CompressedMatrix) -> np.ndarray:

@@ -45,15 +45,18 @@ def matrix_key(w: np.ndarray) -> str:
 
 
 def module_matrix(module: nn.Module) -> np.ndarray:
-    """The effective W[K, N] of an nn.Linear or nn.Conv2d, as the ONNX layer's weight_matrix."""
+    """The effective W[K, N] of an nn.Linear, nn.Conv2d or nn.Embedding (its table transposed, as
+    discover lays out a Gather table), as the ONNX layer's weight_matrix."""
     w = module.weight.detach().to(torch.float32).cpu().numpy()
     return w.reshape(w.shape[0], -1).T
 
 
 def compressible(module: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
-    """{qualified name: module} of the nn.Linear and nn.Conv2d that ``filter_fn`` accepts."""
-    return {fqn: m for fqn, m in module.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and (filter_fn is None or filter_fn(m, fqn))}
+    """{qualified name: module} of the nn.Linear, nn.Conv2d and nn.Embedding (without max_norm,
+    which rewrites its table) that ``filter_fn`` accepts."""
+    def swappable(m: nn.Module) -> bool:
+        return isinstance(m, (nn.Linear, nn.Conv2d)) or type(m) is nn.Embedding and m.max_norm is None
+    return {fqn: m for fqn, m in module.named_modules() if swappable(m) and (filter_fn is None or filter_fn(m, fqn))}
 
 
 @dataclass(frozen=True)

@@ -146,10 +146,10 @@ def _product(mats: list[torch.Tensor]) -> torch.Tensor:
 class CompressedLinear(nn.Module):
     """nn.Linear with its weight held compressed (y = x·Ŵ + b, Ŵ = weightᵀ's Representation)."""
 
-    def __init__(self, rep: Representation, bias: torch.Tensor | None, column_scale: np.ndarray | None = None) -> None:
+    def __init__(self, matrix: CompressedMatrix, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = rep.shape
-        self.matrix = CompressedMatrix(rep, column_scale)
+        self.in_features, self.out_features = matrix.shape
+        self.matrix = matrix
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,13 +164,13 @@ class CompressedConv2d(nn.Module):
     """nn.Conv2d with its weight held compressed: the kernel is rebuilt from Ŵ[C_in/g·kh·kw, C_out]
     on each call (the layout the ONNX path uses) and convolved with the original geometry."""
 
-    def __init__(self, rep: Representation, conv: nn.Conv2d, column_scale: np.ndarray | None = None) -> None:
+    def __init__(self, matrix: CompressedMatrix, conv: nn.Conv2d) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (zeros only)")
         self.kernel = tuple(conv.weight.shape)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.matrix = CompressedMatrix(rep, column_scale)
+        self.matrix = matrix
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +180,25 @@ class CompressedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}, groups={self.groups}, "
                 f"{self.matrix.extra_repr()}")
+
+
+class CompressedEmbedding(nn.Module):
+    """nn.Embedding with its table held compressed: Ŵ[dim, vocab] is the table transposed (the
+    ONNX path's layout for a Gather table); a lookup reads rows of Ŵᵀ. The whole table is
+    dequantized per call (simple, not fast: a lookup kernel over the gathered columns' codes
+    would read only those)."""
+
+    def __init__(self, matrix: CompressedMatrix, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding_dim, self.num_embeddings = matrix.shape
+        self.padding_idx = embedding.padding_idx
+        self.matrix = matrix
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.matrix.weight().T, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.matrix.extra_repr()}"
 
 
 class CompressedWeight:
