@@ -39,7 +39,7 @@ from lrqgraph.report import table  # noqa: E402
 from lrqgraph.runtime import interleaved_latency_ms, session, session_options  # noqa: E402
 from lrqgraph.testing import efficientnet  # noqa: E402
 
-from common import file_bits_per_param  # noqa: E402
+from common import file_bits_per_param, lossless_rows  # noqa: E402
 
 SETTINGS = [  # (label, OptimizeConfig fields, calibrated)
     ("lrqgraph default, data-free (rtn 4-bit b32)", {}, False),
@@ -90,25 +90,10 @@ def lossless_table(tmp: Path, calib: np.ndarray, seeds: int) -> str:
     fp32 = efficientnet.onnx_path()
     images, labels = labelled_photos(16, seed=3)
     np.savez(tmp / "labels.npz", image=images, labels=labels)
-    rows, kept = [], []
-    for seed in range(seeds):
-        start = time.perf_counter()
-        config = OptimizeConfig(calib=str(tmp / "photos.npz"), calib_samples=len(calib),
-                                allocate=AllocateConfig(labels=str(tmp / "labels.npz"), labels_seed=seed))
-        result = lrqgraph.run(fp32, config)
-        out = tmp / f"lossless{seed}.onnx"
-        lrqgraph.save_model(result.model, out)
-        got = result.report["allocation"]["labelled"]
-        s, v = got["search"], got["validation"]
-        kept.append((file_bits_per_param(out, fp32), out.stat().st_size / 1e6, v["accuracy"] - v["original"]))
-        rows.append([str(seed), f"{kept[-1][0]:.3f}", f"{kept[-1][1]:.2f}", f"{s['original']:.4f}", f"{s['accuracy']:.4f}",
-                     f"{v['original']:.4f}", f"{v['accuracy']:.4f}", f"{time.perf_counter() - start:.0f}"])
-        print(rows[-1], flush=True)
-    bits, mb, delta = (np.array(col) for col in zip(*kept))
-    rows.append(["mean ± std", f"{bits.mean():.3f} ± {bits.std():.3f}", f"{mb.mean():.2f} ± {mb.std():.2f}", "", "",
-                 "", f"Δ {delta.mean():+.4f} ± {delta.std():.4f}", ""])
-    headers = ["seed", "bits/weight (file)", "MB", "search: fp32", "search: lrq", "validation: fp32",
-               "validation: lrq", "build s"]
+    configs = ((seed, OptimizeConfig(calib=str(tmp / "photos.npz"), calib_samples=len(calib),
+                                     allocate=AllocateConfig(labels=str(tmp / "labels.npz"), labels_seed=seed)), None)
+               for seed in range(seeds))
+    headers, rows = lossless_rows(fp32, tmp, configs)
     head = (f"lossless goal: {len(labels)} labelled crops of 12 photos (label: fp32's top-1 on the photo's centre "
             f"crop), halves by seed; fp32 file {fp32.stat().st_size / 1e6:.2f} MB")
     return head + "\n" + table(headers, rows)

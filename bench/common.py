@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,28 @@ def movie_review_sentences(count: int = 200) -> list[str] | None:
     path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / "pang_lee_polarity.cor"
     lines = [line.split(" ", 1)[1].strip() for line in path.read_text(encoding="latin1").splitlines() if " " in line]
     return lines[:count]
+
+
+def lossless_rows(fp32, tmp: Path, configs) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the lossless goal over seeds: ``configs`` yields (seed, OptimizeConfig
+    with --labels, the model for that seed or None for ``fp32``); the last row is the mean ± std."""
+    import lrqgraph
+    rows, kept = [], []
+    for seed, config, model in configs:
+        start = time.perf_counter()
+        result = lrqgraph.run(model if model is not None else fp32, config)
+        out = tmp / f"lossless{seed}.onnx"
+        lrqgraph.save_model(result.model, out)
+        got = result.report["allocation"]["labelled"]
+        s, v = got["search"], got["validation"]
+        kept.append((file_bits_per_param(out, fp32), out.stat().st_size / 1e6, v["accuracy"] - v["original"]))
+        rows.append([str(seed), f"{kept[-1][0]:.3f}", f"{kept[-1][1]:.2f}", f"{s['original']:.4f}",
+                     f"{s['accuracy']:.4f}", f"{v['original']:.4f}", f"{v['accuracy']:.4f}",
+                     f"{time.perf_counter() - start:.0f}"])
+        print(rows[-1], flush=True)
+    bits, mb, delta = (np.array(col) for col in zip(*kept))
+    rows.append(["mean ± std", f"{bits.mean():.3f} ± {bits.std():.3f}", f"{mb.mean():.2f} ± {mb.std():.2f}", "", "",
+                 "", f"Δ {delta.mean():+.4f} ± {delta.std():.4f}", ""])
+    headers = ["seed", "bits/weight (file)", "MB", "search: fp32", "search: lrq", "validation: fp32",
+               "validation: lrq", "build s"]
+    return headers, rows
