@@ -44,7 +44,10 @@ def polarity() -> tuple[list[str], np.ndarray]:
 
 
 def with_head(encoder: onnx.ModelProto, coef: np.ndarray, intercept: np.ndarray) -> onnx.ModelProto:
-    """MiniLM's graph with logits = embedding · coefᵀ + intercept as its output."""
+    """MiniLM's graph with logits = embedding · coefᵀ + intercept as its output (a binary head's
+    one score z becomes the two logits (-z/2, z/2), whose argmax is the predicted class)."""
+    if coef.shape[0] == 1:
+        coef, intercept = np.vstack([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
     model = onnx.ModelProto()
     model.CopyFrom(encoder)
     g = model.graph

@@ -64,7 +64,7 @@ def compress(module: nn.Module, example_inputs: Any, *, target_bpw: float | None
             config = dataclasses.replace(config, calib=write_calibration(calib, names, tmp))
         layers = Context(ModelState(proto), config, original=proto).analysis("layers")
         owned = owners(layers, candidates)
-        # layers torch cannot swap (not a selected Linear/Conv2d) stay out of the decision and its budget
+        # layers torch cannot swap (no selected Linear, Conv2d or Embedding) stay out of the decision and its budget
         others = [layer.weight for layer in layers if layer.rewrite and layer.weight not in owned]
         if others:
             select = dataclasses.replace(config.select, exclude=config.select.exclude + exclusion(others))
