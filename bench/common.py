@@ -213,3 +213,15 @@ def lossless_rows(fp32, tmp: Path, configs) -> tuple[list[str], list[list[str]]]
     headers = ["seed", "bits/weight (file)", "MB", "search: fp32", "search: lrq", "validation: fp32",
                "validation: lrq", "build s"]
     return headers, rows
+
+
+def publish(title: str, headers: list[str], rows: list[list[str]], out: str | None) -> None:
+    """Print "date · machine · title" and the table; also write them to ``out`` when given."""
+    import datetime
+    import platform
+
+    from lrqgraph.report import table
+    text = f"{datetime.date.today()} · {platform.machine()} · {title}\n" + table(headers, rows)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -14,9 +14,7 @@ of the result on both halves, build seconds; then mean and spread over the seeds
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -29,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lrqgraph import AllocateConfig, OptimizeConfig  # noqa: E402
-from lrqgraph.report import table  # noqa: E402
 from lrqgraph.testing import data, minilm  # noqa: E402
 
-from common import lossless_rows  # noqa: E402
+from common import lossless_rows, publish  # noqa: E402
 
 
 def polarity() -> tuple[list[str], np.ndarray]:
@@ -87,13 +84,9 @@ def main() -> None:
             configs.append((seed, OptimizeConfig(calib=str(tmp / "calib.npz"), allocate=AllocateConfig(
                 labels=str(tmp / f"labels{seed}.npz"), labels_seed=seed)), path))
         headers, rows = lossless_rows(fp32, tmp, configs)
-    title = (f"{datetime.date.today()} · {platform.machine()} · MiniLM + logistic-regression head · "
-             f"{len(labels)} Pang & Lee sentences (100 train the head, 100 labelled, halves by seed) · "
-             f"calibration 128 KJV verses · fp32 file {fp32.stat().st_size / 1e6:.2f} MB")
-    text = title + "\n" + table(headers, rows)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    publish(f"MiniLM + logistic-regression head · {len(labels)} Pang & Lee sentences (100 train the head, "
+            f"100 labelled, halves by seed) · calibration 128 KJV verses · fp32 file "
+            f"{fp32.stat().st_size / 1e6:.2f} MB", headers, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ would shadow torch itself, the bench folder being on sys.path.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import tempfile
 import time
@@ -32,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lrqgraph  # noqa: E402
 import lrqgraph.torch as lt  # noqa: E402
 from lrqgraph import AllocateConfig, OptimizeConfig  # noqa: E402
-from lrqgraph.report import table  # noqa: E402
 from lrqgraph.runtime import session  # noqa: E402
 from lrqgraph.testing import data, efficientnet, minilm  # noqa: E402
 
-from common import file_bits_per_param, movie_review_sentences  # noqa: E402
+from common import file_bits_per_param, movie_review_sentences, publish  # noqa: E402
 
 HEADER = ["model", "path", "bits/weight (file)", "build s", "quality vs fp32", "torch vs its export",
           "same, float activations"]
@@ -130,12 +127,7 @@ def main() -> None:
             rows += cnn_rows(Path(tmp), args.target_bpw)
         if not args.skip_minilm:
             rows += minilm_rows(Path(tmp), args.target_bpw)
-    title = (f"{datetime.date.today()} · {platform.machine()} · --target-bpw {args.target_bpw} · "
-             f"torch {torch.__version__}")
-    text = title + "\n" + table(HEADER, rows)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    publish(f"--target-bpw {args.target_bpw} · torch {torch.__version__}", HEADER, rows, args.out)
 
 
 if __name__ == "__main__":
