@@ -192,7 +192,8 @@ def movie_review_sentences(count: int = 200) -> list[str] | None:
 
 def lossless_rows(fp32, tmp: Path, configs) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the lossless goal over seeds: ``configs`` yields (seed, OptimizeConfig
-    with --labels, the model for that seed or None for ``fp32``); the last row is the mean ± std."""
+    with --labels, the model for that seed or None for ``fp32``); the last row is the mean ± std
+    of the file's size and of the validation half's changes (accuracy, log-loss)."""
     import lrqgraph
     rows, kept = [], []
     for seed, config, model in configs:
@@ -202,16 +203,17 @@ def lossless_rows(fp32, tmp: Path, configs) -> tuple[list[str], list[list[str]]]
         lrqgraph.save_model(result.model, out)
         got = result.report["allocation"]["labelled"]
         s, v = got["search"], got["validation"]
-        kept.append((file_bits_per_param(out, fp32), out.stat().st_size / 1e6, v["accuracy"] - v["original"]))
-        rows.append([str(seed), f"{kept[-1][0]:.3f}", f"{kept[-1][1]:.2f}", f"{s['original']:.4f}",
-                     f"{s['accuracy']:.4f}", f"{v['original']:.4f}", f"{v['accuracy']:.4f}",
-                     f"{time.perf_counter() - start:.0f}"])
+        kept.append((file_bits_per_param(out, fp32), out.stat().st_size / 1e6,
+                     v["accuracy"] - v["original"]["accuracy"], v["log_loss"] - v["original"]["log_loss"]))
+        rows.append([str(seed), f"{kept[-1][0]:.3f}", f"{kept[-1][1]:.2f}", f"{s['original']['accuracy']:.4f}",
+                     f"{s['accuracy']:.4f}", f"{v['original']['accuracy']:.4f}", f"{v['accuracy']:.4f}",
+                     f"{v['original']['log_loss']:.4f}", f"{v['log_loss']:.4f}", f"{time.perf_counter() - start:.0f}"])
         print(rows[-1], flush=True)
-    bits, mb, delta = (np.array(col) for col in zip(*kept))
+    bits, mb, delta, loss = (np.array(col) for col in zip(*kept))
     rows.append(["mean ± std", f"{bits.mean():.3f} ± {bits.std():.3f}", f"{mb.mean():.2f} ± {mb.std():.2f}", "", "",
-                 "", f"Δ {delta.mean():+.4f} ± {delta.std():.4f}", ""])
+                 "", f"Δ {delta.mean():+.4f} ± {delta.std():.4f}", "", f"Δ {loss.mean():+.4f} ± {loss.std():.4f}", ""])
     headers = ["seed", "bits/weight (file)", "MB", "search: fp32", "search: lrq", "validation: fp32",
-               "validation: lrq", "build s"]
+               "validation: lrq", "val. log-loss: fp32", "val. log-loss: lrq", "build s"]
     return headers, rows
 
 

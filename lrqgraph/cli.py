@@ -86,8 +86,8 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
     goal.add_argument("--max-kl", type=float,
                       help="smallest model whose first output (logits) keeps mean KL divergence below this")
     goal.add_argument("--labels", metavar="LABELS.npz",
-                      help="lossless: the smallest model whose top-1 accuracy on half of these labelled samples "
-                           "(the model's inputs and 'labels') is not below the original's, checked on the other half")
+                      help="lossless: the smallest model that loses neither top-1 accuracy nor log-loss on half of "
+                           "these labelled samples (the model's inputs and 'labels'), checked on the other half")
     g.add_argument("--metric", choices=("cosine", "kl"), dest="measure",
                    help="what --target-bpw / --target-size minimise: cosine of the first output, or KL of its "
                         "softmax (default: kl when the first output is named like logits, else cosine)")

@@ -69,7 +69,7 @@ class AllocateConfig:
     metric: Callable[[list, list], float] | None = field(default=None, compare=False)
     max_metric: float | None = None
     # the lossless goal: labels.npz (the model's inputs and 'labels', lrqgraph.labels): the smallest
-    # model whose top-1 accuracy on a seeded half of the samples is not below the original's, checked
+    # model that loses neither top-1 accuracy nor log-loss on a seeded half of the samples, checked
     # on the other half (the report's "labelled" entry)
     labels: str | None = None
     labels_seed: int = 0

@@ -161,12 +161,12 @@ class Degradation:
         self.aliases = _detach_transposes(graph_model, self.weights)
         self.session = open_session(graph_model)
         self.output = self.session.get_outputs()[0].name
-        self.reference = self._outputs({})
+        self.reference = self.outputs({})
         if self.metric == "kl":  # keep what each KL needs of the reference logits, not the logits
             self._softmax = [SoftmaxReference(r[0]) for r in self.reference]
             self.reference = None
 
-    def _outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+    def outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
         """Every batch's outputs (only the first output unless a custom metric reads them all:
         a decoder's logits for every output would multiply the memory)."""
         weights = {**self.weights, **{k: v.astype(self.weights[k].dtype, copy=False) for k, v in replaced.items()}}
@@ -177,7 +177,7 @@ class Degradation:
 
     def measure(self, replaced: dict[str, np.ndarray]) -> float:
         """The metric with ``replaced`` weights (name -> array) and all others as in the model."""
-        outputs = self._outputs(replaced)
+        outputs = self.outputs(replaced)
         if self.custom is not None:
             return float(self.custom(self.reference, outputs))
         if self.metric == "kl":

@@ -7,10 +7,11 @@ Modes (AllocateConfig):
     bytes for the whole model;
   - compact: the smallest storage whose predicted degradation is within ``min_cosine`` (1 − mean
     cosine of the first output) or ``max_kl`` (logits);
-  - lossless (``labels``): the smallest storage whose top-1 accuracy on the search half of the
-    labelled samples is not below the original's: a bisection over the compact mode's KL goal
-    (log scale, 12 steps), each step's choice measured on the labelled samples; the result is checked
-    on the validation half, which the search never saw (the report's "labelled" entry).
+  - lossless (``labels``): the smallest storage that loses nothing on the search half of the
+    labelled samples (every sample the original classifies right stays right; lrqgraph.labels):
+    a bisection over the compact mode's KL goal (log scale, 12 steps), each step's choice
+    measured on the labelled samples; the result is checked on the validation half, which the
+    search never saw (the report's "labelled" entry).
 All are a multiple-choice knapsack (lrqgraph.numerics.allocation). The choice is then measured
 end to end on the calibration inputs; in compact mode, while the measurement misses the goal, the
 layer with the largest predicted share moves to its next more precise candidate (at worst, back to
@@ -63,7 +64,7 @@ class AllocationSummary:
     uniform: list               # one dense grid for every layer, measured: the baselines
     families: dict              # family -> its layers' count in the choice, its own frontier and its
                                 # own allocation at the same goal (measured), for the joint-vs-alone comparison
-    labelled: dict | None = None  # the lossless goal: samples and top-1 accuracy per half, original and chosen
+    labelled: dict | None = None  # the lossless goal: samples, accuracy and log-loss per half, original and chosen
 
 
 def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
@@ -233,10 +234,11 @@ class Allocate(Pass):
             labelled = _labelled_entry(tols, choice, search, validation)
         met = measured <= target if kind == "loss" else True
         if labelled is not None:
-            met = labelled["validation"]["accuracy"] >= labelled["validation"]["original"]
+            v = labelled["validation"]
+            met = v["accuracy"] >= v["original"]["accuracy"]  # the task's metric; the log-loss is reported beside it
         if not met and labelled is not None:
             log.warning("allocate: top-1 accuracy %.4f on the validation half is below the original's %.4f",
-                        labelled["validation"]["accuracy"], labelled["validation"]["original"])
+                        v["accuracy"], v["original"]["accuracy"])
         elif not met:
             log.warning("allocate: measured degradation %.4g still misses the goal %.4g after %d repairs",
                         measured, target, repairs)
@@ -341,41 +343,48 @@ def _restricted(tols: list[LayerTolerance], family: str) -> tuple[list[np.ndarra
 
 def _lossless_search(tols: list[LayerTolerance], costs: list[np.ndarray], losses: list[np.ndarray], lost,
                      steps: int = 12):
-    """The smallest choice along the compact mode's goals whose measured accuracy loss (``lost``, on
-    the labelled search samples) is not above zero: the cheapest choice first, then a bisection of
-    the predicted-loss goal on a log scale between it and 1e-6 of it. Keeping every layer (the
-    original) is the fallback, lossless by definition."""
+    """The smallest choice along the compact mode's goals whose measured loss against the original
+    (``lost``, on the labelled search samples: lrqgraph.labels.loss_against) is not above zero:
+    the cheapest choice first, then a bisection of the predicted-loss goal on a log scale down to
+    the least lossy change (one layer at its most precise candidate); a choice met again is not
+    measured again. Keeping every layer (the original) is the fallback, lossless by definition."""
     cheapest = within_budget(costs, losses, sum(float(c.min()) for c in costs))
     passing = [within_loss(costs, losses, 0.0)]  # zero predicted loss: every layer kept (or lossless)
     high = float(cheapest.loss) if cheapest is not None and np.isfinite(cheapest.loss) else 0.0
-    low = high * 1e-6
+    positive = [float(v) for loss in losses for v in loss if 0 < v < np.inf]
+    low = min(positive, default=0.0)
+    verdicts: dict[tuple, bool] = {}
     goal = high
     for step in progress(range(steps + 1), "lossless search"):
         found = within_loss(costs, losses, goal) if goal > 0 else None
         if found is not None:
-            accepted = lost(tols, [int(i) for i in found.choice]) <= 0
-            log.info("allocate: lossless step %d: predicted kl %.4g, %.0f bits, %s", step, found.loss, found.cost,
-                     "no accuracy lost" if accepted else "accuracy lost")
-            if accepted:
+            key = tuple(int(i) for i in found.choice)
+            if key not in verdicts:
+                verdicts[key] = lost(tols, list(key)) <= 0
+                log.info("allocate: lossless step %d: predicted kl %.4g, %.0f bits, %s", step, found.loss,
+                         found.cost, "nothing lost" if verdicts[key] else "a sample the original gets right lost")
+            if verdicts[key]:
                 passing.append(found)
                 if step == 0:
                     break  # the cheapest model loses nothing
                 low = goal
             else:
                 high = goal
-        goal = float(np.sqrt(low * high)) if low > 0 else 0.0
+        if not 0 < low < high:
+            break
+        goal = float(np.sqrt(low * high))
     return min((p for p in passing if p is not None), key=lambda p: p.cost)
 
 
 def _labelled_entry(tols: list[LayerTolerance], choice: list[int], search, validation) -> dict:
-    """Top-1 accuracy of the original and of the choice on both halves of the labelled samples."""
+    """Top-1 accuracy and log-loss of the original and of the choice on both halves of the labelled samples."""
     replaced = {t.layer.weight: stored_layout(t.layer, t.candidates[c].rep) for t, c in zip(tols, choice)
                 if t.candidates[c].rep is not None}
-    entry = {name: {"samples": half.samples, "original": half.original_accuracy, "accuracy": half.accuracy(replaced)}
+    entry = {name: {"samples": half.samples, "original": half.original(), **half.scored(replaced)}
              for name, half in (("search", search), ("validation", validation))}
-    log.info("allocate: top-1 accuracy %.4f (original %.4f) on %d search samples, %.4f (original %.4f) on %d "
-             "validation samples", entry["search"]["accuracy"], entry["search"]["original"], search.samples,
-             entry["validation"]["accuracy"], entry["validation"]["original"], validation.samples)
+    for name, e in entry.items():
+        log.info("allocate: %s half (%d samples): top-1 accuracy %.4f (original %.4f), log-loss %.4f (original %.4f)",
+                 name, e["samples"], e["accuracy"], e["original"]["accuracy"], e["log_loss"], e["original"]["log_loss"])
     return entry
 
 

@@ -46,9 +46,9 @@ def test_the_lossless_search_finds_a_smaller_model_that_keeps_the_search_accurac
     a = result.report["allocation"]
     assert a["mode"] == "lossless"
     search, validation = a["labelled"]["search"], a["labelled"]["validation"]
-    assert search["accuracy"] >= search["original"] and 0.5 < search["original"] < 1.0
+    assert search["accuracy"] >= search["original"]["accuracy"] and 0.5 < search["original"]["accuracy"] < 1.0
     assert search["samples"] + validation["samples"] == len(np.load(tmp / "labels.npz")["labels"])
-    assert a["met"] == (validation["accuracy"] >= validation["original"])
+    assert a["met"] == (validation["accuracy"] >= validation["original"]["accuracy"])
     rewritten = [e for e in result.report["layers"] if e["action"] == "rewrite"]
     assert rewritten and a["bpw"] < 32  # smaller than the float model
     # the report's accuracy is the written model's: recompute it with onnxruntime
@@ -67,7 +67,7 @@ def test_when_the_cheapest_model_loses_accuracy_the_search_bisects_to_one_that_d
     a = lrqgraph.api.run(model, cfg).report["allocation"]
     cheapest = min(bpw for bpw, _ in a["frontier"])
     # labels are the original's own top-1: any flipped sample loses accuracy, the cheapest flips some
-    assert a["labelled"]["search"]["original"] == 1.0 and a["labelled"]["search"]["accuracy"] == 1.0
+    assert a["labelled"]["search"]["original"]["accuracy"] == 1.0 and a["labelled"]["search"]["accuracy"] == 1.0
     assert cheapest < a["bpw"] < 32
 
 
@@ -112,3 +112,25 @@ def test_the_cli_takes_labels_and_reports_both_halves(labelled, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["allocation"]["mode"] == "lossless"
     assert set(report["allocation"]["labelled"]) == {"search", "validation"}
+
+
+
+def test_log_loss_reads_logits_and_probabilities_alike():
+    from lrqgraph.labels import log_loss
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.5, 0.0]])
+    labels = np.array([0, 1, 1])
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = -np.log(p[np.arange(3), labels]).mean()
+    assert log_loss([[logits]], labels) == pytest.approx(expected, rel=1e-12)
+    assert log_loss([[p]], labels) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_chance_gain_does_not_pay_for_a_lost_sample():
+    from lrqgraph.labels import loss_against, top1_accuracy
+    labels = np.array([0, 1, 1, 0])
+    original = np.array([[2.0, 0.0], [0.0, 1.0], [0.5, 0.0], [0.0, 0.3]])  # right, right, wrong, wrong
+    traded = np.array([[2.0, 0.0], [0.2, 0.0], [0.0, 0.5], [0.3, 0.0]])   # loses the 2nd, gains the 3rd and 4th
+    assert top1_accuracy([[traded]], labels) > top1_accuracy([[original]], labels)
+    assert loss_against([[original]], [[traded]], labels) == pytest.approx(0.25)
+    gained_only = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 0.5], [0.0, 0.3]])
+    assert loss_against([[original]], [[gained_only]], labels) == 0
