@@ -162,3 +162,28 @@ def test_softmax_reference_kl_matches_the_direct_formula():
     # float32 probabilities and logits against the float64 formula: measured relative gap 1e-8
     assert ref.kl(near) == pytest.approx(kl_divergence(logits, near), rel=1e-5)
     assert ref.kl(near + 3.0) == pytest.approx(ref.kl(near), rel=1e-5)  # softmax ignores a shift
+
+
+@pytest.mark.parametrize("n", [1, 5, 128, 129, 300])
+def test_lower_inverse_inverts_by_halves(n):
+    from lrqgraph.numerics.gptq import lower_inverse
+    rng = np.random.default_rng(n)
+    lower = np.tril(rng.standard_normal((n, n))) + n * np.eye(n)
+    inv = lower_inverse(lower)
+    assert np.array_equal(inv, np.tril(inv))
+    np.testing.assert_allclose(inv @ lower, np.eye(n), atol=1e-12)  # float64, well conditioned
+
+
+def test_inverse_cholesky_upper_factors_the_inverse_and_damps_a_singular_h():
+    from lrqgraph.numerics.gptq import inverse_cholesky_upper
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 200)) * (1 + 3 * rng.random(200))
+    h = x.T @ x
+    u = inverse_cholesky_upper(h)
+    assert np.array_equal(u, np.triu(u))
+    np.testing.assert_allclose(u.T @ u @ h, np.eye(200), atol=1e-9)
+    np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-7, atol=1e-12)
+    singular = x[:, :50].T @ x[:, :50]
+    singular[:, 0] = singular[0, :] = 0  # a dead input: not positive definite
+    u = inverse_cholesky_upper(singular)
+    assert np.isfinite(u).all() and np.array_equal(u, np.triu(u))

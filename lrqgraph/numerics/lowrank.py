@@ -35,19 +35,21 @@ def gptq_factorize(w: np.ndarray, spec: QuantSpec, h: np.ndarray | HessianInfo, 
 
 @dataclass(frozen=True)
 class Whitener:
-    """S with H = S·Sᵀ (identity when there is no H)."""
+    """S with H = S·Sᵀ, and S⁻¹ (identity when there is no H)."""
 
     s: np.ndarray | None
+    s_inv: np.ndarray | None = None
 
     @classmethod
     def of(cls, h: HessianInfo | None) -> "Whitener":
-        return cls(None if h is None else h.cholesky)
+        return cls(None) if h is None else cls(h.cholesky, h.cholesky_inverse)
 
     def apply(self, w: np.ndarray) -> np.ndarray:
         return w if self.s is None else self.s.T @ w
 
     def unapply(self, a: np.ndarray) -> np.ndarray:
-        return a if self.s is None else np.linalg.solve(self.s.T, a)
+        """S⁻ᵀ·a."""
+        return a if self.s is None else self.s_inv.T @ a
 
 
 def truncated_svd(a: np.ndarray, rank: int, seed: int = 0, oversample: int = 16, power_iters: int = 2):
