@@ -132,9 +132,14 @@ class Emitter:
         io = self.io_dtype
         lead = [-1]  # every leading dimension in one: the input's rank need not be known
         factors = rotation.factors()
-        f = {name: self.array(f"rotation{rotation.k}_{rotation.seed}.{name}", v.astype(io))
-             for name, v in factors.items()}
-        self.stored_bytes += sum(_stored_nbytes(t) for t in f.values())
+        stored = {name: self.array(f"rotation{rotation.k}_{rotation.seed}.{name}", v) for name, v in factors.items()}
+        self.stored_bytes += sum(_stored_nbytes(t) for t in stored.values())
+        # ±1 bytes and float32 cast to the compute type, the normalization folded into the signs:
+        # constants only, which onnxruntime folds when the session loads
+        to_io = lambda t: t if t.dtype == io else self.cast(t, io, f"{tag}/rotate")  # noqa: E731
+        f = {name: to_io(t) for name, t in stored.items() if name in ("h1", "h2", "small")}
+        f["signs"] = to_io(self.node("Mul", f"{tag}/rotate", [self.cast(stored["signs"], np.float32, f"{tag}/rotate"),
+                                                              stored["norm"]], dtype=np.float32))
         shape = lambda *dims: self.array(f"{tag}.rotation_shape", np.array(lead + list(dims), np.int64))  # noqa: E731
         p1, p2 = len(factors["h1"]), len(factors["h2"])
         odd = rotation.k // (p1 * p2)

@@ -5,8 +5,9 @@ spreads every row's outliers over all rows (QuIP#, QuaRot), so a block grid fits
 smaller error. R = D·(Q_b ⊗ H_p) in the layout of transforms._Axis: random signs D, then for
 K = p·b (p a power of two, b odd) a seeded orthogonal b×b and the normalized Walsh-Hadamard
 transform of size p, itself H_p1 ⊗ H_p2 with p1·p2 = p. Applying it costs K·(b + p1 + p2)
-multiply-adds per row, and what is stored (signs, the b×b block and the two small Hadamards) is
-a few kilobytes, shared by every layer that reads the same input.
+multiply-adds per row, and what is stored (signs and the two small Hadamards as ±1 bytes, the
+b×b block in float32, one normalizing scalar) is about K + p1² + p2² bytes, shared by every layer
+that reads the same input.
 """
 from __future__ import annotations
 
@@ -45,14 +46,17 @@ class Rotation:
         return np.ascontiguousarray(self._axis.forward(half.T).T)   # Rᵀ·(H·R), H symmetric
 
     def factors(self) -> dict[str, np.ndarray]:
-        """What a lowering stores: signs [K], small [b, b] (absent when b = 1), and the two
-        normalized Hadamards h1 [p1, p1], h2 [p2, p2] with p1·p2 = p."""
+        """What a lowering stores: signs [K] and the unnormalized Hadamards h1 [p1, p1], h2 [p2, p2]
+        (p1·p2 = p) as int8 ±1, small [b, b] in float32 (absent when b = 1), and norm = 1/√p, the
+        Hadamards' normalization, which the lowering folds into the signs."""
         power, odd = _split(self.k)
         i = int(np.log2(power)) // 2
-        out = {"signs": self._axis.signs.astype(np.float32), "h1": _hadamard(1 << i), "h2": _hadamard(power >> i)}
+        unit = lambda n: np.rint(_hadamard(n) * np.sqrt(np.float32(n))).astype(np.int8)  # noqa: E731
+        out = {"signs": self._axis.signs.astype(np.int8), "h1": unit(1 << i), "h2": unit(power >> i),
+               "norm": np.array(1 / np.sqrt(power), np.float32)}
         if odd > 1:
-            out["small"] = self._axis.small
+            out["small"] = self._axis.small.astype(np.float32)
         return out
 
     def storage_bits(self) -> int:
-        return sum(v.size for v in self.factors().values()) * 32
+        return sum(v.nbytes for v in self.factors().values()) * 8

@@ -80,6 +80,7 @@ class HadamardRotation(nn.Module):
         factors = rotation.factors()
         self.p1, self.p2 = len(factors["h1"]), len(factors["h2"])
         self.odd = rotation.k // (self.p1 * self.p2)
+        factors["signs"] = factors["signs"] * factors["norm"]  # the normalization, folded as the lowering does
         for name in ("signs", "h1", "h2", "small"):
             value = factors.get(name)
             self.register_buffer(name, None if value is None else torch.from_numpy(np.asarray(value, np.float32)))
