@@ -46,7 +46,8 @@ def test_quality_mode_fits_the_budget_and_lowers_what_it_chose(tmp_path):
     # ... and each layer was lowered at the grid it was given ("gptq 4b g32", "qlr 2b g64 + r16x8b")
     for e in rewritten:
         grid = f"{e['bits']}b g{e['block']}{'' if e['symmetric'] else ' asym'}"
-        stored = f"r{e['rank']}x{e['bits']}b" if e["family"] == "lowrank" else grid
+        stored = (f"r{e['rank']}x{e['bits']}b" if e["family"] == "lowrank" else
+                  f"rot {grid}" if e["family"] == "rotated" else grid)
         assert e["choice"].startswith(f"{e['method']} {stored}"), e
     # the measured degradation is the one verify sees on the same 32 samples
     verify_cos = result.report["verify"]["outputs"]["y"]["cosine_mean"]
