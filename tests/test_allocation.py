@@ -56,6 +56,20 @@ def test_fractional_costs_never_exceed_the_budget_and_stay_near_the_optimum():
     assert got.cost <= budget and got.loss <= loss + 0.05
 
 
+def test_the_budget_rounding_leaves_is_spent_on_upgrades():
+    """300 layers, each 100 bits or 101 bits at a lower loss, and a budget for every upgrade: with
+    costs rounded up to 1/4096 of the budget (7.4 bits) the table affords no upgrade at all; the
+    greedy fill after it upgrades every layer."""
+    costs = [np.array([100.0, 101.0])] * 300
+    losses = [np.array([1.0, 0.5])] * 300
+    got = within_budget(costs, losses, 300 * 101.0)
+    assert got.cost == 300 * 101.0 and got.loss == pytest.approx(150.0)
+    # the fill takes the most loss per bit first: with room for one upgrade of two, the cheaper-per-gain one
+    got = within_budget([np.array([10.0, 12.0]), np.array([10.0, 11.0])],
+                        [np.array([1.0, 0.0]), np.array([1.0, 0.6])], 22.0, units=1)
+    assert list(got.choice) == [1, 0] and got.cost == 22.0
+
+
 def test_infeasible_goals_say_so():
     costs, losses = problem(1)
     assert within_budget(costs, losses, float(sum(c.min() for c in costs)) - 1) is None

@@ -105,7 +105,7 @@ class HessianInfo:
     @property
     def cholesky_inverse(self) -> np.ndarray:
         """S⁻¹ of :attr:`cholesky` (lower), so solves against S are matrix products."""
-        self.cholesky
+        self.cholesky  # made together
         return self._s_inv
 
 
