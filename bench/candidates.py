@@ -56,28 +56,28 @@ class _Layer:
 
 
 def time_shape(k: int, n: int, repeat: int) -> tuple[int, float, dict[str, float]]:
+    """(candidates, fastest unprofiled seconds, share of the profiled time per part)."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
     x = rng.standard_normal((4096, k)).astype(np.float32) * (1 + 3 * rng.random(k)).astype(np.float32)
     h = x.T @ x
     menu = tolerance.menu_for("ort")
-    best, parts, count = np.inf, {}, 0
+    best = np.inf
     for _ in range(repeat):
-        prof = cProfile.Profile()
         start = time.perf_counter()
-        prof.enable()
         cands = tolerance.candidates_for(_Layer(w), menu, GPTQConfig(), h, "ort")
-        prof.disable()
-        seconds = time.perf_counter() - start
-        if seconds < best:
-            stats = pstats.Stats(prof).stats
-            own = {}
-            for (_, _, name), (_, _, tottime, _, _) in stats.items():
-                key = name.strip("<>").split(" ")[-1].split(".")[-1]  # "c_einsum" of "<built-in method ....c_einsum>"
-                own[key] = own.get(key, 0.0) + tottime
-            best, count = seconds, len(cands) - 1
-            parts = {col: sum(own.get(f, 0.0) for f in funcs) for col, funcs in PARTS}
-    return count, best, parts
+        best = min(best, time.perf_counter() - start)
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    tolerance.candidates_for(_Layer(w), menu, GPTQConfig(), h, "ort")
+    prof.disable()
+    profiled = time.perf_counter() - start
+    own: dict[str, float] = {}
+    for (_, _, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+        key = name.strip("<>").split(" ")[-1].split(".")[-1]  # "c_einsum" of "<built-in method ....c_einsum>"
+        own[key] = own.get(key, 0.0) + tottime
+    return len(cands) - 1, best, {col: sum(own.get(f, 0.0) for f in funcs) / profiled for col, funcs in PARTS}
 
 
 def main() -> None:
@@ -90,7 +90,7 @@ def main() -> None:
         count, seconds, parts = time_shape(k, n, args.repeat)
         per_model[model] = per_model.get(model, 0.0) + seconds * layers
         rows.append([model, role, f"{k}x{n}", str(layers), str(count), f"{seconds:.2f}",
-                     *[f"{parts[col]:.2f}" for col, _ in PARTS], f"{seconds * layers:.0f}"])
+                     *[f"{parts[col]:.0%}" for col, _ in PARTS], f"{seconds * layers:.0f}"])
     print(f"{datetime.date.today()} · {platform.machine()} · {os.cpu_count()} cores · numpy {np.__version__} · "
           f"ort menu, fastest of {args.repeat}")
     print(table(["model", "role", "K x N", "layers", "candidates", "s per layer", *[c for c, _ in PARTS],
