@@ -10,6 +10,7 @@ from . import runtime  # noqa: F401  (lrqgraph.runtime after a plain ``import lr
 from .api import Result, optimize, run
 from .config import AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig, VerifyConfig
 from .errors import InternalError, LrqError, VerificationError
+from .executor import ExecutorConfig
 from .io import load_model, save_model
 from .methods import (GPTQConfig, KashinConfig, KMeansConfig, LPLRConfig, Method, MethodConfig, QLRConfig, RTNConfig,
                       SVDConfig, register_method)
@@ -19,4 +20,4 @@ __all__ = ["optimize", "run", "Result", "OptimizeConfig", "AllocateConfig", "Fac
            "VerifyConfig", "LrqError", "VerificationError", "InternalError", "load_model", "save_model", "Pass",
            "PassManager", "PassResult", "Context", "register_pass", "register_analysis", "Method", "MethodConfig",
            "register_method", "RTNConfig", "GPTQConfig", "SVDConfig", "LPLRConfig", "QLRConfig", "KMeansConfig",
-           "KashinConfig", "runtime", "__version__"]
+           "KashinConfig", "ExecutorConfig", "runtime", "__version__"]

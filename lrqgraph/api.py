@@ -17,6 +17,7 @@ from lrqgraph.passes.factorize import describe_plan
 from lrqgraph.passes.verify import compare_outputs
 
 from .config import OptimizeConfig, VerifyConfig, describe_config
+from .executor import Executor
 from .io import load_model
 from .model import ModelState
 from .passmanager import Context, Pass, PassManager
@@ -52,8 +53,9 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
         original = proto = model
     manager = PassManager(passes if passes is not None else default_pipeline(config),
                           check_each=config.check_each_pass)
-    ctx = Context(ModelState(proto), config, original=original)
-    manager.run(ctx)
+    with Executor(config.executor) as executor:
+        ctx = Context(ModelState(proto), config, original=original, executor=executor)
+        manager.run(ctx)
     rewritten = len(ctx.lowered)
     if rewritten or _changed(ctx):
         ctx.model.set_metadata("lrqgraph.pipeline", repr(manager))

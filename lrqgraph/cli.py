@@ -17,6 +17,7 @@ from typing import Sequence
 
 from .config import AllocateConfig, OptimizeConfig, SelectConfig, VerifyConfig
 from .errors import InternalError, LrqError
+from .executor import KINDS, ExecutorConfig
 from .methods import LOWERINGS, METHODS, GPTQConfig, QLRConfig, method_config
 from .version import __version__
 
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--report", help="write the JSON report here")
     opt.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
     opt.add_argument("--check-each-pass", action="store_true", help="run onnx.checker and shape inference after every pass")
+    opt.add_argument("--executor", choices=KINDS, default="auto",
+                     help="where per-layer solves run: auto (worker processes on a multi-core machine when the "
+                          "work is large enough; default), local (this process) or process; the output is the same")
+    opt.add_argument("--workers", type=int, help="worker processes (default: the cores this process may use)")
     _add_method_options(opt)
     _add_allocate_options(opt)
     _add_verify_options(opt)
@@ -203,7 +208,8 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
                           accuracy_level=getattr(args, "accuracy_level", None), calib=getattr(args, "calib", None),
                           tokenizer=getattr(args, "tokenizer", None),
                           calib_samples=getattr(args, "calib_samples", OptimizeConfig.calib_samples),
-                          check_each_pass=getattr(args, "check_each_pass", False))
+                          check_each_pass=getattr(args, "check_each_pass", False),
+                          executor=ExecutorConfig(getattr(args, "executor", "auto"), getattr(args, "workers", None)))
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import LrqError
+from .executor import ExecutorConfig
 from .methods import LOWERINGS, METHODS, GPTQConfig, MethodConfig, get_method, method_config
 
 
@@ -168,6 +169,7 @@ class OptimizeConfig:
     tokenizer: str | None = None   # tokenizer.json (or its folder) for text calibration data
     calib_samples: int = 128       # at most this many calibration samples are used
     check_each_pass: bool = False
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where per-layer solves run
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
@@ -199,4 +201,5 @@ def describe_config(config: "OptimizeConfig") -> dict[str, Any]:
     """The config as plain data (model metadata, reports), the method named."""
     out = dataclasses.asdict(config)
     out["factorize"] = config.factorize.describe()
+    del out["executor"]  # where the solves ran does not change the output (lrqgraph.executor)
     return out

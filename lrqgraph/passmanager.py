@@ -29,6 +29,7 @@ import onnx
 
 from .config import OptimizeConfig
 from .errors import InternalError, LrqError, PassError
+from .executor import Executor, ExecutorConfig
 from .model import ModelState
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Context:
     allocation: Any = None
     verification: Any = None
     timings: list[PassTiming] = field(default_factory=list)
+    executor: Executor = field(default_factory=lambda: Executor(ExecutorConfig("local")))  # per-layer solves
     _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def analysis(self, name: str, **sections: Any) -> Any:

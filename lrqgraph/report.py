@@ -71,6 +71,7 @@ def build_report(ctx, before: onnx.ModelProto, after: onnx.ModelProto, **extra: 
     report: dict[str, Any] = {"layers": layers, "model": summarize(before, after, layers), **extra,
                               "passes": [{"pass": t.name, "seconds": t.seconds, "modified": t.modified}
                                          for t in ctx.timings],
+                              "executor": ctx.executor.describe(),
                               "calibration": (ctx.calibration.describe() if ctx.calibration is not None else
                                               f"H = XᵀX from {ctx.config.calib}" if ctx.config.calib else
                                               "none: all methods ran data-free")}

@@ -30,7 +30,7 @@ from lrqgraph.config import AllocateConfig, with_fields
 from lrqgraph.errors import LrqError
 from lrqgraph.labels import load_labelled
 from lrqgraph.methods import configure
-from lrqgraph.numerics import activation_error
+from lrqgraph.numerics import Representation, activation_error
 from lrqgraph.numerics.allocation import frontier, within_budget, within_loss
 from lrqgraph.numerics.refine import refine
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
@@ -93,24 +93,39 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
     return "loss", cfg.max_kl if cfg.max_kl is not None else cfg.max_metric
 
 
-def _refit(ctx: Context, t: LayerTolerance, c: int, h: np.ndarray | None, sweeps: int) -> None:
-    """The chosen candidate fitted again with all calibration samples (its ranking used H without
-    the measured ones), then, for GPTQ grids, coordinate descent on codes and scales."""
-    cand = t.candidates[c]
-    if cand.rep is None or h is None or cand.settings is None or t.layer.gathers:
-        return  # tables are data-free (tolerance.table_menu): nothing to refit
-    w = t.layer.weight_matrix()
-    method, fields = cand.settings
-    base = ctx.config.factorize.for_layer(t.layer.name, t.layer.weight)
-    rep, _ = factorize_weight(w, configure(base, method=method, **fields), allocation_scales(base, t.layer.dtype), h)
-    if rep is None or rep.storage_bits() != cand.bits:
-        return  # (cannot happen for the built-in methods: storage follows from the settings)
+def _refit(ctx: Context, tols: list[LayerTolerance], choice: list[int], hessians: dict, sweeps: int) -> None:
+    """The chosen candidates fitted again with all calibration samples (their ranking used H
+    without the measured ones), on the executor; tables are data-free (tolerance.table_menu)."""
+    todo = [(t, t.candidates[c]) for t, c in zip(tols, choice)
+            if t.candidates[c].rep is not None and t.candidates[c].settings is not None and not t.layer.gathers
+            and hessians.get(t.layer.weight) is not None]
+
+    def args(t: LayerTolerance, cand) -> tuple:
+        method, fields = cand.settings
+        base = ctx.config.factorize.for_layer(t.layer.name, t.layer.weight)
+        return (t.layer.weight_matrix(), configure(base, method=method, **fields),
+                allocation_scales(base, t.layer.dtype), hessians[t.layer.weight], sweeps)
+
+    made = ctx.executor.map(refit_representation, (args(t, cand) for t, cand in todo),
+                            costs=[t.layer.params * (1 + sweeps) for t, _ in todo])
+    for (t, cand), (rep, error) in zip(progress(todo, "refit"), made):
+        if rep is not None and rep.storage_bits() == cand.bits:  # (storage follows from the settings)
+            cand.rep, cand.error, cand.polished = rep, error, True
+
+
+def refit_representation(w: np.ndarray, cfg, scale_dtype: str, h: np.ndarray, sweeps: int
+                         ) -> tuple[Representation | None, float]:
+    """``cfg``'s representation of ``w`` fitted on ``h``, then, for GPTQ grids, ``sweeps`` of
+    coordinate descent on codes and scales; with its activation-aware error. An executor task."""
+    rep, _ = factorize_weight(w, cfg, scale_dtype, h)
+    if rep is None:
+        return None, float("nan")
     if sweeps and rep.method == "gptq":
         rotation = rep.rotation
         target, stats = (w, h) if rotation is None else (rotation.rotate_weight(w), rotation.rotate_hessian(h))
         q = refine(target, rep.chains[0][0], stats, sweeps)
         rep = dataclasses.replace(rep, chains=((q,),), info={**rep.info, "sweeps": sweeps})
-    cand.rep, cand.error, cand.polished = rep, activation_error(w, rep.dequantize(), h), True
+    return rep, activation_error(w, rep.dequantize(), h)
 
 
 class _Measurer:
@@ -224,8 +239,7 @@ class Allocate(Pass):
         uniform = _uniform(measure, tols, per_weight)
         hessians = ctx.analysis("hessians")
         if hessians:  # the chosen candidates again from all calibration samples, then polished
-            for t, c in progress(list(zip(tols, choice)), "refit"):
-                _refit(ctx, t, c, hessians.get(t.layer.weight), cfg.polish_sweeps)
+            _refit(ctx, tols, choice, hessians, cfg.polish_sweeps)
             measured = measure(tols, choice)
         if kind == "lossless":  # the refit moved every chosen layer: the search accuracy again, repaired
             while lost(tols, choice) > 0 and repairs < cfg.repair_steps and _upgrade(tols, choice):

@@ -83,10 +83,23 @@ def _rotated(rep: Representation | None, rotation: Rotation | None) -> Represent
     return rep if rep is None or rotation is None else dataclasses.replace(rep, rotation=rotation)
 
 
-def plan_layer(layer: Layer, cfg: MethodConfig, h: np.ndarray | None) -> LayerPlan:
+def solve_layer(w: np.ndarray, cfg: MethodConfig, scale_dtype: str, h: np.ndarray | None
+                ) -> tuple[Representation | None, str, float | None, float | None, float]:
+    """(representation or None, why not, relative error, activation-aware error, seconds): one
+    layer's solve, pure numpy (an executor task)."""
     start = time.perf_counter()
-    w = layer.weight_matrix()
-    rep, why = factorize_weight(w, cfg, cfg.scales_for(layer.dtype), h)
+    rep, why = factorize_weight(w, cfg, scale_dtype, h)
+    if rep is None:
+        return None, why, None, None, time.perf_counter() - start
+    approx = rep.dequantize()
+    return (rep, why, round(relative_error(w, approx), 6),
+            round(activation_error(w, approx, h), 6) if h is not None else None, time.perf_counter() - start)
+
+
+def plan_layer(layer: Layer, cfg: MethodConfig, solved: tuple) -> LayerPlan:
+    """The plan from a layer's ``solve_layer``: kept when the representation takes no fewer bits
+    than the stored weight or its form cannot be lowered."""
+    rep, why, rel_error, act_error, seconds = solved
     if rep is not None and rep.storage_bits() >= layer.stored_bits:
         why = (f"{cfg.method}{f' at rank {rep.rank}' if rep.rank else ''} takes {rep.bits_per_weight():.2f} bits "
                f"per weight, no fewer than the {layer.source.stored_dtype} weight")
@@ -100,10 +113,8 @@ def plan_layer(layer: Layer, cfg: MethodConfig, h: np.ndarray | None) -> LayerPl
         return LayerPlan(layer, None, why)
     if rep.info.get("fallback"):
         log.warning("layer '%s': %s", layer.name, rep.info["fallback"])
-    approx = rep.dequantize()
-    return LayerPlan(layer, rep, "", plan_settings(cfg, rep), rel_error=round(relative_error(w, approx), 6),
-                     act_error=round(activation_error(w, approx, h), 6) if h is not None else None,
-                     seconds=round(time.perf_counter() - start, 4))
+    return LayerPlan(layer, rep, "", plan_settings(cfg, rep), rel_error=rel_error, act_error=act_error,
+                     seconds=round(seconds, 4))
 
 
 def describe_plan(cfg: MethodConfig, layer: Layer) -> tuple[bool, str]:
@@ -138,10 +149,13 @@ class Factorize(Pass):
         base = configure(ctx.config.factorize, **self.params)
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         hessians = ctx.analysis("hessians")
+        cfgs = [base.for_layer(layer.name, layer.weight) for layer in layers]
+        tasks = ((layer.weight_matrix(), cfg, cfg.scales_for(layer.dtype), hessians.get(layer.weight))
+                 for layer, cfg in zip(layers, cfgs))
+        solved = ctx.executor.map(solve_layer, tasks, costs=[layer.params for layer in layers])
         plans = {}
-        for layer in progress(layers, "factorize"):
-            plans[layer.weight] = plan_layer(layer, base.for_layer(layer.name, layer.weight),
-                                             hessians.get(layer.weight))
+        for layer, cfg, made in zip(progress(layers, "factorize"), cfgs, solved):
+            plans[layer.weight] = plan_layer(layer, cfg, made)
         ctx.plans = plans
         log.info("factorize: planned %d of %d layers", sum(p.rewrite for p in plans.values()), len(plans))
         return PassResult(modified=False)

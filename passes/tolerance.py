@@ -120,46 +120,68 @@ def candidate_label(rep: Representation) -> str:
     return f"{rep.method} {rep.chains[0][0].bits}b"
 
 
-def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: MethodConfig,
-                   h: np.ndarray | None, lowering: str, keep: bool = True) -> list[Candidate]:
-    """Every menu entry the lowering runs for this layer (cheapest first), then keeping the float
-    weight (without ``keep``: only the cheapest entry, keeping when none runs). Methods with
-    ``warm_start`` (Q + L·R) start from the dense candidate of their Q grid."""
+def solve_args(layer: Layer, menu: list[tuple[str, dict]], method_cfg: MethodConfig,
+               h: np.ndarray | None) -> tuple:
+    """The arguments of ``menu_representations`` for this layer (an executor task: arrays and configs)."""
     w = layer.weight_matrix()
-    float_bits = layer.stored_bits
-    info = HessianInfo.of(h)  # factorized once for every candidate
-    scale_dtype = allocation_scales(method_cfg, layer.dtype)
-    out, dense, energy = [], {}, None
-    if layer.gathers:
-        menu, h, info = table_menu(menu, w.shape[0]), None, None
+    menu, h = layer_menu(layer, menu, h)
     cfgs = [configure(method_cfg, method=method, **fields) for method, fields in menu]
+    return w, menu, cfgs, allocation_scales(method_cfg, layer.dtype), h, layer.stored_bits
+
+
+def layer_menu(layer: Layer, menu: list[tuple[str, dict]], h: np.ndarray | None
+               ) -> tuple[list[tuple[str, dict]], np.ndarray | None]:
+    """An embedding table takes its own menu, data-free (table_menu); every other layer the menu and H."""
+    return (table_menu(menu, layer.shape[0]), None) if layer.gathers else (menu, h)
+
+
+def menu_representations(w: np.ndarray, menu: list[tuple[str, dict]], cfgs: list[MethodConfig], scale_dtype: str,
+                         h: np.ndarray | None, float_bits: int) -> list[tuple[Representation, float] | None]:
+    """Each menu entry's representation of ``w`` with its activation-aware error (relative
+    Frobenius without H), or None where the method makes none, it takes no fewer bits than the
+    float weight, or an earlier entry made the same candidate (a block longer than K is K). One
+    layer's solve, pure numpy: an executor task. H is factorized once for every entry; methods
+    with ``warm_start`` (Q + L·R) start from the dense candidate of their Q grid."""
+    info = HessianInfo.of(h)
     cold = [i for i, (method, _) in enumerate(menu) if not METHODS[method].warm_start]
     made = dict(zip(cold, factorize_weights(w, [cfgs[i] for i in cold], scale_dtype, info)))
+    out, dense, labels, energy = [], {}, set(), None
     for i, (method, fields) in enumerate(menu):
         grid = (fields.get("bits"), fields.get("block_size"), fields.get("symmetric", True), fields.get("rotate", False))
         if i in made:
             rep, _ = made.pop(i)
         else:  # started from the dense candidate of its grid, made above (warm-started methods come last)
             rep, _ = factorize_weight(w, cfgs[i], scale_dtype, info, warm=dense.get(grid))
-        if rep is None:
-            continue
-        if rep.form == "dense":
+        if rep is not None and rep.form == "dense":
             dense[grid] = rep  # Q + L·R of the same grid starts from it
-        if rep.storage_bits() >= float_bits or not lowerable(layer, rep, lowering):
+        if rep is None or rep.storage_bits() >= float_bits or candidate_label(rep) in labels:
+            out.append(None)
             continue
-        label = candidate_label(rep)
-        if any(c.label == label for c in out):
-            continue  # e.g. a block longer than K is K: that grid is on the menu already
+        labels.add(candidate_label(rep))
         approx = rep.dequantize()
         if h is not None and energy is None:
             energy = output_energy(w, h)
-        error = activation_error(w, approx, h, energy) if h is not None else relative_error(w, approx)
-        out.append(Candidate(label, rep, rep.storage_bits(), error, family=METHODS[method].family_of(fields),
-                             settings=(method, fields)))
+        out.append((rep, activation_error(w, approx, h, energy) if h is not None else relative_error(w, approx)))
+    return out
+
+
+def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: MethodConfig,
+                   h: np.ndarray | None, lowering: str, keep: bool = True,
+                   solved: list[tuple[Representation, float] | None] | None = None) -> list[Candidate]:
+    """Every menu entry the lowering runs for this layer (cheapest first), then keeping the float
+    weight (without ``keep``: only the cheapest entry, keeping when none runs). ``solved``: the
+    layer's ``menu_representations``, if an executor made them already."""
+    if solved is None:
+        solved = menu_representations(*solve_args(layer, menu, method_cfg, h))
+    menu, _ = layer_menu(layer, menu, h)
+    out = [Candidate(candidate_label(rep), rep, rep.storage_bits(), error, family=METHODS[method].family_of(fields),
+                     settings=(method, fields))
+           for (method, fields), made in zip(menu, solved) if made is not None
+           for rep, error in [made] if lowerable(layer, rep, lowering)]
     out.sort(key=lambda c: (c.bits, c.error))
     if not keep and out:
         return out[:1]
-    out.append(Candidate("keep", None, float_bits, 0.0, predicted=0.0))
+    out.append(Candidate("keep", None, layer.stored_bits, 0.0, predicted=0.0))
     return out
 
 
@@ -230,13 +252,19 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     checked = len(probed) if cfg.check_layers is None else min(cfg.check_layers, len(probed))
     sampled = {probed[i] for i in np.linspace(0, len(probed) - 1, checked).round().astype(int)} if probed else set()
     probed = set(probed)
-    for index, layer in enumerate(progress(layers, "tolerance")):
-        method_cfg = config.factorize.for_layer(layer.name, layer.weight)
-        guarded = not cfg.tables_join and bool(layer.gathers)
-        menu = menus[layer_target(layer, config.lowering) if layer.kernel else config.lowering]  # convolutions: std
-        cands = candidates_for(layer, GUARD_MENU if guarded else menu, method_cfg, hessians.get(layer.weight),
-                               config.lowering, keep=not guarded)
-        tol = LayerTolerance(layer, cands, budgeted=not guarded)
+    # (layer, its menu, its method config, its H): the menus are solved on the executor, in order,
+    # while this loop measures the layers already solved
+    guarded = [not cfg.tables_join and bool(layer.gathers) for layer in layers]  # tables at a fixed grid
+    work = [(layer, GUARD_MENU if guard else menus[layer_target(layer, config.lowering) if layer.kernel
+                                                   else config.lowering],  # convolutions: std
+             config.factorize.for_layer(layer.name, layer.weight), hessians.get(layer.weight))
+            for layer, guard in zip(layers, guarded)]
+    solved = ctx.executor.map(menu_representations, (solve_args(*item) for item in work),
+                              costs=[layer.params * len(menu) for layer, menu, _, _ in work])
+    for index, (layer, menu, method_cfg, h) in enumerate(progress(work, "tolerance")):
+        cands = candidates_for(layer, menu, method_cfg, h, config.lowering, keep=not guarded[index],
+                               solved=next(solved))
+        tol = LayerTolerance(layer, cands, budgeted=not guarded[index])
         lossy = [c for c in cands if c.rep is not None]
         if lossy and index in probed:
             # the probe: the cheapest dense grid (other families' cheapest can be far off the quadratic regime)

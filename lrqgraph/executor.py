@@ -1,0 +1,196 @@
+"""Where per-layer solves run: in this process, or on a pool of worker processes.
+
+A layer's solve (its candidate menu, its plan, its refit) is a pure function of numpy arrays and
+configs, so layers are independent tasks. ``Executor.map`` runs them and yields the results in
+task order, whatever order they finish in, so every executor gives the same output; each task
+runs with one BLAS thread on every executor, so the arithmetic (and the output bytes) are the
+same too. Parallelism is across layers: on this project's 2-core machine one layer's menu takes
+as long with one BLAS thread as with two (bench/candidates.py), so the second core was idle.
+
+At most ``2 × workers`` tasks are in flight: the caller builds a task's arrays only when a slot
+frees up and consumes results while later layers are solved (the tolerance step measures layer i
+in onnxruntime while the workers solve layers i+1, i+2, ...), and a model's weights are never all
+copied to the workers at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from threadpoolctl import threadpool_limits
+
+from .errors import LrqError
+from .worker import read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "local", "process")
+# ``auto`` starts processes only for this much work (weights x candidates; about 4 s of solves at
+# MiniLM's shapes): starting a worker costs about a second of imports
+AUTO_MIN_COST = 20e6
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """``kind``: ``auto`` (a process pool on a multi-core machine when the work is large enough,
+    in this process otherwise), ``local`` or ``process``; ``workers``: the pool's size (None: the
+    cores this process may use)."""
+
+    kind: str = "auto"
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LrqError(f"unknown --executor '{self.kind}'; choose one of {', '.join(KINDS)}")
+        if self.workers is not None and self.workers < 1:
+            raise LrqError(f"--workers must be at least 1, got {self.workers}")
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _one_thread(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
+    start = time.perf_counter()
+    with threadpool_limits(limits=1):
+        out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+class _Worker:
+    """One ``python -m lrqgraph.worker`` subprocess and its two pipes."""
+
+    def __init__(self):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+               **{name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+        self.proc = subprocess.Popen([sys.executable, "-m", "lrqgraph.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+        self.index: int | None = None  # the task it is solving
+
+    def send(self, index: int, fn: Callable[..., Any], args: tuple) -> None:
+        self.index = index
+        try:
+            write_frame(self.proc.stdin, (fn, args))
+        except BrokenPipeError:
+            raise _died() from None
+
+    def receive(self) -> tuple[Any, float]:
+        try:
+            status, out, seconds = read_frame(self.proc.stdout)
+        except EOFError:
+            raise _died() from None
+        self.index = None
+        if status == "error":
+            raise out
+        return out, seconds
+
+    def stop(self, kill: bool = False) -> None:
+        try:
+            if kill:
+                self.proc.kill()
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def _died() -> LrqError:
+    return LrqError("a worker process died (out of memory?); run with fewer --workers or --executor local")
+
+
+class Executor:
+    """Runs tasks ``fn(*args)``; ``map`` yields results in task order. Use as a context manager
+    (or call ``close``) to stop a pool."""
+
+    def __init__(self, config: ExecutorConfig | None = None):
+        self.config = config or ExecutorConfig()
+        self.workers = self.config.workers or (usable_cores() if self.config.kind != "local" else 1)
+        self._pool: list[_Worker] = []
+        self.tasks = 0
+        self.seconds = 0.0          # summed over tasks: the work, wherever it ran
+        self.used = "local"         # what ran the tasks so far: local, process
+
+    def _parallel(self, costs: Sequence[float] | None, count: int | None) -> bool:
+        if self.config.kind == "local" or self.workers < 2 or count == 1:
+            return False
+        if self.config.kind == "process":
+            return True
+        return costs is not None and sum(costs) >= AUTO_MIN_COST
+
+    def map(self, fn: Callable[..., Any], tasks: Iterable[tuple], costs: Sequence[float] | None = None
+            ) -> Iterator[Any]:
+        """``fn(*args)`` for each task, in order. ``fn`` must be a module-level function and the
+        arguments picklable; ``costs`` (one per task, any unit) let ``auto`` decide whether a pool pays."""
+        if not self._parallel(costs, len(costs) if costs is not None else None):
+            for args in tasks:
+                out, seconds = _one_thread(fn, args)
+                self._count(seconds)
+                yield out
+            return
+        yield from self._pooled(fn, iter(tasks))
+
+    def _count(self, seconds: float) -> None:
+        self.tasks += 1
+        self.seconds += seconds
+
+    def _pooled(self, fn: Callable[..., Any], tasks: Iterator[tuple]) -> Iterator[Any]:
+        if not self._pool:
+            self._pool = [_Worker() for _ in range(self.workers)]
+            log.info("executor: %d worker processes", self.workers)
+        self.used = "process"
+        done: dict[int, Any] = {}
+        sent = following = 0  # tasks handed out; the next index to yield
+        exhausted = False
+        try:
+            while True:
+                # hand out tasks to idle workers, at most 2 x workers ahead of the caller
+                for worker in self._pool:
+                    if worker.index is None and not exhausted and sent - following < 2 * self.workers:
+                        args = next(tasks, None)
+                        if args is None:
+                            exhausted = True
+                        else:
+                            worker.send(sent, fn, args)
+                            sent += 1
+                if following in done:
+                    yield done.pop(following)
+                    following += 1
+                    continue
+                busy = {w.proc.stdout: w for w in self._pool if w.index is not None}
+                if not busy:
+                    return
+                for stream in select.select(list(busy), [], [])[0]:
+                    index = busy[stream].index
+                    out, seconds = busy[stream].receive()
+                    self._count(seconds)
+                    done[index] = out
+        finally:  # stopped early (an error, or the caller's): workers still solving are stopped
+            if any(w.index is not None for w in self._pool):
+                self.close(kill=True)
+
+    def describe(self) -> dict[str, Any]:
+        """The report's "executor" entry."""
+        return {"kind": self.used, "workers": self.workers if self.used == "process" else 1,
+                "tasks": self.tasks, "seconds": round(self.seconds, 3)}
+
+    def close(self, kill: bool = False) -> None:
+        for worker in self._pool:
+            worker.stop(kill)
+        self._pool = []
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

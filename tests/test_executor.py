@@ -1,0 +1,70 @@
+"""lrqgraph.executor: per-layer solves on worker processes give the same output as in-process ones."""
+import os
+import time
+
+import numpy as np
+import pytest
+
+import builders
+import lrqgraph
+from lrqgraph import ExecutorConfig
+from lrqgraph.config import AllocateConfig, OptimizeConfig
+from lrqgraph.errors import LrqError
+from lrqgraph.executor import AUTO_MIN_COST, Executor
+from lrqgraph.io import save_model
+
+
+def sleep_then_square(x: int, delay: float) -> int:  # a task: importable by the workers (tests/ is on sys.path)
+    time.sleep(delay)
+    return x * x
+
+
+def test_results_come_back_in_task_order_whatever_order_they_finish_in():
+    tasks = [(i, 0.3 if i % 3 == 0 else 0.0) for i in range(9)]  # the slow ones finish last
+    with Executor(ExecutorConfig("process", workers=2)) as executor:
+        assert list(executor.map(sleep_then_square, iter(tasks))) == [i * i for i in range(9)]
+        assert executor.describe()["kind"] == "process" and executor.describe()["tasks"] == 9
+        # the pool is reused by the next map of the same run
+        assert list(executor.map(sleep_then_square, [(4, 0.0)] * 3)) == [16] * 3
+
+
+def test_a_task_error_is_raised_in_the_caller_and_the_pool_still_works():
+    with Executor(ExecutorConfig("process", workers=2)) as executor:
+        with pytest.raises(ZeroDivisionError):
+            list(executor.map(divmod, [(1, 1), (1, 0), (2, 1)]))
+        assert list(executor.map(divmod, [(7, 2)] * 2)) == [(3, 1)] * 2
+
+
+def test_a_dead_worker_is_a_clear_error():
+    with Executor(ExecutorConfig("process", workers=2)) as executor:
+        with pytest.raises(LrqError, match="worker process died"):
+            list(executor.map(os._exit, [(3,), (3,)]))
+
+
+def test_auto_starts_no_process_for_small_work():
+    executor = Executor(ExecutorConfig("auto", workers=2))
+    assert list(executor.map(divmod, [(9, 4)], costs=[AUTO_MIN_COST / 10])) == [(2, 1)]
+    assert executor.describe()["kind"] == "local" and not executor._pool
+
+
+def test_bad_executor_settings_are_refused():
+    with pytest.raises(LrqError, match="--executor"):
+        ExecutorConfig("threads")
+    with pytest.raises(LrqError, match="--workers"):
+        ExecutorConfig("process", workers=0)
+
+
+@pytest.mark.parametrize("goal", [None, {"target_bpw": 4.0}], ids=["factorize", "allocate"])
+def test_process_and_local_executors_write_byte_identical_models(tmp_path, monkeypatch, goal):
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
+    outputs = {}
+    for kind in ("local", "process"):
+        cfg = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**(goal or {})),
+                             executor=ExecutorConfig(kind, workers=2))
+        result = lrqgraph.run(builders.mlp_model(), cfg)
+        assert result.report["executor"]["kind"] == kind and result.report["executor"]["tasks"] > 0
+        save_model(result.model, tmp_path / f"{kind}.onnx")
+        outputs[kind] = (tmp_path / f"{kind}.onnx").read_bytes()
+    assert outputs["local"] == outputs["process"]
