@@ -86,6 +86,10 @@ class AllocateConfig:
     # at most that many layers measured at their probe (None: all); beyond, a sample per role at
     # spread depths, the others interpolated between measured layers of their role
     probe_layers: int | None = 48
+    # per role, that many layers (spread over depth) solve the whole menu; the role's other layers
+    # solve only the entries on some family's error-vs-bits frontier in one of them (None: every
+    # layer the whole menu). MiniLM: 6 of 19 entries are on no layer's frontier (bench/RESULTS.md)
+    screen_layers: int | None = 2
     # calibration samples each end-to-end measurement runs; None: those holding 512 tokens (within
     # 4..32; 16 without a sequence axis). MiniLM at --target-bpw 4 chooses alike with 16 and 32
     # samples (cosine on other text 0.9736 and 0.9743) and 16 halve the measurement time
@@ -115,6 +119,8 @@ class AllocateConfig:
             raise LrqError(f"--min-cosine must be in (-1, 1), got {self.min_cosine}")
         if self.probe_layers is not None and self.probe_layers < 1:
             raise LrqError(f"probe_layers must be at least 1 (or None: every layer), got {self.probe_layers}")
+        if self.screen_layers is not None and self.screen_layers < 1:
+            raise LrqError(f"screen_layers must be at least 1 (or None: no screening), got {self.screen_layers}")
         if self.check_layers is not None and self.check_layers < 1:
             raise LrqError(f"check_layers must be at least 1 (or None: every layer), got {self.check_layers}")
         if (self.measure_samples is not None and self.measure_samples < 1) or self.repair_steps < 0:

@@ -67,12 +67,12 @@ def _one_thread(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
 
 
 class _Worker:
-    """One ``python -m lrqgraph.worker`` subprocess and its two pipes."""
+    """One worker subprocess (lrqgraph.worker.serve) and its two pipes."""
 
     def __init__(self):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                **{name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
-        self.proc = subprocess.Popen([sys.executable, "-m", "lrqgraph.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", "from lrqgraph.worker import serve; serve()"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
         self.index: int | None = None  # the task it is solving
 

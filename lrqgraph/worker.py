@@ -1,5 +1,5 @@
-"""A worker process of lrqgraph.executor: ``python -m lrqgraph.worker`` reads tasks from stdin and
-writes results to stdout, one pickled frame each, until stdin closes.
+"""A worker process of lrqgraph.executor: ``serve`` reads tasks from stdin and writes results to
+stdout, one pickled frame each, until stdin closes.
 
 Workers are plain subprocesses rather than multiprocessing's: those re-run the caller's main
 script in every worker, which a script or notebook without an ``if __name__ == "__main__"``
@@ -61,6 +61,3 @@ def serve() -> None:
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             write_frame(channel, ("error", RuntimeError(f"{type(reply[1]).__name__} cannot be sent back: {exc}"), 0.0))
 
-
-if __name__ == "__main__":
-    serve()

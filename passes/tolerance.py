@@ -39,6 +39,7 @@ from lrqgraph.errors import LrqError
 from lrqgraph.evaluate import Degradation
 from lrqgraph.methods import METHODS, MethodConfig, configure
 from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
+from lrqgraph.numerics.allocation import lower_hull
 from lrqgraph.numerics.gptq import output_energy
 from lrqgraph.passmanager import Context, register_analysis
 from lrqgraph.plan import Layer
@@ -135,6 +136,11 @@ def layer_menu(layer: Layer, menu: list[tuple[str, dict]], h: np.ndarray | None
     return (table_menu(menu, layer.shape[0]), None) if layer.gathers else (menu, h)
 
 
+def _grid(fields: dict) -> tuple:
+    """The Q grid of a menu entry: a warm-started entry starts from the dense entry of its grid."""
+    return fields.get("bits"), fields.get("block_size"), fields.get("symmetric", True), fields.get("rotate", False)
+
+
 def menu_representations(w: np.ndarray, menu: list[tuple[str, dict]], cfgs: list[MethodConfig], scale_dtype: str,
                          h: np.ndarray | None, float_bits: int) -> list[tuple[Representation, float] | None]:
     """Each menu entry's representation of ``w`` with its activation-aware error (relative
@@ -147,7 +153,7 @@ def menu_representations(w: np.ndarray, menu: list[tuple[str, dict]], cfgs: list
     made = dict(zip(cold, factorize_weights(w, [cfgs[i] for i in cold], scale_dtype, info)))
     out, dense, labels, energy = [], {}, set(), None
     for i, (method, fields) in enumerate(menu):
-        grid = (fields.get("bits"), fields.get("block_size"), fields.get("symmetric", True), fields.get("rotate", False))
+        grid = _grid(fields)
         if i in made:
             rep, _ = made.pop(i)
         else:  # started from the dense candidate of its grid, made above (warm-started methods come last)
@@ -246,7 +252,6 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     hessians = ctx.analysis("fit_hessians", allocate=cfg)  # without the measured samples: see calibrate.fit_hessians
     meter = ctx.analysis("degradation", allocate=cfg)
     start = time.perf_counter()
-    result = []
     layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
     probed = probe_sample(layers, cfg.probe_layers)
     checked = len(probed) if cfg.check_layers is None else min(cfg.check_layers, len(probed))
@@ -259,12 +264,29 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
                                                    else config.lowering],  # convolutions: std
              config.factorize.for_layer(layer.name, layer.weight), hessians.get(layer.weight))
             for layer, guard in zip(layers, guarded)]
-    solved = ctx.executor.map(menu_representations, (solve_args(*item) for item in work),
-                              costs=[layer.params * len(menu) for layer, menu, _, _ in work])
-    for index, (layer, menu, method_cfg, h) in enumerate(progress(work, "tolerance")):
-        cands = candidates_for(layer, menu, method_cfg, h, config.lowering, keep=not guarded[index],
-                               solved=next(solved))
-        tol = LayerTolerance(layer, cands, budgeted=not guarded[index])
+    full = screen_sample(layers, cfg.screen_layers)
+    rest = [i for i in range(len(layers)) if i not in full]
+    result: list[LayerTolerance | None] = [None] * len(layers)
+
+    def solve(indices: list[int]):
+        return ctx.executor.map(menu_representations, (solve_args(*work[i]) for i in indices),
+                                costs=[work[i][0].params * len(work[i][1]) for i in indices])
+
+    def solves():  # the screening layers first, then the others on their role's screened menus
+        yield from solve(full)
+        on_frontier = frontier_entries([result[i] for i in full])
+        for i in rest:
+            layer, menu, method_cfg, h = work[i]
+            if not guarded[i] and role_of(layer) in on_frontier:
+                work[i] = (layer, screened_menu(menu, on_frontier[role_of(layer)]), method_cfg, h)
+        yield from solve(rest)
+
+    solved = solves()
+    for index in progress(full + rest, "tolerance"):
+        made = next(solved)
+        layer, menu, method_cfg, h = work[index]
+        cands = candidates_for(layer, menu, method_cfg, h, config.lowering, keep=not guarded[index], solved=made)
+        tol = result[index] = LayerTolerance(layer, cands, budgeted=not guarded[index])
         lossy = [c for c in cands if c.rep is not None]
         if lossy and index in probed:
             # the probe: the cheapest dense grid (other families' cheapest can be far off the quadratic regime)
@@ -288,12 +310,51 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
                     pick = own[len(own) // 2]
                     got = max(meter.measure({layer.weight: stored_layout(layer, pick.rep)}), 0.0)
                     tol.family_checks[family] = (pick.label, pick.predicted, got)
-        result.append(tol)
     _unprobed_follow_their_role(result, probed)
     _unchecked_follow_the_checked(result)
     log.info("tolerance: %d layers, %d candidates in %.1f s", len(result),
              sum(len(t.candidates) for t in result), time.perf_counter() - start)
     return result
+
+
+def screen_sample(layers: list[Layer], per_role: int | None) -> list[int]:
+    """Indices of the layers that solve the whole menu, in model order: every layer without
+    screening or in a role of at most ``per_role`` + 1 layers; otherwise ``per_role`` of each role
+    at spread depths (first and last included)."""
+    if per_role is None:
+        return list(range(len(layers)))
+    picked = []
+    for members in _by_role(layers).values():
+        if len(members) <= per_role + 1:
+            picked += members
+        else:
+            picked += [members[j] for j in np.linspace(0, len(members) - 1, per_role).round().astype(int)]
+    return sorted(set(picked))
+
+
+def _entry(settings: tuple[str, dict]) -> tuple:
+    method, fields = settings
+    return method, tuple(sorted(fields.items()))
+
+
+def frontier_entries(tols: list[LayerTolerance]) -> dict[tuple, set[tuple]]:
+    """Per role, the menu entries on their family's frontier of error² against bits (the lower
+    convex hull, keeping the float weight as its end) in at least one of these layers."""
+    out: dict[tuple, set[tuple]] = {}
+    for t in tols:
+        kept = out.setdefault(role_of(t.layer), set())
+        for family in {c.family for c in t.candidates if c.rep is not None}:
+            own = [c for c in t.candidates if c.family in (family, "keep")]
+            hull = lower_hull([c.bits for c in own], [c.error ** 2 for c in own])
+            kept |= {_entry(own[i].settings) for i in hull if own[i].settings is not None}
+    return out
+
+
+def screened_menu(menu: list[tuple[str, dict]], kept: set[tuple]) -> list[tuple[str, dict]]:
+    """The entries in ``kept``, and the dense grid each kept warm-started entry (Q + L·R) starts from."""
+    warm = {_grid(f) for m, f in menu if METHODS[m].warm_start and _entry((m, f)) in kept}
+    return [(m, f) for m, f in menu if _entry((m, f)) in kept
+            or (METHODS[m].family_of(f) in ("dense", "rotated") and not METHODS[m].warm_start and _grid(f) in warm)]
 
 
 def role_of(layer: Layer) -> tuple[str, tuple[int, ...]]:

@@ -340,3 +340,42 @@ def test_degradation_feeds_a_tied_lm_head_its_transposed_table():
     expected = kl_divergence(open_session(model).run(None, ids)[0], open_session(edited).run(None, ids)[0])
     assert meter.measure({"E": changed}) == pytest.approx(expected, rel=1e-4)
     assert expected > 1e-4 and meter.measure({}) == pytest.approx(0, abs=1e-9)
+
+
+def test_screening_gives_the_other_layers_of_a_role_only_the_frontier_entries_of_its_screened_ones(tmp_path):
+    from lrqgraph.model import ModelState
+    from lrqgraph.passes.tolerance import screen_sample
+    from lrqgraph.passmanager import Context, PassManager
+
+    def tolerance(screen_layers):
+        cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(target_bpw=4, screen_layers=screen_layers))
+        ctx = Context(ModelState(builders.mlp_model(dims=(64,) * 7)), cfg)
+        PassManager("discover,calibrate").run(ctx)
+        return ctx.analysis("tolerance")
+
+    full, screened = tolerance(None), tolerance(2)
+    assert screen_sample([t.layer for t in full], 2) == [0, 5]  # one role of six layers: its first and last
+    for i, (a, b) in enumerate(zip(full, screened)):
+        labels_a, labels_b = [c.label for c in a.candidates], [c.label for c in b.candidates]
+        if i in (0, 5):
+            assert labels_a == labels_b
+            continue
+        assert set(labels_b) < set(labels_a) and "keep" in labels_b
+        assert {c.family for c in b.candidates} == {c.family for c in a.candidates}  # every family stays
+        for c in b.candidates:  # a screened entry is solved exactly as in the whole menu
+            assert c.error == next(o.error for o in a.candidates if o.label == c.label)
+    kept = {c.label for t in screened[1:5] for c in t.candidates}
+    for t in (full[0], full[5]):  # each family's frontier in a screened layer reaches the others
+        for family in {c.family for c in t.candidates} - {"keep"}:
+            own = sorted((c for c in t.candidates if c.family == family), key=lambda c: c.bits)
+            assert own[0].label in kept  # the cheapest point of a family is always on its frontier
+
+
+def test_screened_menus_keep_the_dense_grid_a_kept_q_plus_lr_entry_starts_from():
+    from lrqgraph.passes.tolerance import _entry, menu_for, screened_menu
+    menu = menu_for("ort")
+    qlr = next((m, f) for m, f in menu if m == "qlr")
+    kept = screened_menu(menu, {_entry(qlr)})
+    assert qlr in kept and len(kept) == 2
+    dense = next(e for e in kept if e != qlr)
+    assert dense[0] == "gptq" and all(dense[1][k] == qlr[1][k] for k in ("bits", "block_size"))

@@ -81,3 +81,11 @@ def test_frontier_is_monotone():
     curve = frontier(costs, losses)
     assert all(b[0] > a[0] and b[1] <= a[1] + 1e-12 for a, b in zip(curve, curve[1:]))
     assert curve[-1][1] == pytest.approx(sum(v.min() for v in losses))
+
+
+def test_lower_hull_drops_dominated_points_and_points_above_a_chord():
+    from lrqgraph.numerics.allocation import lower_hull
+    costs = [1, 2, 3, 4, 2.5, 2, 5]
+    losses = [10, 5, 4, 0, 8, 6, 0]  # 3 lies above the chord 1 -> 4; 4.5 and (2, 6) are dominated; 5 adds no gain
+    assert lower_hull(costs, losses).tolist() == [0, 1, 3]
+    assert lower_hull([1, 2, 3], [2, 1, 0]).tolist() == [0, 1, 2]  # points on a chord stay

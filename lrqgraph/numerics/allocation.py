@@ -124,3 +124,23 @@ def frontier(costs: list[np.ndarray], losses: list[np.ndarray], points: int = 64
     best, _, _ = _table(costs, losses, unit, slack)
     picks = np.unique(np.linspace(0, slack, points + 1).round().astype(int))
     return [(u * unit, float(best[u])) for u in picks if np.isfinite(best[u])]
+
+
+def lower_hull(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Indices of the points on the lower convex hull of (cost, loss) from the cheapest point to
+    the least loss: the points a knapsack's Lagrangian relaxation can pick, for any price of cost
+    against loss (a point above the chord of two others is beaten by mixing them across layers)."""
+    costs, losses = np.asarray(costs, np.float64), np.asarray(losses, np.float64)
+    hull: list[int] = []
+    for i in np.lexsort((losses, costs)):  # by cost, then loss
+        if hull and losses[i] >= losses[hull[-1]]:
+            continue  # no less loss for no less cost
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above the chord from a to i: drop it (points on it stay)
+            if (costs[b] - costs[a]) * (losses[i] - losses[a]) < (losses[b] - losses[a]) * (costs[i] - costs[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(int(i))
+    return np.array(hull, np.int64)
