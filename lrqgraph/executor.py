@@ -72,8 +72,8 @@ class _Worker:
     def __init__(self):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                **{name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
-        self.proc = subprocess.Popen([sys.executable, "-c", "from lrqgraph.worker import serve; serve()"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", "from lrqgraph.worker import serve; serve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.index: int | None = None  # the task it is solving
 
     def send(self, index: int, fn: Callable[..., Any], args: tuple) -> None:
