@@ -7,7 +7,11 @@ end-to-end degradation.
    AllocateConfig.menu; each computed for real (GPTQ with calibration statistics, RTN
    without), with its exact storage bits and
    its activation-aware error e = sqrt(tr(ΔWᵀHΔW) / tr(WᵀHW)) (relative Frobenius error when
-   data-free). Keeping the float weight is always a candidate (e = 0).
+   data-free). Keeping the float weight is always a candidate (e = 0). Screening
+   (``screen_layers``): per role, that many layers solve the whole menu first; the role's other
+   layers solve only the entries on some family's frontier of e² against bits in one of them
+   (the lower convex hull: what a knapsack picks at some price of bits). Menus are solved on the
+   executor (lrqgraph.executor) while this process measures the layers already solved.
 2. Calibration of the proxy: each layer alone is replaced by its cheapest dense candidate (the probe)
    and the model's degradation d is measured in onnxruntime on the calibration inputs (see
    lrqgraph.evaluate). Small perturbations degrade the output quadratically, so a layer's
