@@ -156,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--check-each-pass", action="store_true", help="run onnx.checker and shape inference after every pass")
     opt.add_argument("--executor", choices=KINDS, default="auto",
                      help="where per-layer solves run: auto (worker processes on a multi-core machine when the "
-                          "work is large enough; default), local (this process) or process; the output is the same")
-    opt.add_argument("--workers", type=int, help="worker processes (default: the cores this process may use)")
+                          "work is large enough; default), local (this process), process or ray (needs "
+                          "lrqgraph[ray]); every one writes the same bytes")
+    opt.add_argument("--workers", type=int, help="worker processes (default: the cores this process may use; "
+                     "ray: the cluster's CPUs)")
+    opt.add_argument("--ray-address", help="the Ray cluster of --executor ray (default: a new local one)")
     _add_method_options(opt)
     _add_allocate_options(opt)
     _add_verify_options(opt)
@@ -209,7 +212,8 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
                           tokenizer=getattr(args, "tokenizer", None),
                           calib_samples=getattr(args, "calib_samples", OptimizeConfig.calib_samples),
                           check_each_pass=getattr(args, "check_each_pass", False),
-                          executor=ExecutorConfig(getattr(args, "executor", "auto"), getattr(args, "workers", None)))
+                          executor=ExecutorConfig(getattr(args, "executor", "auto"), getattr(args, "workers", None),
+                                                   getattr(args, "ray_address", None)))
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

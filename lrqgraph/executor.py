@@ -1,4 +1,4 @@
-"""Where per-layer solves run: in this process, or on a pool of worker processes.
+"""Where per-layer solves run: in this process, on worker processes, or on a Ray cluster.
 
 A layer's solve (its candidate menu, its plan, its refit) is a pure function of numpy arrays and
 configs, so layers are independent tasks. ``Executor.map`` runs them and yields the results in
@@ -30,7 +30,7 @@ from .worker import read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "local", "process")
+KINDS = ("auto", "local", "process", "ray")
 # ``auto`` starts processes only for this much work (weights x candidates; about 4 s of solves at
 # MiniLM's shapes): starting a worker costs about a second of imports
 AUTO_MIN_COST = 20e6
@@ -39,11 +39,13 @@ AUTO_MIN_COST = 20e6
 @dataclass(frozen=True)
 class ExecutorConfig:
     """``kind``: ``auto`` (a process pool on a multi-core machine when the work is large enough,
-    in this process otherwise), ``local`` or ``process``; ``workers``: the pool's size (None: the
-    cores this process may use)."""
+    in this process otherwise), ``local``, ``process`` or ``ray``; ``workers``: the pool's size
+    (None: the cores this process may use; for Ray the cluster's CPUs); ``address``: the Ray
+    cluster to join (None: the one this process is connected to, or a new local one)."""
 
     kind: str = "auto"
     workers: int | None = None
+    address: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,11 +68,15 @@ def _one_thread(fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def _import_path() -> str:
+    return os.pathsep.join(p for p in sys.path if p)
+
+
 class _Worker:
     """One worker subprocess (lrqgraph.worker.serve) and its two pipes."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        env = {**os.environ, "PYTHONPATH": _import_path(),
                **{name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
         self.proc = subprocess.Popen([sys.executable, "-c", "from lrqgraph.worker import serve; serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -109,19 +115,106 @@ def _died() -> LrqError:
     return LrqError("a worker process died (out of memory?); run with fewer --workers or --executor local")
 
 
+class _ProcessPool:
+    """Worker subprocesses of this machine, one task each at a time."""
+
+    def __init__(self, workers: int):
+        self.workers = [_Worker() for _ in range(workers)]
+        log.info("executor: %d worker processes", workers)
+
+    def idle(self) -> bool:
+        return any(w.index is None for w in self.workers)
+
+    def start(self, index: int, fn: Callable[..., Any], args: tuple) -> None:
+        next(w for w in self.workers if w.index is None).send(index, fn, args)
+
+    def collect(self) -> list[tuple[int, Any, float]]:
+        """Blocks until a task finishes; [] when none runs."""
+        busy = {w.proc.stdout: w for w in self.workers if w.index is not None}
+        if not busy:
+            return []
+        out = []
+        for stream in select.select(list(busy), [], [])[0]:
+            index = busy[stream].index
+            out.append((index, *busy[stream].receive()))
+        return out
+
+    def running(self) -> bool:
+        return any(w.index is not None for w in self.workers)
+
+    def close(self, kill: bool = False) -> None:
+        for worker in self.workers:
+            worker.stop(kill)
+
+
+class _RayPool:
+    """Ray tasks of one CPU each, on the cluster ``address`` names (a local one without): the
+    arguments travel through Ray's object store."""
+
+    def __init__(self, address: str | None):
+        try:
+            import ray
+        except ImportError:
+            raise LrqError("--executor ray needs the ray package: pip install 'lrqgraph[ray]'") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()  # a cluster the caller connected stays up
+        if self.started:
+            # the caller's import path, as worker processes get it (where the nodes share the file system)
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": _import_path()}})
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(_one_thread)
+        self.pending: dict[Any, int] = {}
+        log.info("executor: Ray cluster with %d CPUs", self.cpus)
+
+    def idle(self) -> bool:
+        return True  # Ray queues what the cluster cannot run yet
+
+    def start(self, index: int, fn: Callable[..., Any], args: tuple) -> None:
+        self.pending[self.remote.remote(fn, args)] = index
+
+    def collect(self) -> list[tuple[int, Any, float]]:
+        if not self.pending:
+            return []
+        ready, _ = self.ray.wait(list(self.pending), num_returns=1)
+        out = []
+        for ref in ready:
+            index = self.pending.pop(ref)
+            try:
+                result, seconds = self.ray.get(ref)
+            except self.ray.exceptions.RayTaskError as exc:  # the task's own exception, as raised
+                raise (getattr(exc, "cause", None) or exc) from None
+            except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError):
+                raise _died() from None
+            out.append((index, result, seconds))
+        return out
+
+    def running(self) -> bool:
+        return bool(self.pending)
+
+    def close(self, kill: bool = False) -> None:
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+        self.pending = {}
+        if self.started:
+            self.ray.shutdown()
+
+
 class Executor:
     """Runs tasks ``fn(*args)``; ``map`` yields results in task order. Use as a context manager
-    (or call ``close``) to stop a pool."""
+    (or call ``close``) to stop the workers."""
 
     def __init__(self, config: ExecutorConfig | None = None):
         self.config = config or ExecutorConfig()
-        self.workers = self.config.workers or (usable_cores() if self.config.kind != "local" else 1)
-        self._pool: list[_Worker] = []
+        self.workers = self.config.workers or (usable_cores() if self.config.kind in ("auto", "process") else 1)
+        self._pool: _ProcessPool | _RayPool | None = None
         self.tasks = 0
         self.seconds = 0.0          # summed over tasks: the work, wherever it ran
-        self.used = "local"         # what ran the tasks so far: local, process
+        self.used = "local"         # what ran the tasks so far: local, process, ray
 
     def _parallel(self, costs: Sequence[float] | None, count: int | None) -> bool:
+        if self.config.kind == "ray":
+            return count != 0
         if self.config.kind == "local" or self.workers < 2 or count == 1:
             return False
         if self.config.kind == "process":
@@ -145,49 +238,47 @@ class Executor:
         self.seconds += seconds
 
     def _pooled(self, fn: Callable[..., Any], tasks: Iterator[tuple]) -> Iterator[Any]:
-        if not self._pool:
-            self._pool = [_Worker() for _ in range(self.workers)]
-            log.info("executor: %d worker processes", self.workers)
-        self.used = "process"
-        done: dict[int, Any] = {}
+        if self._pool is None:
+            self._pool = _RayPool(self.config.address) if self.config.kind == "ray" else _ProcessPool(self.workers)
+            if self.config.kind == "ray":
+                self.workers = self.config.workers or self._pool.cpus
+        self.used = "ray" if self.config.kind == "ray" else "process"
+        pool, done = self._pool, {}
         sent = following = 0  # tasks handed out; the next index to yield
         exhausted = False
         try:
             while True:
-                # hand out tasks to idle workers, at most 2 x workers ahead of the caller
-                for worker in self._pool:
-                    if worker.index is None and not exhausted and sent - following < 2 * self.workers:
-                        args = next(tasks, None)
-                        if args is None:
-                            exhausted = True
-                        else:
-                            worker.send(sent, fn, args)
-                            sent += 1
+                # hand out tasks while workers are idle, at most 2 x workers ahead of the caller
+                while not exhausted and sent - following < 2 * self.workers and pool.idle():
+                    args = next(tasks, None)
+                    if args is None:
+                        exhausted = True
+                    else:
+                        pool.start(sent, fn, args)
+                        sent += 1
                 if following in done:
                     yield done.pop(following)
                     following += 1
                     continue
-                busy = {w.proc.stdout: w for w in self._pool if w.index is not None}
-                if not busy:
+                finished = pool.collect()
+                if not finished:
                     return
-                for stream in select.select(list(busy), [], [])[0]:
-                    index = busy[stream].index
-                    out, seconds = busy[stream].receive()
+                for index, out, seconds in finished:
                     self._count(seconds)
                     done[index] = out
         finally:  # stopped early (an error, or the caller's): workers still solving are stopped
-            if any(w.index is not None for w in self._pool):
+            if pool.running():
                 self.close(kill=True)
 
     def describe(self) -> dict[str, Any]:
         """The report's "executor" entry."""
-        return {"kind": self.used, "workers": self.workers if self.used == "process" else 1,
+        return {"kind": self.used, "workers": self.workers if self.used != "local" else 1,
                 "tasks": self.tasks, "seconds": round(self.seconds, 3)}
 
     def close(self, kill: bool = False) -> None:
-        for worker in self._pool:
-            worker.stop(kill)
-        self._pool = []
+        if self._pool is not None:
+            self._pool.close(kill)
+            self._pool = None
 
     def __enter__(self) -> "Executor":
         return self

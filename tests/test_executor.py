@@ -68,3 +68,59 @@ def test_process_and_local_executors_write_byte_identical_models(tmp_path, monke
         save_model(result.model, tmp_path / f"{kind}.onnx")
         outputs[kind] = (tmp_path / f"{kind}.onnx").read_bytes()
     assert outputs["local"] == outputs["process"]
+
+
+def need_ray():
+    """The ray module. CI installs the ray extra (the test extra holds it), so there a missing ray
+    fails instead of skipping."""
+    if os.environ.get("LRQGRAPH_CI") == "1":
+        import ray
+        return ray
+    return pytest.importorskip("ray", reason="the ray extra (pip install 'lrqgraph[ray]') is not installed")
+
+
+@pytest.fixture
+def ray_cluster():
+    """A two-node Ray cluster on this machine (one CPU each), shut down after the test."""
+    ray = need_ray()
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_ray_on_a_two_node_cluster_writes_the_local_bytes(tmp_path, monkeypatch, ray_cluster):
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
+    outputs = {}
+    for kind in ("local", "ray"):
+        cfg = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(target_bpw=4.0),
+                             executor=ExecutorConfig(kind, address=ray_cluster.address))
+        result = lrqgraph.run(builders.mlp_model(), cfg)
+        entry = result.report["executor"]
+        assert entry["kind"] == kind and entry["tasks"] > 0
+        if kind == "ray":
+            assert entry["workers"] == 2  # the two nodes' CPUs
+        save_model(result.model, tmp_path / f"{kind}.onnx")
+        outputs[kind] = (tmp_path / f"{kind}.onnx").read_bytes()
+    assert outputs["local"] == outputs["ray"]
+
+
+def test_ray_task_errors_come_back_as_themselves(ray_cluster):
+    with Executor(ExecutorConfig("ray", address=ray_cluster.address)) as executor:
+        with pytest.raises(ZeroDivisionError):
+            list(executor.map(divmod, [(1, 1), (1, 0)]))
+        assert list(executor.map(divmod, [(7, 2)] * 3)) == [(3, 1)] * 3
+
+
+def test_ray_without_an_address_starts_a_local_cluster_and_stops_it():
+    ray = need_ray()
+    with Executor(ExecutorConfig("ray", workers=2)) as executor:
+        # a task of this test module: the workers get the caller's import path, as worker processes do
+        assert list(executor.map(sleep_then_square, [(i, 0.0) for i in range(5)])) == [i * i for i in range(5)]
+        assert ray.is_initialized() and executor.describe()["kind"] == "ray"
+    assert not ray.is_initialized()
