@@ -137,7 +137,9 @@ class _Measurer:
         self.meter, self.metric = meter, meter.metric
         self._layouts: dict[int, tuple] = {}  # id(rep) -> (rep, layout); the rep held so its id stays its own
 
-    def __call__(self, tols: list[LayerTolerance], choice: list[int]) -> float:
+    def __call__(self, tols: list[LayerTolerance], choice: list[int], compare: bool = False) -> float:
+        """The choice's measured degradation; ``compare``: a value only compared with other choices
+        or reported (Degradation.measure_one, on a decoder's vocabulary cut), never checked against a goal."""
         layouts, replaced = {}, {}
         for t, c in zip(tols, choice):
             rep = t.candidates[c].rep
@@ -146,7 +148,7 @@ class _Measurer:
             layouts[id(rep)] = self._layouts.get(id(rep)) or (rep, stored_layout(t.layer, rep))
             replaced[t.layer.weight] = layouts[id(rep)][1]
         self._layouts = layouts
-        return max(self.meter.measure(replaced), 0.0)
+        return max((self.meter.measure_one if compare else self.meter.measure)(replaced), 0.0)
 
 
 def _upgrade(tols: list[LayerTolerance], choice: list[int]) -> bool:
@@ -210,7 +212,8 @@ class Allocate(Pass):
             raise LrqError("no choice of representations meets the quality goal")
         choice = [int(i) for i in found.choice]
         # candidates were fitted without the measured samples: every comparison below is out of sample
-        measured = measure(tols, choice)
+        compare = kind == "budget"  # a budget's measurements before the refit only compare choices
+        measured = measure(tols, choice, compare)
         log.info("allocate: the joint choice measures %s %.4g (predicted %.4g)", measure.metric, measured, found.loss)
         repairs = 0
         if kind == "loss":
@@ -224,7 +227,7 @@ class Allocate(Pass):
             entry = {"alone": None}
             if alone is not None:
                 picks = [int(i) for i in alone.choice]
-                got = measure(tols, picks)
+                got = measure(tols, picks, compare)
                 log.info("allocate: %s alone measures %s %.4g", family, measure.metric, got)
                 entry["alone"] = {"bpw": per_weight(alone.cost), "predicted": alone.loss, "measured": got}
                 # a budget: the joint choice stands unless one family alone measures better
@@ -305,10 +308,11 @@ class Allocate(Pass):
 
 
 def _uniform(measure, tols: list[LayerTolerance], per_weight) -> list[dict]:
-    """Each symmetric dense grid on every layer, measured: the baselines of the quality-vs-size
-    curve, out of sample like the choice. GPTQ and data-free RTN candidates of a grid are the same
-    grid; a layer without it (a table has no 2-bit grid) takes its nearest one with at least as
-    many bits, or stays in float."""
+    """Each symmetric dense grid that every budgeted layer holds (screening leaves a role only its
+    frontier's grids), on every layer, measured: the baselines of the quality-vs-size curve, out of
+    sample like the choice. GPTQ and data-free RTN candidates of a grid are the same grid; a layer
+    without it (a table at its fixed 8-bit grid) takes its nearest one with at least as many bits,
+    or stays in float."""
     def grid(c) -> tuple[int, int]:
         q = c.rep.chains[0][0]
         return q.bits, q.block_size
@@ -319,12 +323,13 @@ def _uniform(measure, tols: list[LayerTolerance], per_weight) -> list[dict]:
         return min(fits)[2] if fits else len(t.candidates) - 1
 
     out = []
-    grids = dict.fromkeys(grid(c) for t in tols for c in t.candidates
-                          if c.family == "dense" and c.rep.chains[0][0].symmetric)
-    for bits, block in sorted(grids):
+    held = [{grid(c) for c in t.candidates if c.family == "dense" and c.rep.chains[0][0].symmetric}
+            for t in tols if t.budgeted]
+    held = [grids for grids in held if grids]
+    for bits, block in sorted(set.intersection(*held)) if held else []:
         picks = [nearest(t, bits, block) for t in tols]
         cost = sum(t.candidates[j].bits for t, j in zip(tols, picks))
-        out.append({"label": f"{bits}b g{block}", "bpw": per_weight(cost), "measured": measure(tols, picks)})
+        out.append({"label": f"{bits}b g{block}", "bpw": per_weight(cost), "measured": measure(tols, picks, True)})
         log.info("allocate: uniform %db g%d measures %s %.4g", bits, block, measure.metric, out[-1]["measured"])
     return out
 

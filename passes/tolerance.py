@@ -295,7 +295,7 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
         if lossy and index in probed:
             # the probe: the cheapest dense grid (other families' cheapest can be far off the quadratic regime)
             probe = next((c for c in lossy if c.family == "dense"), lossy[0])
-            measured = max(meter.measure({layer.weight: stored_layout(layer, probe.rep)}), 0.0)
+            measured = max(meter.measure_one({layer.weight: stored_layout(layer, probe.rep)}), 0.0)
             tol.probe = (probe.label, measured)
             tol.sensitivity = measured / probe.error ** 2 if probe.error > 0 else 0.0
             for c in lossy:
@@ -305,14 +305,14 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
                 # the finest candidate of the probe's family below 8 bits (or the finest): where allocations land
                 finer = [c for c in same if "8b" not in c.label] or same
                 check = finer[len(finer) // 2]
-                got = max(meter.measure({layer.weight: stored_layout(layer, check.rep)}), 0.0)
+                got = max(meter.measure_one({layer.weight: stored_layout(layer, check.rep)}), 0.0)
                 tol.check = (check.label, check.predicted, got)  # the probe's prediction, before refining
                 tol.power = _through_two_points(lossy, probe, check, measured, got)
             if cfg.validate and index in sampled:  # does the proxy hold for the other families too?
                 for family in dict.fromkeys(c.family for c in lossy if c.family != probe.family):
                     own = [c for c in lossy if c.family == family]
                     pick = own[len(own) // 2]
-                    got = max(meter.measure({layer.weight: stored_layout(layer, pick.rep)}), 0.0)
+                    got = max(meter.measure_one({layer.weight: stored_layout(layer, pick.rep)}), 0.0)
                     tol.family_checks[family] = (pick.label, pick.predicted, got)
     _unprobed_follow_their_role(result, probed)
     _unchecked_follow_the_checked(result)
