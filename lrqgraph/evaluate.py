@@ -210,7 +210,9 @@ class _VocabularyCut:
 
     TOP = 32
     MIN_VOCABULARY = 8192  # below this the lm_head is not worth a second session
-    MIN_MASS = 0.9  # of the reference's probability at every position, or the cut is not representative
+    # of the reference's probability, on average over positions, or the cut is not representative
+    # (Gemma 3 270M on KJV: 0.974, the least 0.75 at one position; its KL still within 0.7%)
+    MIN_MASS = 0.9
 
     def __init__(self, session, weight: str, words: np.ndarray, softmax: list[SoftmaxReference], scale: float):
         self.session, self.weight, self.words, self.softmax, self.scale = session, weight, words, softmax, scale
@@ -224,9 +226,9 @@ class _VocabularyCut:
         top = np.concatenate([np.argpartition(z.reshape(-1, vocabulary), -cls.TOP, axis=-1)[:, -cls.TOP:].ravel()
                               for z in logits])
         words = np.unique(top)
-        covered = min(float(ref.p[..., words].sum(axis=-1).min()) for ref in meter._softmax)
+        covered = float(np.mean([ref.p[..., words].sum(axis=-1).mean() for ref in meter._softmax]))
         if len(words) * 4 > vocabulary or covered < cls.MIN_MASS:
-            log.debug("vocabulary cut: %d words hold at least %.3f of each position's mass: measuring in full",
+            log.debug("vocabulary cut: %d words hold %.3f of the mass on average: measuring in full",
                       len(words), covered)
             return None
         cut = onnx.ModelProto()
@@ -250,7 +252,7 @@ class _VocabularyCut:
                  for name, w in meter.weights.items()}
         full, part = meter.measure(noisy), made._kl(meter, noisy)
         made.scale = full / part if full > 0 and part > 0 else 1.0
-        log.info("vocabulary cut: one-layer KL over %d of %d words (at least %.3f of each position's mass), "
+        log.info("vocabulary cut: one-layer KL over %d of %d words (%.3f of the mass on average), "
                  "scale %.3f", len(words), vocabulary, covered, made.scale)
         return made
 
