@@ -88,7 +88,8 @@ def _fill(picked: np.ndarray, costs: list[np.ndarray], losses: list[np.ndarray],
         best, move = 0.0, None
         for layer, (cost, loss) in enumerate(zip(costs, losses)):
             added = cost - cost[picked[layer]]
-            gain = loss[picked[layer]] - loss
+            with np.errstate(invalid="ignore"):  # two priced-out (infinite-loss) candidates: no gain (nan)
+                gain = loss[picked[layer]] - loss
             ok = (added <= budget - spent) & (gain > 0)
             if not ok.any():
                 continue
