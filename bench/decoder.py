@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the table (markdown) here")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("lrqgraph.progress", "lrqgraph.passes.allocate", "lrqgraph.passes.tolerance"):
+    for name in ("lrqgraph.progress", "lrqgraph.passes.allocate", "lrqgraph.passes.tolerance", "lrqgraph.evaluate"):
         logging.getLogger(name).setLevel(logging.INFO)  # per-layer progress of the long allocation rows
 
     fp32 = gemma.onnx_path()

@@ -54,20 +54,29 @@ def test_bad_executor_settings_are_refused():
         ExecutorConfig("process", workers=0)
 
 
-@pytest.mark.parametrize("goal", [None, {"target_bpw": 4.0}], ids=["factorize", "allocate"])
-def test_process_and_local_executors_write_byte_identical_models(tmp_path, monkeypatch, goal):
+def built_bytes(tmp_path, monkeypatch, goal: dict, executors: dict[str, ExecutorConfig]) -> dict[str, tuple]:
+    """(the model file, the report's "executor" entry) each executor writes for the same
+    calibrated MLP and goal; the entry must say what ran."""
     monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
     outputs = {}
-    for kind in ("local", "process"):
-        cfg = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**(goal or {})),
-                             executor=ExecutorConfig(kind, workers=2))
-        result = lrqgraph.run(builders.mlp_model(), cfg)
-        assert result.report["executor"]["kind"] == kind and result.report["executor"]["tasks"] > 0
-        save_model(result.model, tmp_path / f"{kind}.onnx")
-        outputs[kind] = (tmp_path / f"{kind}.onnx").read_bytes()
-    assert outputs["local"] == outputs["process"]
+    for name, executor in executors.items():
+        result = lrqgraph.run(builders.mlp_model(), OptimizeConfig(calib=str(calib), allocate=AllocateConfig(**goal),
+                                                                   executor=executor))
+        entry = result.report["executor"]
+        assert entry["kind"] == executor.kind and entry["tasks"] > 0
+        if executor.workers:
+            assert entry["workers"] == (executor.workers if executor.kind != "local" else 1)
+        save_model(result.model, tmp_path / f"{name}.onnx")
+        outputs[name] = (tmp_path / f"{name}.onnx").read_bytes(), entry
+    return outputs
+
+
+@pytest.mark.parametrize("goal", [{}, {"target_bpw": 4.0}], ids=["factorize", "allocate"])
+def test_process_and_local_executors_write_byte_identical_models(tmp_path, monkeypatch, goal):
+    out = built_bytes(tmp_path, monkeypatch, goal, {k: ExecutorConfig(k, workers=2) for k in ("local", "process")})
+    assert out["local"][0] == out["process"][0]
 
 
 def need_ray():
@@ -93,21 +102,10 @@ def ray_cluster():
 
 
 def test_ray_on_a_two_node_cluster_writes_the_local_bytes(tmp_path, monkeypatch, ray_cluster):
-    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
-    outputs = {}
-    for kind in ("local", "ray"):
-        cfg = OptimizeConfig(calib=str(calib), allocate=AllocateConfig(target_bpw=4.0),
-                             executor=ExecutorConfig(kind, address=ray_cluster.address))
-        result = lrqgraph.run(builders.mlp_model(), cfg)
-        entry = result.report["executor"]
-        assert entry["kind"] == kind and entry["tasks"] > 0
-        if kind == "ray":
-            assert entry["workers"] == 2  # the two nodes' CPUs
-        save_model(result.model, tmp_path / f"{kind}.onnx")
-        outputs[kind] = (tmp_path / f"{kind}.onnx").read_bytes()
-    assert outputs["local"] == outputs["ray"]
+    out = built_bytes(tmp_path, monkeypatch, {"target_bpw": 4.0},
+                      {"local": ExecutorConfig("local"), "ray": ExecutorConfig("ray", address=ray_cluster.address)})
+    assert out["local"][0] == out["ray"][0]
+    assert out["ray"][1]["workers"] == 2  # the two nodes' CPUs
 
 
 def test_ray_task_errors_come_back_as_themselves(ray_cluster):
