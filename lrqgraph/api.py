@@ -56,6 +56,8 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
     with Executor(config.executor) as executor:
         ctx = Context(ModelState(proto), config, original=original, executor=executor)
         manager.run(ctx)
+    for saved in ctx.saved.values():  # the run is whole: its checkpoints are no longer needed
+        saved.clear()
     rewritten = len(ctx.lowered)
     if rewritten or _changed(ctx):
         ctx.model.set_metadata("lrqgraph.pipeline", repr(manager))

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "lrqgraph[ray]); every one writes the same bytes")
     opt.add_argument("--workers", type=int, help="worker processes (default: the cores this process may use; "
                      "ray: the cluster's CPUs)")
+    opt.add_argument("--resume", action="store_true",
+                     help="reuse the per-layer results an interrupted run with the same model, data and options left")
     opt.add_argument("--ray-address", help="the Ray cluster of --executor ray (default: a new local one)")
     _add_method_options(opt)
     _add_allocate_options(opt)
@@ -213,7 +215,8 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
                           calib_samples=getattr(args, "calib_samples", OptimizeConfig.calib_samples),
                           check_each_pass=getattr(args, "check_each_pass", False),
                           executor=ExecutorConfig(getattr(args, "executor", "auto"), getattr(args, "workers", None),
-                                                   getattr(args, "ray_address", None)))
+                                                   getattr(args, "ray_address", None)),
+                          resume=getattr(args, "resume", False))
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

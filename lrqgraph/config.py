@@ -176,6 +176,7 @@ class OptimizeConfig:
     calib_samples: int = 128       # at most this many calibration samples are used
     check_each_pass: bool = False
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where per-layer solves run
+    resume: bool = False  # reuse the per-layer checkpoints an interrupted run left (lrqgraph.checkpoint)
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
@@ -207,5 +208,5 @@ def describe_config(config: "OptimizeConfig") -> dict[str, Any]:
     """The config as plain data (model metadata, reports), the method named."""
     out = dataclasses.asdict(config)
     out["factorize"] = config.factorize.describe()
-    del out["executor"]  # where the solves ran does not change the output (lrqgraph.executor)
+    del out["executor"], out["resume"]  # where the solves ran, or whether some were resumed, does not change the output
     return out

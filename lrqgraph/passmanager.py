@@ -29,6 +29,7 @@ import onnx
 
 from .config import OptimizeConfig
 from .errors import InternalError, LrqError, PassError
+from .checkpoint import LayerCheckpoints
 from .executor import Executor, ExecutorConfig
 from .model import ModelState
 
@@ -82,6 +83,7 @@ class Context:
     verification: Any = None
     timings: list[PassTiming] = field(default_factory=list)
     executor: Executor = field(default_factory=lambda: Executor(ExecutorConfig("local")))  # per-layer solves
+    saved: dict[str, LayerCheckpoints] = field(default_factory=dict)  # per-layer checkpoints of long steps
     _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def analysis(self, name: str, **sections: Any) -> Any:
@@ -100,6 +102,12 @@ class Context:
             self._cache[key] = spec.compute(self, config)
             log.debug("analysis %s: %.3f s", name, time.perf_counter() - start)
         return self._cache[key]
+
+    def checkpoints(self, step: str, key: str) -> LayerCheckpoints:
+        """The per-layer checkpoints of ``step`` for inputs named by ``key``, read when the config
+        says ``resume``; removed when the run succeeds (api.run)."""
+        self.saved[step] = LayerCheckpoints(step, key, resume=self.config.resume)
+        return self.saved[step]
 
     def invalidate(self, preserved: frozenset[str] | None) -> None:
         """Drop analyses not in ``preserved`` (None: all), then those that require a dropped one."""

@@ -31,6 +31,8 @@ end-to-end degradation.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 import time
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import lrqgraph.calib as calib
+from lrqgraph.config import describe_config
 from lrqgraph.errors import LrqError
 from lrqgraph.evaluate import Degradation
 from lrqgraph.methods import METHODS, MethodConfig, configure
@@ -48,6 +51,7 @@ from lrqgraph.numerics.gptq import output_energy
 from lrqgraph.passmanager import Context, register_analysis
 from lrqgraph.plan import Layer
 from lrqgraph.progress import progress
+from lrqgraph.version import __version__
 
 from .calibrate import measured_samples
 from .factorize import factorize_weight, factorize_weights
@@ -270,9 +274,15 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
             for layer, guard in zip(layers, guarded)]
     full = screen_sample(layers, cfg.screen_layers)
     rest = [i for i in range(len(layers)) if i not in full]
+    saved = ctx.checkpoints("tolerance", meter_key(ctx, config))
     result: list[LayerTolerance | None] = [None] * len(layers)
+    for i, layer in enumerate(layers):  # layers an interrupted run finished (--resume)
+        fields = saved.get(i)
+        if fields is not None:
+            result[i] = LayerTolerance(layer, **fields)
 
     def solve(indices: list[int]):
+        indices = [i for i in indices if result[i] is None]
         return ctx.executor.map(menu_representations, (solve_args(*work[i]) for i in indices),
                                 costs=[work[i][0].params * len(work[i][1]) for i in indices])
 
@@ -287,6 +297,8 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
 
     solved = solves()
     for index in progress(full + rest, "tolerance"):
+        if result[index] is not None:
+            continue
         made = next(solved)
         layer, menu, method_cfg, h = work[index]
         cands = candidates_for(layer, menu, method_cfg, h, config.lowering, keep=not guarded[index], solved=made)
@@ -314,11 +326,20 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
                     pick = own[len(own) // 2]
                     got = max(meter.measure_one({layer.weight: stored_layout(layer, pick.rep)}), 0.0)
                     tol.family_checks[family] = (pick.label, pick.predicted, got)
+        saved.put(index, {f.name: getattr(tol, f.name) for f in dataclasses.fields(tol) if f.name != "layer"})
     _unprobed_follow_their_role(result, probed)
     _unchecked_follow_the_checked(result)
     log.info("tolerance: %d layers, %d candidates in %.1f s", len(result),
              sum(len(t.candidates) for t in result), time.perf_counter() - start)
     return result
+
+
+def meter_key(ctx: Context, config) -> str:
+    """What the tolerance step's results depend on: the model, the calibration data and the config
+    (the executor and --resume aside), for its checkpoints."""
+    data = ctx.analysis("calib_data")
+    return "|".join((ctx.model.digest(), data.digest if data is not None else "synthetic",
+                     json.dumps(describe_config(config), sort_keys=True, default=str), __version__))
 
 
 def screen_sample(layers: list[Layer], per_role: int | None) -> list[int]:

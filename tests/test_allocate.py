@@ -402,3 +402,31 @@ def test_one_layer_kl_over_the_vocabulary_cut_matches_the_full_kl():
     flat = Degradation(builders.tied_lm_head_model(vocab=20000, dim=32, hidden=1), ["E", "W0"], ids, metric="kl")
     scaled = {"W0": flat.weights["W0"] * 1.1}
     assert flat._cut is None and flat.measure_one(scaled) == flat.measure(scaled)
+
+
+def test_an_interrupted_allocation_resumes_from_its_checkpoints_with_the_same_bytes(tmp_path, monkeypatch):
+    from lrqgraph.evaluate import Degradation
+    cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(target_bpw=4))
+    model = builders.mlp_model(dims=(64,) * 7)
+    fresh = lrqgraph.run(model, cfg)
+    save_model(fresh.model, tmp_path / "fresh.onnx")
+    assert not list((tmp_path / "cache" / "checkpoints").glob("*/*.pkl"))  # a whole run leaves none
+
+    real, calls = Degradation.measure_one, []
+
+    def killed_at_the_fourth_layer(self, replaced):
+        calls.append(1)
+        if len(calls) > 3 * 4:  # probe, check and family checks: at most 4 per layer
+            raise KeyboardInterrupt
+        return real(self, replaced)
+    monkeypatch.setattr(Degradation, "measure_one", killed_at_the_fourth_layer)
+    with pytest.raises(KeyboardInterrupt):
+        lrqgraph.run(model, cfg)
+    left = list((tmp_path / "cache" / "checkpoints").glob("*/*.pkl"))
+    assert 1 <= len(left) < 6
+    monkeypatch.setattr(Degradation, "measure_one", real)
+    resumed = lrqgraph.run(model, dataclasses.replace(cfg, resume=True))
+    save_model(resumed.model, tmp_path / "resumed.onnx")
+    assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
+    # the finished layers were neither solved nor measured again
+    assert resumed.report["executor"]["tasks"] == fresh.report["executor"]["tasks"] - len(left)

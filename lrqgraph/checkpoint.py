@@ -1,0 +1,44 @@
+"""Per-layer checkpoints of a long step (the tolerance analysis), so that an interrupted run
+resumes from the layers already done (``--resume``).
+
+A step's folder is named by a digest of everything its results depend on (the model's graph and
+weights, the calibration data, the config that shapes the output, lrqgraph's version), so a
+changed input never resumes from stale layers. Each layer is one pickle, written to a temporary
+file and renamed into place: a kill leaves whole layers or none. The folder is removed when the
+whole run succeeds. Results are deterministic, so a resumed run writes the bytes of an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
+from typing import Any
+
+from .cache import cache_dir
+
+
+class LayerCheckpoints:
+    def __init__(self, step: str, *keys: str, resume: bool = False):
+        digest = hashlib.sha256("|".join((step, *keys)).encode()).hexdigest()[:24]
+        self.folder = cache_dir("checkpoints", f"{step}-{digest}")
+        self.resume = resume
+
+    def get(self, index: int) -> Any | None:
+        """Layer ``index``'s saved result (only with ``resume``), or None."""
+        path = self.folder / f"{index}.pkl"
+        if not self.resume or not path.exists():
+            return None
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+    def put(self, index: int, result: Any) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self.folder / f"{index}.pkl")
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
