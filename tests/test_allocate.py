@@ -348,7 +348,8 @@ def test_screening_gives_the_other_layers_of_a_role_only_the_frontier_entries_of
     from lrqgraph.passmanager import Context, PassManager
 
     def tolerance(screen_layers):
-        cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(target_bpw=4, screen_layers=screen_layers))
+        cfg = OptimizeConfig(calib=mlp_calib(tmp_path),
+                             allocate=AllocateConfig(target_bpw=4, screen_layers=screen_layers))
         ctx = Context(ModelState(builders.mlp_model(dims=(64,) * 7)), cfg)
         PassManager("discover,calibrate").run(ctx)
         return ctx.analysis("tolerance")
