@@ -17,6 +17,7 @@ from lrqgraph.passes.factorize import describe_plan
 from lrqgraph.passes.verify import compare_outputs
 
 from .config import OptimizeConfig, VerifyConfig, describe_config
+from .errors import LrqError
 from .executor import Executor
 from .io import load_model
 from .model import ModelState
@@ -55,9 +56,12 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
                           check_each=config.check_each_pass)
     with Executor(config.executor) as executor:
         ctx = Context(ModelState(proto), config, original=original, executor=executor)
-        manager.run(ctx)
-    for saved in ctx.saved.values():  # the run is whole: its checkpoints are no longer needed
-        saved.clear()
+        try:
+            manager.run(ctx)
+        except LrqError:  # bad input or an unreachable goal: a rerun changes something, so they would go stale
+            _drop_checkpoints(ctx)
+            raise
+    _drop_checkpoints(ctx)  # the run is whole (an interrupted one keeps them for --resume)
     rewritten = len(ctx.lowered)
     if rewritten or _changed(ctx):
         ctx.model.set_metadata("lrqgraph.pipeline", repr(manager))
@@ -67,6 +71,11 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
         result = proto
     report = build_report(ctx, proto, result, pipeline=repr(manager), version=__version__)
     return Result(result, report, rewritten)
+
+
+def _drop_checkpoints(ctx: Context) -> None:
+    for saved in ctx.saved.values():
+        saved.clear()
 
 
 def _changed(ctx: Context) -> bool:

@@ -5,7 +5,8 @@ A step's folder is named by a digest of everything its results depend on (the mo
 weights, the calibration data, the config that shapes the output, lrqgraph's version), so a
 changed input never resumes from stale layers. Each layer is one pickle, written to a temporary
 file and renamed into place: a kill leaves whole layers or none. The folder is removed when the
-whole run succeeds. Results are deterministic, so a resumed run writes the bytes of an
+run succeeds or stops with an error (bad input, an unreachable goal: the rerun changes something,
+so its digest differs); an interrupted or killed run keeps it. Results are deterministic, so a resumed run writes the bytes of an
 uninterrupted one.
 """
 from __future__ import annotations

@@ -426,6 +426,9 @@ def test_an_interrupted_allocation_resumes_from_its_checkpoints_with_the_same_by
     left = list((tmp_path / "cache" / "checkpoints").glob("*/*.pkl"))
     assert 1 <= len(left) < 6
     monkeypatch.setattr(Degradation, "measure_one", real)
+    with pytest.raises(lrqgraph.LrqError, match="raise the target"):  # a failed goal leaves no checkpoints to go stale
+        lrqgraph.run(model, dataclasses.replace(cfg, allocate=AllocateConfig(target_bpw=1.5)))
+    assert len(list((tmp_path / "cache" / "checkpoints").glob("*/*.pkl"))) == len(left)
     resumed = lrqgraph.run(model, dataclasses.replace(cfg, resume=True))
     save_model(resumed.model, tmp_path / "resumed.onnx")
     assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
