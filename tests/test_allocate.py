@@ -434,3 +434,31 @@ def test_an_interrupted_allocation_resumes_from_its_checkpoints_with_the_same_by
     assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
     # the finished layers were neither solved nor measured again
     assert resumed.report["executor"]["tasks"] == fresh.report["executor"]["tasks"] - len(left)
+
+
+def test_optimize_killed_mid_allocation_resumes_with_the_bytes_of_a_whole_run(tmp_path):
+    """SIGKILL of a real ``lrqgraph optimize`` once its first layers are checkpointed; ``--resume``
+    then finishes with the bytes an uninterrupted run writes, and leaves no checkpoints."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "mlp.onnx"
+    save_model(builders.mlp_model(dims=(256,) * 13), src)  # 12 layers of one role: a few seconds of tolerance
+    env = {**os.environ, "LRQGRAPH_CACHE": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "lrqgraph.cli", "optimize", str(src), "--calib", mlp_calib(tmp_path, k=256),
+            "--target-bpw", "4", "--executor", "local", "-q"]
+    checkpoints = tmp_path / "cache" / "checkpoints"
+    run = subprocess.Popen(args + ["-o", str(tmp_path / "killed.onnx")], env=env)
+    while run.poll() is None and not list(checkpoints.glob("*/*.pkl")):
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done = len(list(checkpoints.glob("*/*.pkl")))
+    assert 1 <= done < 12 and not (tmp_path / "killed.onnx").exists()
+    subprocess.run(args + ["-o", str(tmp_path / "resumed.onnx"), "--resume"], env=env, check=True)
+    assert not list(checkpoints.glob("*/*.pkl"))
+    subprocess.run(args + ["-o", str(tmp_path / "whole.onnx")], env=env, check=True)
+    assert (tmp_path / "resumed.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
