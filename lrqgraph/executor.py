@@ -213,12 +213,13 @@ class Executor:
         self.used = "local"         # what ran the tasks so far: local, process, ray
 
     def _parallel(self, costs: Sequence[float] | None, count: int | None) -> bool:
-        if self.config.kind == "ray":
+        """Whether these tasks go to workers: always for ``process`` and ``ray`` (one worker too:
+        the solves then run apart from this process), for ``auto`` only when there are several
+        workers and enough work to repay starting them."""
+        if self.config.kind in ("process", "ray"):
             return count != 0
         if self.config.kind == "local" or self.workers < 2 or count == 1:
             return False
-        if self.config.kind == "process":
-            return True
         return costs is not None and sum(costs) >= AUTO_MIN_COST
 
     def map(self, fn: Callable[..., Any], tasks: Iterable[tuple], costs: Sequence[float] | None = None

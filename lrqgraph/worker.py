@@ -8,6 +8,7 @@ imports numpy.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -44,6 +45,9 @@ def serve() -> None:
     os.dup2(2, 1)  # anything a task prints goes to stderr, never into the result channel
     sys.stdout = sys.stderr
     tasks = os.fdopen(0, "rb")
+    # a task's warnings reach the parent's stderr formatted as the CLI formats its own
+    logging.basicConfig(format="%(levelname).1s %(name)s (worker): %(message)s", stream=sys.stderr,
+                        level=logging.WARNING)
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=1)  # numpy loaded by a task's import: one BLAS thread, as in the parent
     while True:

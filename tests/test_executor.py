@@ -122,3 +122,9 @@ def test_ray_without_an_address_starts_a_local_cluster_and_stops_it():
         assert list(executor.map(sleep_then_square, [(i, 0.0) for i in range(5)])) == [i * i for i in range(5)]
         assert ray.is_initialized() and executor.describe()["kind"] == "ray"
     assert not ray.is_initialized()
+
+
+def test_process_with_one_worker_still_solves_apart_from_this_process():
+    with Executor(ExecutorConfig("process", workers=1)) as executor:
+        pids = list(executor.map(os.getpid, [()] * 3))
+    assert len(set(pids)) == 1 and pids[0] != os.getpid() and executor.describe()["workers"] == 1
