@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the table (markdown) here")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("lrqgraph.progress", "lrqgraph.passes.allocate", "lrqgraph.passes.tolerance", "lrqgraph.evaluate"):
+    for name in ("lrqgraph.progress", "lrqgraph.passmanager", "lrqgraph.passes.allocate", "lrqgraph.passes.tolerance",
+                 "lrqgraph.passes.verify", "lrqgraph.evaluate"):
         logging.getLogger(name).setLevel(logging.INFO)  # per-layer progress of the long allocation rows
 
     fp32 = gemma.onnx_path()

@@ -127,6 +127,9 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
                    help=f"use at most this many calibration samples (default {OptimizeConfig.calib_samples})")
     g.add_argument("--samples", type=int, default=VerifyConfig.samples,
                    help=f"synthetic samples when no --calib is given (default {VerifyConfig.samples})")
+    g.add_argument("--verify-samples", type=int, default=VerifyConfig.calib_verify_samples,
+                   help="verification compares outputs on at most this many --calib samples "
+                   f"(default {VerifyConfig.calib_verify_samples})")
     g.add_argument("--max-error", type=float,
                    help="fail when max |Δ| / max |reference| of any output exceeds this")
 
@@ -191,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def verify_config(args: argparse.Namespace) -> VerifyConfig:
     return VerifyConfig(samples=args.samples, calib=args.calib, tokenizer=args.tokenizer,
-                        calib_samples=args.calib_samples, max_error=args.max_error)
+                        calib_samples=args.calib_samples, calib_verify_samples=args.verify_samples,
+                        max_error=args.max_error)
 
 
 def config_from_args(args: argparse.Namespace) -> OptimizeConfig:

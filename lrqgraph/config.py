@@ -48,8 +48,15 @@ class VerifyConfig:
     calib: str | None = None       # .npz, folder of .npz or text file (with tokenizer) of inputs
     tokenizer: str | None = None
     calib_samples: int = 128
+    # with calibration data, compare on its first that many samples: a broken rewrite shows on a
+    # few, and two whole-model runs over a decoder's calibration set take minutes
+    calib_verify_samples: int = 16
     max_error: float | None = None  # fail when max |Δ| / max |ref| over outputs exceeds this
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.calib_verify_samples < 1:
+            raise LrqError(f"--verify-samples must be at least 1, got {self.calib_verify_samples}")
 
 
 @dataclass(frozen=True)

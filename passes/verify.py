@@ -78,7 +78,9 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
     if data is None and cfg.calib:
         data = calib.load_calibration(cfg.calib, signature, cfg.tokenizer, cfg.calib_samples)
     if data is not None:
-        runs, samples, source = list(data.batches), data.samples, f"calibration data {data.source}"
+        runs = calib.split_runs(data.batches, cfg.calib_verify_samples)[0]
+        samples = calib.count_samples(runs)
+        source = f"{samples} of {data.samples} samples of calibration data {data.source}"
     else:
         feeds = calib.synthesize(signature, graph, cfg.samples, cfg.seed)
         runs, samples, source = list(calib.batches(signature, feeds)), cfg.samples, "synthetic inputs"

@@ -162,6 +162,11 @@ def test_verify_streams_one_sample_at_a_time(tmp_path, monkeypatch):
     result = lrqgraph.run(builders.matmul_model(), OptimizeConfig(calib=str(calib)))
     assert seen and set(seen) == {1} and len(seen) == 2 * 12
     assert result.report["verify"]["samples"] == 12
+    seen.clear()
+    config = OptimizeConfig(calib=str(calib), verify=VerifyConfig(calib_verify_samples=5))
+    result = lrqgraph.run(builders.matmul_model(), config)
+    assert len(seen) == 2 * 5 and result.report["verify"]["samples"] == 5
+    assert result.report["verify"]["inputs"].startswith("5 of 12 samples")
 
 
 def test_calibration_sessions_compute_only_the_layer_inputs():
