@@ -11,7 +11,7 @@ import builders
 import lrqgraph
 from lrqgraph import calib
 from lrqgraph.cli import main
-from lrqgraph.config import AllocateConfig, OptimizeConfig
+from lrqgraph.config import AllocateConfig, OptimizeConfig, VerifyConfig
 from lrqgraph.io import save_model
 from lrqgraph.passes.tolerance import spearman
 
@@ -28,7 +28,9 @@ def mlp_calib(tmp_path, samples=32, seed=0, name="calib.npz", k=64):
 
 
 def run(tmp_path, passes=None, **goal):
-    cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(**goal))
+    # verification on all 32 samples, which the quality test compares with the measured degradation
+    cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(**goal),
+                         verify=VerifyConfig(calib_verify_samples=32))
     return lrqgraph.run(builders.mlp_model(), cfg, passes=passes)
 
 
