@@ -168,28 +168,50 @@ class Degradation:
         self.output = self.session.get_outputs()[0].name
         self.reference = self.outputs({})
         self._cut: _VocabularyCut | None = None
+        self._downstream: _Downstream | None = None
+        first = [r[0] for r in self.reference]
         if self.metric == "kl":  # keep what each KL needs of the reference logits, not the logits
-            self._softmax = [SoftmaxReference(r[0]) for r in self.reference]
-            self._cut = _VocabularyCut.of(graph_model, self, [r[0] for r in self.reference])
+            self._softmax = [SoftmaxReference(z) for z in first]
+            self._cut = _VocabularyCut.of(graph_model, self, first)
+        if self.custom is None and sum(v.nbytes for v in self.weights.values()) >= _Downstream.MIN_BYTES:
+            if self._cut is not None:  # the one-layer runs go through the cut: slice that
+                self._cut.downstream = _Downstream.of(self._cut.model, self, self._cut.feeds(self, {}),
+                                                      [z[..., self._cut.words] for z in first])
+            else:
+                self._downstream = _Downstream.of(graph_model, self, self.feeds({}), first)
+        if self.metric == "kl":
             self.reference = None
+
+    def feeds(self, replaced: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Each batch's feed with ``replaced`` weights (and their transposed aliases) and all others as in the model."""
+        weights = {**self.weights, **{k: v.astype(self.weights[k].dtype, copy=False) for k, v in replaced.items()}}
+        weights.update({alias: np.ascontiguousarray(weights[source].T) for alias, source in self.aliases.items()
+                        if source in replaced})
+        return [{**feed, **weights} for feed in self.batches]
 
     def outputs(self, replaced: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
         """Every batch's outputs (only the first output unless a custom metric reads them all:
         a decoder's logits for every output would multiply the memory)."""
-        weights = {**self.weights, **{k: v.astype(self.weights[k].dtype, copy=False) for k, v in replaced.items()}}
-        weights.update({alias: np.ascontiguousarray(weights[source].T) for alias, source in self.aliases.items()
-                        if source in replaced})
         names = None if self.custom is not None else [self.output]
-        return [self.session.run(names, {**feed, **weights}) for feed in self.batches]
+        return [self.session.run(names, feed) for feed in self.feeds(replaced)]
 
     def measure_one(self, replaced: dict[str, np.ndarray]) -> float:
         """``measure`` for ranking one layer's perturbations: on KL, over the words the reference
-        ranks high (``_VocabularyCut``) where the graph allows; its scale is the full KL's."""
-        return self._cut.measure(self, replaced) if self._cut is not None else self.measure(replaced)
+        ranks high (``_VocabularyCut``) where the graph allows, its scale the full KL's; on a large
+        model, through the nodes downstream of the layer only (``_Downstream``)."""
+        if self._cut is not None:
+            return self._cut.measure(self, replaced)
+        if self._downstream is not None:
+            outputs = self._downstream.run(replaced, self.feeds(replaced))
+            if outputs is not None:
+                return self._metric([[o] for o in outputs])
+        return self.measure(replaced)
 
     def measure(self, replaced: dict[str, np.ndarray]) -> float:
         """The metric with ``replaced`` weights (name -> array) and all others as in the model."""
-        outputs = self.outputs(replaced)
+        return self._metric(self.outputs(replaced))
+
+    def _metric(self, outputs: list[list[np.ndarray]]) -> float:
         if self.custom is not None:
             return float(self.custom(self.reference, outputs))
         if self.metric == "kl":
@@ -214,8 +236,11 @@ class _VocabularyCut:
     # (Gemma 3 270M on KJV: 0.974, the least 0.75 at one position; its KL still within 0.7%)
     MIN_MASS = 0.9
 
-    def __init__(self, session, weight: str, words: np.ndarray, softmax: list[SoftmaxReference], scale: float):
-        self.session, self.weight, self.words, self.softmax, self.scale = session, weight, words, softmax, scale
+    def __init__(self, model: onnx.ModelProto, session, weight: str, words: np.ndarray,
+                 softmax: list[SoftmaxReference], scale: float):
+        self.model, self.session, self.weight, self.words = model, session, weight, words
+        self.softmax, self.scale = softmax, scale
+        self.downstream: _Downstream | None = None
 
     @classmethod
     def of(cls, model: onnx.ModelProto, meter: "Degradation", logits: list[np.ndarray]) -> "_VocabularyCut | None":
@@ -239,7 +264,7 @@ class _VocabularyCut:
                 value.type.tensor_type.shape.dim[-1].dim_param = "lrqgraph_words"
         try:
             session = open_session(cut)
-            made = cls(session, head, words, [SoftmaxReference(z[..., words]) for z in logits], 1.0)
+            made = cls(cut, session, head, words, [SoftmaxReference(z[..., words]) for z in logits], 1.0)
             got = made._logits(meter, {})
         except Exception as exc:  # noqa: BLE001 - a graph the cut does not fit: measure in full
             log.debug("vocabulary cut: %s: measuring in full", exc)
@@ -248,15 +273,16 @@ class _VocabularyCut:
                    for g, z in zip(got, logits)):
             return None
         rng = np.random.default_rng(0)  # the scale: full over cut KL for one small perturbation of every weight
-        noisy = {name: (w + 0.01 * float(np.std(w)) * rng.standard_normal(w.shape)).astype(w.dtype)
-                 for name, w in meter.weights.items()}
+        noisy = {name: w + (0.01 * float(np.std(w)) * rng.standard_normal(w.shape, np.float32)).astype(w.dtype)
+                 for name, w in meter.weights.items()}  # float32 draws: a 262144-word table's in seconds
         full, part = meter.measure(noisy), made._kl(meter, noisy)
         made.scale = full / part if full > 0 and part > 0 else 1.0
         log.info("vocabulary cut: one-layer KL over %d of %d words (%.3f of the mass on average), "
                  "scale %.3f", len(words), vocabulary, covered, made.scale)
         return made
 
-    def _logits(self, meter: "Degradation", replaced: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def feeds(self, meter: "Degradation", replaced: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """``Degradation.feeds`` with the lm_head's weight cut to the words."""
         weights = {**meter.weights, **{k: v.astype(meter.weights[k].dtype, copy=False) for k, v in replaced.items()}}
         source = meter.aliases.get(self.weight)
         for alias, of in meter.aliases.items():
@@ -264,7 +290,15 @@ class _VocabularyCut:
                 weights[alias] = np.ascontiguousarray(weights[of].T)
         head = weights[source][self.words].T if source in replaced else weights[self.weight][:, self.words]
         weights[self.weight] = np.ascontiguousarray(head)
-        return [self.session.run([meter.output], {**feed, **weights})[0] for feed in meter.batches]
+        return [{**feed, **weights} for feed in meter.batches]
+
+    def _logits(self, meter: "Degradation", replaced: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = self.feeds(meter, replaced)
+        if self.downstream is not None:
+            got = self.downstream.run(replaced, feeds)
+            if got is not None:
+                return got
+        return [self.session.run([meter.output], feed)[0] for feed in feeds]
 
     def _kl(self, meter: "Degradation", replaced: dict[str, np.ndarray]) -> float:
         return float(np.mean([ref.kl(z) for ref, z in zip(self.softmax, self._logits(meter, replaced))]))
@@ -280,3 +314,87 @@ def _lm_head_input(model: onnx.ModelProto, meter: "Degradation", vocabulary: int
         return None
     weight = meter.weights.get(producer.input[1])  # a tied lm_head's transposed table is there too
     return producer.input[1] if weight is not None and weight.ndim == 2 and weight.shape[1] == vocabulary else None
+
+
+class _Downstream:
+    """One-layer measurements through the nodes the layer reaches only (lrqgraph.slicing): the
+    measured weights, in graph order, fall into ``GROUPS`` runs of consecutive layers; every run
+    but the first gets a session over the nodes its weights reach, fed the boundary's values
+    (tensors upstream of the run, unchanged by its weights) from one run of the whole model. A
+    layer deep in a decoder then costs the layers after it, not a whole forward pass. A run whose
+    slice does not reproduce the reference outputs (or that has none) is measured in full. Only
+    for models whose measured weights hold ``MIN_BYTES``: below that, the sessions cost more than
+    they save."""
+
+    GROUPS = 6
+    MIN_BYTES = 256 << 20
+
+    def __init__(self, groups: dict[str, int], sessions: dict[int, tuple], output: str):
+        self.groups, self.sessions, self.output = groups, sessions, output
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, meter: "Degradation", feeds: list[dict[str, np.ndarray]],
+           reference: list[np.ndarray]) -> "_Downstream | None":
+        from .hessian import with_outputs
+        from .slicing import downstream_slice
+
+        position = {}
+        for index, node in enumerate(model.graph.node):
+            for name in node.input:
+                position.setdefault(name, index)
+        readers = {w: min([position.get(w, len(position))]
+                          + [position.get(a, len(position)) for a, s in meter.aliases.items() if s == w])
+                   for w in meter.weights if w not in meter.aliases}
+        ordered = sorted(readers, key=lambda w: (readers[w], w))
+        runs = [list(r) for r in np.array_split(np.array(ordered, dtype=object), min(cls.GROUPS, len(ordered)))]
+        groups, slices = {}, {}
+        for g, members in enumerate(runs):
+            groups.update((w, g) for w in members)
+            if g == 0:
+                continue  # the first run reaches (nearly) everything: the whole model serves it
+            changed = set(members) | {a for a, s in meter.aliases.items() if s in members}
+            cut = downstream_slice(model, changed, meter.output)
+            if cut is not None:
+                slices[g] = cut
+        if not slices:
+            return None
+        boundary = sorted({name for cut in slices.values() for name in cut.boundary})
+        values = []
+        if boundary:
+            tap = open_session(with_outputs(model, boundary))
+            values = [dict(zip(boundary, tap.run(boundary, feed))) for feed in feeds]
+            del tap
+        sessions = {}
+        for g, cut in slices.items():
+            try:
+                sess = open_session(cut.typed(values[0] if values else {}))
+            except Exception as exc:  # noqa: BLE001 - a slice onnxruntime refuses: measure in full
+                log.debug("downstream slice %d: %s: measuring in full", g, exc)
+                continue
+            names = [i.name for i in sess.get_inputs()]
+            made = (sess, names, [{n: v[n] for n in cut.boundary} for v in values] if values else [{} for _ in feeds])
+            got = cls._run(made, feeds, meter.output)
+            if all(np.allclose(a, z, rtol=1e-4, atol=1e-4 * float(np.abs(z).max())) for a, z in zip(got, reference)):
+                sessions[g] = made
+            else:
+                log.debug("downstream slice %d does not reproduce the model: measuring in full", g)
+        if not sessions:
+            return None
+        log.info("downstream slices: one-layer measurements of %d of %d weights run part of the graph (%s nodes "
+                 "of %d)", sum(g in sessions for g in groups.values()), len(groups),
+                 ", ".join(str(slices[g].nodes) for g in sorted(sessions)), len(model.graph.node))
+        return cls(groups, sessions, meter.output)
+
+    @staticmethod
+    def _run(made: tuple, feeds: list[dict[str, np.ndarray]], output: str) -> list[np.ndarray]:
+        sess, names, boundary = made
+        return [sess.run([output], {**{n: feed[n] for n in names if n in feed}, **edge})[0]
+                for feed, edge in zip(feeds, boundary)]
+
+    def run(self, replaced: dict[str, np.ndarray], feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray] | None:
+        """The first output per batch through the slice of the replaced weights' run, or None
+        (weights of several runs, or a run without a slice)."""
+        runs = {self.groups.get(w) for w in replaced}
+        if len(runs) != 1 or next(iter(runs)) not in self.sessions:
+            return None
+        return self._run(self.sessions[next(iter(runs))], feeds, self.output)

@@ -47,6 +47,7 @@ from lrqgraph.evaluate import Degradation
 from lrqgraph.methods import METHODS, MethodConfig, configure
 from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
 from lrqgraph.numerics.allocation import lower_hull
+from lrqgraph.numerics.representation import OUTPUT_ERROR
 from lrqgraph.numerics.gptq import output_energy
 from lrqgraph.passmanager import Context, register_analysis
 from lrqgraph.plan import Layer
@@ -172,10 +173,18 @@ def menu_representations(w: np.ndarray, menu: list[tuple[str, dict]], cfgs: list
             out.append(None)
             continue
         labels.add(candidate_label(rep))
-        approx = rep.dequantize()
+        known = rep.info.get(OUTPUT_ERROR)
+        if known is not None:  # the solver's own figure: not kept, a refit changes it
+            rep = dataclasses.replace(rep, info={k: v for k, v in rep.info.items() if k != OUTPUT_ERROR})
         if h is not None and energy is None:
             energy = output_energy(w, h)
-        out.append((rep, activation_error(w, approx, h, energy) if h is not None else relative_error(w, approx)))
+        if h is None:
+            error = relative_error(w, rep.dequantize())
+        elif known is not None:
+            error = float(np.sqrt(known / energy)) if energy > 0 else float(np.sqrt(known))
+        else:
+            error = activation_error(w, rep.dequantize(), h, energy)
+        out.append((rep, error))
     return out
 
 

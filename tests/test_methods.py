@@ -99,6 +99,20 @@ def test_gptq_on_many_grids_in_one_pass_is_gptq_on_each(monkeypatch):
         np.testing.assert_array_equal(a.codes, b.codes)
 
 
+def test_gptq_walk_gives_each_grids_output_error(monkeypatch):
+    """The error the walk reports is tr(ΔWᵀHΔW) of the codes it returns, against the undamped H
+    (a dead input included). Measured: within 1e-7 relative in float32; asserted at 1e-5."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((200, 60)).astype(np.float32)
+    h = correlated_inputs(200)
+    h[7, :] = h[:, 7] = 0.0  # an input that never fires: the walk gives it a unit diagonal
+    specs = [QuantSpec(2, 64, True), QuantSpec(4, 32, False, True, "float16"), QuantSpec(8, 128, True)]
+    for per_pass in (1 << 25, w.size):  # all grids in one walk, and one grid per walk
+        monkeypatch.setattr(gptq_module, "_WIDE_ENTRIES", per_pass)
+        made, errors = gptq_module.gptq_grids_with_errors(w, h, specs)
+        for q, error in zip(made, errors):
+            exact = gptq_module.output_energy(w - q.dequantize(), h)
+            assert error == pytest.approx(exact, rel=1e-5)
 @pytest.mark.parametrize("spec", [QuantSpec(3, 16, True, True, "float16"), QuantSpec(4, 0, False),
                                   QuantSpec(2, 48, True)])
 def test_coordinate_descent_lowers_gptq_error_and_keeps_the_format(spec):

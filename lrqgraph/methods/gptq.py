@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from lrqgraph.errors import LrqError
 from lrqgraph.numerics import Representation, gptq_factorize, rtn_factorize
-from lrqgraph.numerics.gptq import gptq_quantize_grids
+from lrqgraph.numerics.gptq import gptq_grids_with_errors
+from lrqgraph.numerics.representation import OUTPUT_ERROR
 
 from .base import GridConfig, Method, register_method
 from .rtn import dense_storage
@@ -43,12 +44,14 @@ def factorize(w, cfg: GPTQConfig, scale_dtype: str, h=None):
 
 
 def factorize_many(w, cfgs: list[GPTQConfig], scale_dtype: str, h=None) -> list:
-    """The grids without coordinate descent (the allocator's menu) in one GPTQ pass over the rows."""
+    """The grids without coordinate descent (the allocator's menu) in one GPTQ pass over the rows;
+    their info carries the output error tr(ΔWᵀHΔW) the pass measured (``OUTPUT_ERROR``)."""
     plain = [i for i, cfg in enumerate(cfgs) if cfg.sweeps == 0] if h is not None else []
     out = {i: factorize(w, cfg, scale_dtype, h) for i, cfg in enumerate(cfgs) if i not in plain}
     if plain:
-        tensors = gptq_quantize_grids(w, h, [cfgs[i].spec(scale_dtype) for i in plain])
-        out.update((i, (Representation(((q,),), "gptq", info={"sweeps": 0}), "")) for i, q in zip(plain, tensors))
+        tensors, errors = gptq_grids_with_errors(w, h, [cfgs[i].spec(scale_dtype) for i in plain])
+        out.update((i, (Representation(((q,),), "gptq", info={"sweeps": 0, OUTPUT_ERROR: e}), ""))
+                   for i, q, e in zip(plain, tensors, errors))
     return [out[i] for i in range(len(cfgs))]
 
 

@@ -16,6 +16,9 @@ import numpy as np
 from .quant import QuantizedTensor
 from .rotation import Rotation
 
+# Representation.info key: tr(ΔWᵀHΔW) under the H the solver was given, where the solve yields it
+# for free (GPTQ's walk); the allocator then skips the K²N product of activation_error
+OUTPUT_ERROR = "output_error"
 
 @dataclass(frozen=True)
 class Representation:
