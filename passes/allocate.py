@@ -94,7 +94,7 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
 
 
 def _refit(ctx: Context, tols: list[LayerTolerance], choice: list[int], hessians: dict, sweeps: int) -> None:
-    """The chosen candidates polished against all calibration samples (their ranking used H
+    """The chosen candidates fitted again with all calibration samples (their ranking used H
     without the measured ones), on the executor; tables are data-free (tolerance.table_menu)."""
     todo = [(t, t.candidates[c]) for t, c in zip(tols, choice)
             if t.candidates[c].rep is not None and t.candidates[c].settings is not None and not t.layer.gathers
@@ -104,7 +104,7 @@ def _refit(ctx: Context, tols: list[LayerTolerance], choice: list[int], hessians
         method, fields = cand.settings
         base = ctx.config.factorize.for_layer(t.layer.name, t.layer.weight)
         return (t.layer.weight_matrix(), configure(base, method=method, **fields),
-                allocation_scales(base, t.layer.dtype), hessians[t.layer.weight], sweeps, cand.rep)
+                allocation_scales(base, t.layer.dtype), hessians[t.layer.weight], sweeps)
 
     made = ctx.executor.map(refit_representation, (args(t, cand) for t, cand in todo),
                             costs=[t.layer.params * (1 + sweeps) for t, _ in todo])
@@ -113,14 +113,11 @@ def _refit(ctx: Context, tols: list[LayerTolerance], choice: list[int], hessians
             cand.rep, cand.error, cand.polished = rep, error, True
 
 
-def refit_representation(w: np.ndarray, cfg, scale_dtype: str, h: np.ndarray, sweeps: int,
-                         start: Representation | None = None) -> tuple[Representation | None, float]:
-    """A GPTQ grid ``start`` (fitted on part of the samples) polished by ``sweeps`` of coordinate
-    descent on codes and scales against ``h``; any other representation ``cfg`` makes fitted on
-    ``h`` afresh (then polished too if it is a GPTQ grid). With its activation-aware error. An
-    executor task. Starting from the candidate's codes skips a second GPTQ walk and H
-    factorization: the descent then moves them to the full statistics."""
-    rep = start if start is not None and start.method == "gptq" and sweeps else factorize_weight(w, cfg, scale_dtype, h)[0]
+def refit_representation(w: np.ndarray, cfg, scale_dtype: str, h: np.ndarray, sweeps: int
+                         ) -> tuple[Representation | None, float]:
+    """``cfg``'s representation of ``w`` fitted on ``h``, then, for GPTQ grids, ``sweeps`` of
+    coordinate descent on codes and scales; with its activation-aware error. An executor task."""
+    rep, _ = factorize_weight(w, cfg, scale_dtype, h)
     if rep is None:
         return None, float("nan")
     if sweeps and rep.method == "gptq":
