@@ -25,6 +25,7 @@ import onnx
 from .errors import LrqError
 from .io import save_model, tensor_bytes
 from .runtime import session
+from .slicing import downstream_slice, with_outputs
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +341,6 @@ class _Downstream:
     @classmethod
     def of(cls, model: onnx.ModelProto, meter: "Degradation", feeds: list[dict[str, np.ndarray]],
            reference: list[np.ndarray]) -> "_Downstream | None":
-        from .hessian import with_outputs
-        from .slicing import downstream_slice
-
         position = {}
         for index, node in enumerate(model.graph.node):
             for name in node.input:

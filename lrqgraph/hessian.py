@@ -27,16 +27,7 @@ import onnx
 from .evaluate import open_session
 from .io import load_model
 from .numerics.patches import ConvPatches
-
-
-def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are ``tensors`` only (the input is not modified), so that
-    onnxruntime drops what they do not need (a decoder's lm_head and its logits)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.output[:]
-    out.graph.output.extend(onnx.helper.make_value_info(t, onnx.TypeProto()) for t in sorted(set(tensors)))
-    return out
+from .slicing import with_outputs
 
 
 def shrunk(h: np.ndarray, rows: int) -> np.ndarray:

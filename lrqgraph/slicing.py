@@ -5,11 +5,13 @@ cuts out the nodes reachable from chosen graph inputs as a model of its own, who
 tensors those nodes read from the rest of the graph (the *boundary*: e.g. the residual stream
 where the cut falls, position embeddings, masks) besides graph inputs and initializers. Fed the
 boundary's values from one run of the whole model, it computes the same outputs for any values of
-the chosen inputs, running only the nodes after the cut.
+the chosen inputs, running only the nodes after the cut. ``with_outputs`` taps intermediate
+tensors (the boundary's values, a layer's inputs for calibration).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -69,3 +71,12 @@ def downstream_slice(model: onnx.ModelProto, changed: set[str], output: str) -> 
     made.functions.extend(model.functions)
     return Slice(made, boundary, len(nodes))
 
+
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``tensors`` only (the input is not modified), so that
+    onnxruntime drops what they do not need (a decoder's lm_head and its logits)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.output[:]
+    out.graph.output.extend(onnx.helper.make_value_info(t, onnx.TypeProto()) for t in sorted(set(tensors)))
+    return out

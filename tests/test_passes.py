@@ -170,7 +170,7 @@ def test_verify_streams_one_sample_at_a_time(tmp_path, monkeypatch):
 
 
 def test_calibration_sessions_compute_only_the_layer_inputs():
-    from lrqgraph.hessian import with_outputs
+    from lrqgraph.slicing import with_outputs
     model = builders.matmul_model()
     assert [o.name for o in with_outputs(model, ["x", "h"]).graph.output] == ["h", "x"]
     assert [o.name for o in model.graph.output] == ["y"]  # the input model is untouched
