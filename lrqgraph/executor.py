@@ -14,6 +14,7 @@ copied to the workers at once.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -232,25 +233,28 @@ class Executor:
                 self._count(seconds)
                 yield out
             return
-        yield from self._pooled(fn, iter(tasks))
+        yield from self._pooled(fn, iter(tasks), costs)
 
     def _count(self, seconds: float) -> None:
         self.tasks += 1
         self.seconds += seconds
 
-    def _pooled(self, fn: Callable[..., Any], tasks: Iterator[tuple]) -> Iterator[Any]:
+    def _pooled(self, fn: Callable[..., Any], tasks: Iterator[tuple], costs: Sequence[float] | None = None
+                ) -> Iterator[Any]:
         if self._pool is None:
             self._pool = _RayPool(self.config.address) if self.config.kind == "ray" else _ProcessPool(self.workers)
             if self.config.kind == "ray":
                 self.workers = self.config.workers or self._pool.cpus
         self.used = "ray" if self.config.kind == "ray" else "process"
         pool, done = self._pool, {}
+        limit = None if not costs else (2 * self.workers * max(costs), [0.0, *itertools.accumulate(costs)])
         sent = following = 0  # tasks handed out; the next index to yield
         exhausted = False
         try:
             while True:
                 # hand out tasks while workers are idle, at most 2 x workers ahead of the caller
-                while not exhausted and sent - following < 2 * self.workers and pool.idle():
+                # (with costs: as much work ahead as 2 x workers of the largest tasks)
+                while not exhausted and self._room(limit, sent, following) and pool.idle():
                     args = next(tasks, None)
                     if args is None:
                         exhausted = True
@@ -270,6 +274,17 @@ class Executor:
         finally:  # stopped early (an error, or the caller's): workers still solving are stopped
             if pool.running():
                 self.close(kill=True)
+
+    def _room(self, limit: tuple[float, list[float]] | None, sent: int, following: int) -> bool:
+        """Whether task ``sent`` may go out while the caller waits for task ``following``. By count
+        alone, a slow task at the head of the line idles the other workers once a few quick ones
+        behind it are done (a decoder block's down projection beside its k and v); by cost
+        (``limit``: the most work ahead, and the prefix sums of the costs), the results held for
+        the caller stay within what 2 x workers of the largest tasks hold."""
+        if limit is None or sent + 1 >= len(limit[1]) or sent == following:
+            return sent - following < 2 * self.workers
+        most, prefix = limit
+        return prefix[sent + 1] - prefix[following] <= most
 
     def describe(self) -> dict[str, Any]:
         """The report's "executor" entry."""
