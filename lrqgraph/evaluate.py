@@ -176,7 +176,8 @@ class Degradation:
         if self.metric == "kl":  # keep what each KL needs of the reference logits, not the logits
             self._softmax = [SoftmaxReference(z) for z in first]
             self._cut = _VocabularyCut.of(graph_model, self, first)
-        if self.custom is None and sum(v.nbytes for v in self.weights.values()) >= _Downstream.MIN_BYTES:
+        held = sum(v.nbytes for name, v in self.weights.items() if name not in self.aliases)
+        if self.custom is None and held >= _Downstream.MIN_BYTES:
             if self._cut is not None:  # the one-layer runs go through the cut: slice that
                 self._cut.downstream = _Downstream.of(self._cut.model, self, self._cut.feeds(self, {}),
                                                       [z[..., self._cut.words] for z in first])
