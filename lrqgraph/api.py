@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -19,7 +20,7 @@ from lrqgraph.passes.verify import compare_outputs
 from .config import OptimizeConfig, VerifyConfig, describe_config
 from .errors import LrqError
 from .executor import Executor
-from .io import load_model
+from .io import load_model, uses_external_data
 from .model import ModelState
 from .passmanager import Context, Pass, PassManager
 from .report import build_report
@@ -47,15 +48,19 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
     the result's model is the input itself and the report says why.
     """
     config = config or OptimizeConfig()
+    external_dir = None
     if isinstance(model, (str, os.PathLike)):
         original: Any = os.fspath(model)
-        proto = load_model(model)
+        proto = load_model(model, stream_above=config.stream_above)
+        if uses_external_data(proto):  # not loaded: streamed
+            external_dir = Path(model).parent
     else:
         original = proto = model
     manager = PassManager(passes if passes is not None else default_pipeline(config),
                           check_each=config.check_each_pass)
     with Executor(config.executor) as executor:
-        ctx = Context(ModelState(proto), config, original=original, executor=executor)
+        state = ModelState(proto, external_dir=external_dir, source=original)
+        ctx = Context(state, config, original=original, executor=executor)
         try:
             manager.run(ctx)
         except LrqError:  # bad input or an unreachable goal: a rerun changes something, so they would go stale

@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--resume", action="store_true",
                      help="reuse the per-layer results an interrupted run with the same model, data and options left")
     opt.add_argument("--ray-address", help="the Ray cluster of --executor ray (default: a new local one)")
+    opt.add_argument("--stream-above", type=_size, metavar="SIZE", default=OptimizeConfig.stream_above,
+                     help="stream a model with more weight bytes than this in external data: weights read one "
+                          "tensor at a time and verification block by block, for models beyond memory "
+                          "(default 2GiB; 0 streams every model with external data)")
     _add_method_options(opt)
     _add_allocate_options(opt)
     _add_verify_options(opt)
@@ -220,7 +224,8 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
                           check_each_pass=getattr(args, "check_each_pass", False),
                           executor=ExecutorConfig(getattr(args, "executor", "auto"), getattr(args, "workers", None),
                                                    getattr(args, "ray_address", None)),
-                          resume=getattr(args, "resume", False))
+                          resume=getattr(args, "resume", False),
+                          stream_above=getattr(args, "stream_above", OptimizeConfig.stream_above))
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

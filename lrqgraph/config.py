@@ -184,6 +184,9 @@ class OptimizeConfig:
     check_each_pass: bool = False
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where per-layer solves run
     resume: bool = False  # reuse the per-layer checkpoints an interrupted run left (lrqgraph.checkpoint)
+    # a model with more weight bytes than this in external data is streamed (lrqgraph.external): read
+    # one tensor at a time, verified block by block; None never streams
+    stream_above: int | None = 2 * 2**30
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .external import is_streamed, stored_values
+
 # Casts a weight may go through on its way to a layer (mixed-precision exports store fp16 and cast up)
 _FLOAT_CASTS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -22,11 +24,11 @@ def node_label(node: gs.Node, index: int) -> str:
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     """Values of an initializer or of a Constant node's output; None for activations."""
     if isinstance(tensor, gs.Constant):
-        return tensor.values
+        return stored_values(tensor)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):
-            return value.values
+            return stored_values(value)
     return None
 
 
@@ -34,14 +36,60 @@ def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
 class WeightSource:
     """A constant as one node input sees it, traced back to where it is stored."""
 
-    values: np.ndarray            # what the reading node gets
     root: gs.Tensor               # the initializer, or the output of the Constant node, that stores it
-    stored_dtype: np.dtype        # the root's element type (a Cast may change it on the way)
+    stored: gs.Constant           # the constant holding the bytes (``root`` itself, or the Constant node's value)
     chain: tuple[gs.Node, ...]    # Constant / Identity / Transpose / Cast nodes between root and reader
+    # the nodes of ``chain`` the values pass through (all when None; a tied table's own chain, not its lm_head's)
+    path: tuple[gs.Node, ...] | None = None
+
+    @property
+    def values(self) -> np.ndarray:
+        """What the reading node gets. Kept after the first read, except for a streamed
+        constant (lrqgraph.external), which is read from its file on every access."""
+        cached = self.__dict__.get("_values")
+        if cached is not None:
+            return cached
+        out = stored_values(self.stored)
+        for node in reversed(self._path):  # from the root towards the reader
+            if node.op == "Transpose":
+                out = out.T
+            elif node.op == "Cast":
+                out = out.astype(_FLOAT_CASTS[node.attrs["to"]])
+        out = np.ascontiguousarray(out)
+        if not is_streamed(self.stored):
+            object.__setattr__(self, "_values", out)
+        return out
+
+    @property
+    def _path(self) -> tuple[gs.Node, ...]:
+        return self.chain if self.path is None else self.path
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The root's element type (a Cast may change it on the way)."""
+        try:
+            return np.dtype(self.stored.dtype)
+        except TypeError:  # an ONNX type numpy lacks (bfloat16): what loading it gives
+            return np.dtype(stored_values(self.stored).dtype)
+
+    @property
+    def dtype(self) -> np.dtype:
+        casts = [n for n in self._path if n.op == "Cast"]
+        return np.dtype(_FLOAT_CASTS[casts[0].attrs["to"]]) if casts else self.stored_dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(int(d) for d in self.stored.shape)
+        flips = sum(n.op == "Transpose" for n in self._path)
+        return shape[::-1] if flips % 2 else shape
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
 
     @property
     def stored_bits(self) -> int:
-        return int(self.values.size) * self.stored_dtype.itemsize * 8
+        return self.size * self.stored_dtype.itemsize * 8
 
     def tensors(self) -> list[gs.Tensor]:
         """Every tensor from the root to the reader's input (a chain of one for a plain initializer)."""
@@ -50,18 +98,18 @@ class WeightSource:
 
 def resolve_constant(tensor: gs.Tensor, max_steps: int = 8) -> WeightSource | None:
     """The constant ``tensor`` carries, through Constant, Identity, 2-D Transpose and float Casts;
-    None when it is (or depends on) an activation or any other op."""
+    None when it is (or depends on) an activation or any other op. Reads no values."""
     steps: list[gs.Node] = []
     t = tensor
     for _ in range(max_steps):
         if isinstance(t, gs.Constant):
-            return _apply(t.values, t, steps)
+            return _traced(t, t, steps)
         if len(t.inputs) != 1:
             return None
         node = t.inputs[0]
         if node.op == "Constant":
             value = node.attrs.get("value")
-            return _apply(value.values, t, steps + [node]) if isinstance(value, gs.Constant) else None
+            return _traced(t, value, steps + [node]) if isinstance(value, gs.Constant) else None
         if node.op == "Identity" or (node.op == "Cast" and node.attrs.get("to") in _FLOAT_CASTS) or \
                 (node.op == "Transpose" and list(node.attrs.get("perm", [1, 0])) == [1, 0]):
             steps.append(node)
@@ -71,16 +119,10 @@ def resolve_constant(tensor: gs.Tensor, max_steps: int = 8) -> WeightSource | No
     return None
 
 
-def _apply(values: np.ndarray, root: gs.Tensor, steps: list[gs.Node]) -> WeightSource | None:
-    out = values
-    for node in reversed(steps):  # from the root towards the reader
-        if node.op == "Transpose":
-            if out.ndim != 2:
-                return None
-            out = out.T
-        elif node.op == "Cast":
-            out = out.astype(_FLOAT_CASTS[node.attrs["to"]])
-    return WeightSource(np.ascontiguousarray(out), root, np.dtype(values.dtype), tuple(steps))
+def _traced(root: gs.Tensor, stored: gs.Constant, steps: list[gs.Node]) -> WeightSource | None:
+    if any(n.op == "Transpose" for n in steps) and len(stored.shape) != 2:
+        return None
+    return WeightSource(root, stored, tuple(steps))
 
 
 def dataflow_graph(graph: gs.Graph) -> nx.DiGraph:

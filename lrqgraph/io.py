@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from .cache import cache_dir  # noqa: F401  (re-exported)
 from .errors import LrqError
+from .external import has_absolute_external, write_external
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,9 @@ MIN_OPSET = 7
 # Past this many weight bytes a model is written with external data (protobuf's 2 GB ceiling
 # leaves room for the graph itself).
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+# Models with more weight bytes than this in external data are streamed (lrqgraph.external):
+# their weights are read one tensor at a time instead of all at load.
+STREAM_ABOVE = 2 * 2**30
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -30,8 +34,10 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model with its external data, or raise LrqError saying why not."""
+def load_model(path: str | os.PathLike, stream_above: int | None = None) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, or raise LrqError saying why not. With
+    ``stream_above``, a model holding more weight bytes than that in external data is returned
+    without them (see :func:`is_streamed`)."""
     path = Path(path)
     if not path.exists():
         raise LrqError(f"{path}: no such file")
@@ -44,6 +50,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                        f"not ONNX: {type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise LrqError(f"{path}: not an ONNX model (no graph nodes found); is the file truncated?")
+    if stream_above is not None and uses_external_data(model) and tensor_bytes(model) > stream_above:
+        check_opset(model, path)
+        return model
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, onnx.checker.ValidationError) as exc:
@@ -67,6 +76,10 @@ def check_opset(model: onnx.ModelProto, path: str | os.PathLike = "model") -> No
     if not MIN_OPSET <= opset <= newest:
         raise LrqError(f"{path}: opset {opset} is not supported (lrqgraph reads opsets {MIN_OPSET}..{newest}); "
                        f"convert it with onnx.version_converter first")
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -146,26 +159,38 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise LrqError(f"{path}: output must be a file path such as model.lrq.onnx")
     if not path.parent.exists():
         raise LrqError(f"{path.parent}: output folder does not exist")
-    if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    streamed = has_absolute_external(model)
+    if external_data is None or streamed:
+        external_data = streamed or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    if source is not None and external_data and _same_file(path.parent / data_name, Path(source)):
-        raise LrqError(f"{path}: its data file would overwrite the input model; choose another name")
+    if source is not None and external_data and any(_same_file(path.parent / data_name, f)
+                                                    for f in (Path(source), *_data_files(source))):
+        raise LrqError(f"{path}: its data file {data_name} would overwrite the input model's; choose another name")
     with Outputs() as own:
         staging = outputs or own
         tmp = staging.stage(path)
-        if external_data:
+        if external_data:  # streamed data is copied range by range: never the whole model in memory
             data_tmp = staging.stage(path.parent / data_name)
-            # onnx writes the data file beside the model under ``location``: point it at our temporary
-            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(tmp.parent / data_name, data_tmp)
+            shell = onnx.ModelProto()
+            shell.CopyFrom(model)  # the caller's model keeps its data
+            write_external(shell, data_tmp, data_name)
+            onnx.save_model(shell, str(tmp))
         else:
             onnx.save_model(model, str(tmp))
         if outputs is None:
             own.commit()
     log.info("wrote %s%s", path, f" (+ {data_name})" if external_data else "")
     return path
+
+
+def _data_files(source: str | os.PathLike) -> list[Path]:
+    """The external data files a model file refers to (none when it cannot be read)."""
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+    except Exception:  # noqa: BLE001  (not a model: nothing of it to protect beyond the file itself)
+        return []
+    folder = Path(source).parent
+    return [folder / e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"]
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import external
 from .graph import Namer
+from .numerics import Representation
+from .plan import SpilledRepresentation
 
 # IR version 10 introduced int4/uint4 tensors; onnxruntime 1.31 refuses IR 14, onnx 1.23's
 # default for new models, so lowerings raise the IR version only as far as they need.
@@ -16,10 +20,20 @@ _SHELL_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "m
 
 
 class ModelState:
-    """A graph under rewrite. Passes edit ``graph`` in place; :meth:`to_onnx` rebuilds a ModelProto."""
+    """A graph under rewrite. Passes edit ``graph`` in place; :meth:`to_onnx` rebuilds a ModelProto.
 
-    def __init__(self, model: onnx.ModelProto):
+    With ``external_dir`` (the folder of a model loaded without its external data) the model is
+    *streamed*: its external constants stay in their files (lrqgraph.external), and constants a
+    rewrite makes go to a spill file as each layer is lowered (:meth:`spill`).
+    """
+
+    def __init__(self, model: onnx.ModelProto, external_dir: str | os.PathLike | None = None,
+                 source: str | os.PathLike = "model"):
         self.graph: gs.Graph = gs.import_onnx(model)
+        self.streaming = external_dir is not None
+        self._spill: external.Spill | None = None
+        if self.streaming:
+            external.attach(self.graph, external_dir, source)
         self.shell = onnx.ModelProto()
         for name in _SHELL_FIELDS:
             setattr(self.shell, name, getattr(model, name))
@@ -30,6 +44,26 @@ class ModelState:
         self._namer: Namer | None = None
         # values lowerings emit once and share between layers (a rotated input read by q, k and v)
         self.shared_values: dict = {}
+
+    def adopt_spill(self, other: "ModelState") -> None:
+        """Keep ``other``'s spill file alive as this state's (a converted copy of the same model)."""
+        self._spill = self._spill or other._spill
+
+    def spill_representation(self, rep: Representation | None) -> "Representation | SpilledRepresentation | None":
+        """``rep`` written to the spill folder (a SpilledRepresentation) on a streamed model; as is otherwise."""
+        if not self.streaming or rep is None:
+            return rep
+        return SpilledRepresentation.write(rep, self._spill_file().new_path("rep.pkl"))
+
+    def _spill_file(self) -> external.Spill:
+        if self._spill is None:
+            self._spill = external.Spill()
+        return self._spill
+
+    def spill(self, constants: list[gs.Constant]) -> None:
+        """Move the given new constants out of memory (streamed models only; a no-op otherwise)."""
+        if self.streaming:
+            external.spill_constants(constants, self._spill_file())
 
     @property
     def opset(self) -> int:
@@ -89,6 +123,8 @@ class ModelState:
 
 
 def _nbytes(const: gs.Constant) -> int:
+    if external.is_streamed(const):
+        return external.stored_nbytes(const)
     tensor = getattr(const._values, "tensor", None)  # lazily loaded: read the proto, not the values
     if tensor is not None and tensor.raw_data:
         return len(tensor.raw_data)
@@ -96,7 +132,10 @@ def _nbytes(const: gs.Constant) -> int:
 
 
 def _hash_value(h, value) -> None:
-    if isinstance(value, gs.Constant):
+    if isinstance(value, gs.Constant) and external.is_streamed(value):
+        h.update(f"const|{value.name}|{np.dtype(value.dtype)}|{tuple(value.shape)}|".encode())
+        external.hash_constant(h, value._values.tensor)
+    elif isinstance(value, gs.Constant):
         arr = np.ascontiguousarray(value.values)
         h.update(f"const|{value.name}|{arr.dtype}|{arr.shape}|".encode())
         h.update(arr.tobytes())

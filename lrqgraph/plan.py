@@ -2,7 +2,9 @@
 the decide step (``factorize`` or ``allocate``) makes for each, and what ``lower`` emitted."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,11 +71,45 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class SpilledRepresentation:
+    """A representation kept in a file until ``lower`` needs it, so that a streamed model's plans
+    do not hold every layer's codes in memory at once; the report's figures are kept at hand."""
+
+    path: Path
+    method: str
+    rank: int | None
+    info: dict
+    shape: tuple[int, int]
+    bits: int
+
+    @classmethod
+    def write(cls, rep: Representation, path: Path) -> "SpilledRepresentation":
+        with open(path, "wb") as f:
+            pickle.dump(rep, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return cls(path, rep.method, rep.rank, rep.info, rep.shape, rep.storage_bits())
+
+    def load(self) -> Representation:
+        with open(self.path, "rb") as f:
+            return pickle.load(f)
+
+    def storage_bits(self) -> int:
+        return self.bits
+
+    def bits_per_weight(self) -> float:
+        return self.bits / (self.shape[0] * self.shape[1])
+
+
+def loaded(rep: "Representation | SpilledRepresentation") -> Representation:
+    """The representation itself, read back from its file when it was spilled."""
+    return rep.load() if isinstance(rep, SpilledRepresentation) else rep
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """The decision for one layer: a representation to emit, or why the layer stays as it is."""
 
     layer: Layer
-    rep: Representation | None
+    rep: "Representation | SpilledRepresentation | None"
     reason: str = ""                                   # why it is kept ('' when rewritten)
     settings: dict[str, Any] = field(default_factory=dict)  # method, bits, block, ... as chosen
     rel_error: float | None = None

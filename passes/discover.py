@@ -59,30 +59,30 @@ def _classify(node: gs.Node, graph_outputs: set[str], select) -> tuple[WeightSou
     source = resolve_constant(weight)
     if source is None:
         return None, False, "weight is not a constant (activation x activation product)"
-    values = source.values
     transposed = False
     if node.op == "Gemm":
         if node.attrs.get("transA", 0):
             return None, False, "Gemm with transA=1 is not rewritten"
         transposed = bool(node.attrs.get("transB", 0))
+    shape = source.shape
     if node.op == "Conv":
-        if values.ndim != 4:
-            return source, transposed, (f"Conv weight is {values.ndim}-D; only 2-D convolutions (4-D weights) "
+        if len(shape) != 4:
+            return source, transposed, (f"Conv weight is {len(shape)}-D; only 2-D convolutions (4-D weights) "
                                         f"are rewritten")
         group = int(node.attrs.get("group", 1))
-        if group < 1 or values.shape[0] % group:
-            return source, transposed, f"Conv group={group} does not divide its {values.shape[0]} output channels"
-    elif values.ndim != 2:
-        return source, transposed, f"weight is {values.ndim}-D; only 2-D weights are rewritten"
-    if values.dtype not in SUPPORTED_DTYPES or source.stored_dtype not in SUPPORTED_DTYPES:
+        if group < 1 or shape[0] % group:
+            return source, transposed, f"Conv group={group} does not divide its {shape[0]} output channels"
+    elif len(shape) != 2:
+        return source, transposed, f"weight is {len(shape)}-D; only 2-D weights are rewritten"
+    if source.dtype not in SUPPORTED_DTYPES or source.stored_dtype not in SUPPORTED_DTYPES:
         return source, transposed, (f"weight dtype {source.stored_dtype} is not supported "
                                     f"(float32/float16 only)")
-    if not np.isfinite(values).all():
-        return source, transposed, "weight contains NaN or Inf: layer refused"
     if any(o.name in graph_outputs for o in node.outputs) and select.keep_output_layers:
         return source, transposed, "writes a graph output (lm_head/classifier kept by default)"
-    if values.size < select.min_params:
-        return source, transposed, f"tiny ({values.size} < {select.min_params} parameters)"
+    if source.size < select.min_params:
+        return source, transposed, f"tiny ({source.size} < {select.min_params} parameters)"
+    if not np.isfinite(source.values).all():
+        return source, transposed, "weight contains NaN or Inf: layer refused"
     return source, transposed, ""
 
 
@@ -117,12 +117,12 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
             continue
         source, transposed, reason = _classify(node, graph_outputs, select)
         weight = node.inputs[1].name if source is not None else ""
-        values = source.values if source is not None else None
-        kernel = tuple(values.shape) if values is not None and node.op == "Conv" and values.ndim == 4 else ()
+        stored_shape = source.shape if source is not None else None
+        kernel = stored_shape if stored_shape is not None and node.op == "Conv" and len(stored_shape) == 4 else ()
         if kernel:  # the matrix of a convolution: input patches (C_in·kh·kw) x output channels
             shape = (int(np.prod(kernel[1:])), kernel[0])
         else:
-            shape = tuple(values.shape[::-1] if transposed else values.shape) if values is not None else ()
+            shape = tuple(stored_shape[::-1] if transposed else stored_shape) if stored_shape is not None else ()
         if not reason and select.include and not select.matches(select.include, label, weight):
             reason = "not matched by --include"
         if not reason and select.exclude and select.matches(select.exclude, label, weight):
@@ -135,7 +135,7 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
             shared.labels.append(label)
             continue
         layer = Layer(label, node.op, weight, [node], [label], shape, transposed,
-                      str(values.dtype) if values is not None else "", source, rewrite=not reason, reason=reason, kernel=kernel)
+                      str(source.dtype) if source is not None else "", source, rewrite=not reason, reason=reason, kernel=kernel)
         if weight and not reason:
             layers[weight] = layer
         result.append(layer)
@@ -150,24 +150,23 @@ def _embedding_table(node: gs.Node, label: str, select) -> Layer | None:
     """Rule 6 for one Gather: its table as a layer (maybe kept, with the reason); None when the
     Gather reads no constant 2-D table worth reporting."""
     source = resolve_constant(node.inputs[0]) if node.inputs else None
-    if source is None or source.values.ndim != 2 or source.values.size < select.min_params:
+    if source is None or len(source.shape) != 2 or source.size < select.min_params:
         return None
-    table = source.values
     reason = ""
     if not select.embeddings:
         reason = "embedding table (Gather) kept: tables join an allocation (--target-*) or --embeddings"
     elif node.attrs.get("axis", 0) != 0:
         reason = "Gather along axis 1 is not a row lookup"
-    elif table.dtype not in SUPPORTED_DTYPES or source.stored_dtype not in SUPPORTED_DTYPES:
+    elif source.dtype not in SUPPORTED_DTYPES or source.stored_dtype not in SUPPORTED_DTYPES:
         reason = f"table dtype {source.stored_dtype} is not supported (float32/float16 only)"
-    elif not np.isfinite(table).all():
+    elif not np.isfinite(source.values).all():
         reason = "table contains NaN or Inf: layer refused"
     elif select.include and not select.matches(select.include, label, node.inputs[0].name):
         reason = "not matched by --include"
     elif select.exclude and select.matches(select.exclude, label, node.inputs[0].name):
         reason = "matched by --exclude"
-    vocab, dim = table.shape
-    return Layer(label, "Gather", node.inputs[0].name, [node], [label], (dim, vocab), True, str(table.dtype),
+    vocab, dim = source.shape
+    return Layer(label, "Gather", node.inputs[0].name, [node], [label], (dim, vocab), True, str(source.dtype),
                  source, rewrite=not reason, reason=reason)
 
 
@@ -183,8 +182,8 @@ def _tie_tables(result: list[Layer]) -> list[Layer]:
             continue
         table.nodes[:0], table.labels[:0] = layer.nodes, layer.labels  # the MatMuls first: H is theirs
         table.op = f"{layer.op}+Gather"
-        table.source = WeightSource(table.source.values, table.source.root, table.source.stored_dtype,
-                                    table.source.chain + layer.source.chain)
+        table.source = WeightSource(table.source.root, table.source.stored, table.source.chain + layer.source.chain,
+                                    path=table.source.chain)
         tied.append(id(layer))
     return [layer for layer in result if id(layer) not in tied]
 

@@ -155,7 +155,9 @@ class Factorize(Pass):
         solved = ctx.executor.map(solve_layer, tasks, costs=[layer.params for layer in layers])
         plans = {}
         for layer, cfg, made in zip(progress(layers, "factorize"), cfgs, solved):
-            plans[layer.weight] = plan_layer(layer, cfg, made)
+            plan = plan_layer(layer, cfg, made)
+            # a streamed model's codes wait on disk for lower: plans never hold them all at once
+            plans[layer.weight] = dataclasses.replace(plan, rep=ctx.model.spill_representation(plan.rep))
         ctx.plans = plans
         log.info("factorize: planned %d of %d layers", sum(p.rewrite for p in plans.values()), len(plans))
         return PassResult(modified=False)

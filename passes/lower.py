@@ -41,6 +41,7 @@ from onnx import numpy_helper, version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from lrqgraph.errors import LrqError
+from lrqgraph.external import stored_nbytes
 from lrqgraph.graph import constant_values
 from lrqgraph.methods import LOWERINGS
 from lrqgraph.methods.kashin import transform_refusal
@@ -49,7 +50,7 @@ from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits
 from lrqgraph.numerics.kashin import KashinTensor
 from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
-from lrqgraph.plan import Layer, LoweredLayer
+from lrqgraph.plan import Layer, LoweredLayer, loaded
 from lrqgraph.runtime.native_ops import library_path
 from lrqgraph.runtime.op_schema import DOMAIN, OPS
 from lrqgraph.version import __version__
@@ -68,7 +69,7 @@ def _const(name: str, proto: onnx.TensorProto) -> gs.Constant:
 
 def _stored_nbytes(const: gs.Constant) -> int:
     # Read the proto we built; ``const.values`` would unpack int4 data into a numpy array.
-    return len(const._values.tensor.raw_data)
+    return stored_nbytes(const)
 
 
 def _packed_tensor(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
@@ -93,11 +94,16 @@ class Emitter:
         self._factors: dict[object, object] = {}
         self._folded: list[gs.Constant] = []  # stored constants that reach a node through a Cast
         self.stored_bytes = 0
+        self.constants: list[gs.Constant] = []  # what stored_bytes counts: spilled once the layer is done
         self.nodes = 0
 
     def array(self, name: str, array: np.ndarray) -> gs.Constant:
         name = self.model.unique_name(name)
         return _const(name, numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def _count(self, constants: list[gs.Constant]) -> None:
+        self.stored_bytes += sum(_stored_nbytes(t) for t in constants)
+        self.constants.extend(constants)
 
     def once(self, key: object, make: Callable[[str], "list[gs.Tensor] | dict[str, gs.Tensor]"]):
         """The initializers of one factor of this weight (a list or a dict), made on first use."""
@@ -106,7 +112,7 @@ class Emitter:
                            f"{self.prefix}.lrq{key[0]}_{key[1]}")
             values = [*(tensors.values() if isinstance(tensors, dict) else tensors), *self._folded]
             self._folded.clear()
-            self.stored_bytes += sum(_stored_nbytes(t) for t in values if isinstance(t, gs.Constant))
+            self._count([t for t in values if isinstance(t, gs.Constant)])
             self._factors[key] = tensors
         return self._factors[key]
 
@@ -133,7 +139,7 @@ class Emitter:
         lead = [-1]  # every leading dimension in one: the input's rank need not be known
         factors = rotation.factors()
         stored = {name: self.array(f"rotation{rotation.k}_{rotation.seed}.{name}", v) for name, v in factors.items()}
-        self.stored_bytes += sum(_stored_nbytes(t) for t in stored.values())
+        self._count(list(stored.values()))
         # ±1 bytes and float32 cast to the compute type, the normalization folded into the signs:
         # constants only, which onnxruntime folds when the session loads
         to_io = lambda t: t if t.dtype == io else self.cast(t, io, f"{tag}/rotate")  # noqa: E731
@@ -542,6 +548,7 @@ def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: st
             (rewrite_gather if node.op == "Gather" else rewrite_node)(em, node, rep, label)
     replaced = {id(node) for node in layer.nodes}
     model.graph.nodes = [n for n in model.graph.nodes if id(n) not in replaced]
+    model.spill(em.constants)
     return LoweredLayer(target, em.stored_bytes, em.nodes)
 
 
@@ -572,11 +579,14 @@ class Lower(Pass):
         todo = [(p.layer, p.rep) for p in ctx.plans.values() if p.rep is not None]
         if not todo:
             return PassResult(modified=False)
-        for layer, rep in todo:  # every refusal before the first rewrite
+        two_bit = False
+        for layer, rep in todo:  # every refusal before the first rewrite (a spilled rep is read one at a time)
+            rep = loaded(rep)
             check_layer(layer, rep, target)
+            two_bit |= any(q.bits == 2 for chain in rep.chains for q in chain)
         if target == "lrq":
             library_path()  # a clear error now if the native ops are missing
-        if target == "ort" and any(q.bits == 2 for _, rep in todo for chain in rep.chains for q in chain):
+        if target == "ort" and two_bit:
             log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
                         "dequantizes the weight on every call; --lowering std runs 2-bit codes "
                         "(stored as int4) through the fast 4-bit kernel")
@@ -588,7 +598,7 @@ class Lower(Pass):
         level = self.params.get("accuracy_level", ctx.config.accuracy_level)
         lowered = {}
         for layer, rep in todo:
-            lowered[layer.weight] = lower_layer(ctx.model, layer, rep, target, level)
+            lowered[layer.weight] = lower_layer(ctx.model, layer, loaded(rep), target, level)
         ctx.model.graph.toposort()  # new nodes were appended at the end
         if std_layers:
             ctx.model.min_ir_version = max(ctx.model.min_ir_version, IR_VERSION_INT4)
@@ -609,8 +619,9 @@ def upgrade_opset(ctx: Context) -> None:
     except Exception as exc:  # the converter raises bare RuntimeErrors
         raise LrqError(f"cannot convert the model from opset {old} to {STD_OPSET} for the std lowering "
                        f"({str(exc).splitlines()[0]}); use --lowering ort") from None
-    state = ModelState(converted)
+    state = ModelState(converted, external_dir="/" if ctx.model.streaming else None)
     state.shell, state.min_ir_version = ctx.model.shell, ctx.model.min_ir_version
+    state.adopt_spill(ctx.model)
     ctx.model = state
     ctx.invalidate(None)
     log.info("lower(std): converted opset %d -> %d", old, STD_OPSET)

@@ -7,12 +7,15 @@ set, a larger relative error fails the pipeline (and so no output file is writte
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
 import lrqgraph.calib as calib
+from lrqgraph import external
+from lrqgraph.blocks import run_blocks
 from lrqgraph.config import VerifyConfig, with_fields
 from lrqgraph.errors import LrqError, VerificationError
 from lrqgraph.evaluate import cosines, open_session, per_sample
@@ -68,9 +71,30 @@ def _single_samples(runs: list[dict[str, np.ndarray]], signature: onnx.ModelProt
             yield {k: v[i:i + 1] if np.ndim(v) > 0 else v for k, v in feed.items()}
 
 
+def _session_pairs(original, rewritten, feeds: list[dict]):
+    ref_session, cand_session = open_session(original), open_session(rewritten)
+    names = [o.name for o in ref_session.get_outputs()]
+    if len(names) != len(cand_session.get_outputs()):
+        raise LrqError(f"the models have different outputs ({len(names)} vs {len(cand_session.get_outputs())})")
+    return ((ref_session.run(None, feed), cand_session.run(None, feed)) for feed in feeds), names
+
+
+def _blockwise_pairs(original, rewritten: onnx.ModelProto, feeds: list[dict]):
+    """Both models run block by block (lrqgraph.blocks): neither is ever loaded whole."""
+    if not isinstance(original, onnx.ModelProto):
+        original = external.absolutize(onnx.load(str(original), load_external_data=False), Path(original).parent)
+    names = [o.name for o in original.graph.output]
+    if len(names) != len(rewritten.graph.output):
+        raise LrqError(f"the models have different outputs ({len(names)} vs {len(rewritten.graph.output)})")
+    refs = run_blocks(original, feeds, what="verify: original")
+    cands = run_blocks(rewritten, feeds, what="verify: rewritten")
+    return (([r[n] for n in names], [c[n] for n in names]) for r, c in zip(refs, cands)), names
+
+
 def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg: VerifyConfig,
-                    data: calib.CalibData | None = None) -> dict[str, Any]:
+                    data: calib.CalibData | None = None, streamed: bool = False) -> dict[str, Any]:
     """Run both models (paths or ModelProtos) on the same inputs, batch by batch; metrics per output.
+    ``streamed``: run them block by block instead of as whole sessions.
 
     Inputs: ``data`` if given, else ``cfg.calib``, else synthesised from the signature. Raises
     VerificationError when ``cfg.max_error`` is set and exceeded.
@@ -84,13 +108,11 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
     else:
         feeds = calib.synthesize(signature, graph, cfg.samples, cfg.seed)
         runs, samples, source = list(calib.batches(signature, feeds)), cfg.samples, "synthetic inputs"
-    ref_session, cand_session = open_session(original), open_session(rewritten)
-    names = [o.name for o in ref_session.get_outputs()]
-    if len(names) != len(cand_session.get_outputs()):
-        raise LrqError(f"the models have different outputs ({len(names)} vs {len(cand_session.get_outputs())})")
+    pairs, names = (_blockwise_pairs if streamed else _session_pairs)(original, rewritten,
+                                                                       list(_single_samples(runs, signature)))
     comparisons = [OutputComparison(name) for name in names]
-    for feed in _single_samples(runs, signature):
-        for comparison, ref, cand in zip(comparisons, ref_session.run(None, feed), cand_session.run(None, feed)):
+    for refs, cands in pairs:
+        for comparison, ref, cand in zip(comparisons, refs, cands):
             comparison.add(ref, cand)
     outputs = {c.name: c.result() for c in comparisons}
     worst = max((o.get("max_rel", 0.0) for o in outputs.values()), default=0.0)
@@ -120,5 +142,6 @@ class Verify(Pass):
         # The rewrite keeps the graph's inputs, so the rewritten model describes the signature.
         rewritten = ctx.model.to_onnx()
         data = ctx.analysis("calib_data") if cfg.calib in (None, ctx.config.calib) else None
-        ctx.verification = compare_outputs(ctx.original, rewritten, rewritten, ctx.model.graph, cfg, data)
+        ctx.verification = compare_outputs(ctx.original, rewritten, rewritten, ctx.model.graph, cfg, data,
+                                           streamed=ctx.model.streaming)
         return PassResult(modified=False)

@@ -75,5 +75,9 @@ def _uniform(q) -> bool:
 def relative_error(w: np.ndarray, approx: np.ndarray) -> float:
     """||W - Ŵ||_F / ||W||_F (0 for an all-zero W approximated exactly)."""
     norm = float(np.linalg.norm(w))
-    diff = float(np.linalg.norm(np.asarray(w, np.float64) - approx))
+    # in float64 a slab of rows at a time: whole-matrix float64 copies would triple a layer's memory
+    rows = max(1, (1 << 22) // max(1, w.shape[-1])) if w.ndim == 2 else len(w)
+    squares = sum(float(np.square(np.asarray(w[i:i + rows], np.float64) - approx[i:i + rows]).sum())
+                  for i in range(0, len(w), rows))
+    diff = squares ** 0.5
     return diff / norm if norm > 0 else diff

@@ -1,0 +1,6 @@
+"""``python -m lrqgraph``: the command line, as the ``lrqgraph`` script runs it."""
+import sys
+
+from lrqgraph.cli import main
+
+sys.exit(main())
