@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -41,8 +42,10 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
     return external.external_range(t)[2] if external.is_external(t) else len(t.raw_data) or t.ByteSize()
 
 
-def split_blocks(model: onnx.ModelProto, max_bytes: int = BLOCK_BYTES) -> list[Block]:
-    """The blocks of ``model`` (one block for a graph with If/Loop bodies: they read outer names)."""
+def split_blocks(model: onnx.ModelProto, max_bytes: int | None = None) -> list[Block]:
+    """The blocks of ``model`` with at most ``max_bytes`` (default BLOCK_BYTES) of weights each
+    (one block for a graph with If/Loop bodies: they read outer names)."""
+    max_bytes = BLOCK_BYTES if max_bytes is None else max_bytes
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     ranges: list[list[int]] = [[]]
@@ -80,9 +83,10 @@ def split_blocks(model: onnx.ModelProto, max_bytes: int = BLOCK_BYTES) -> list[B
 
 
 def block_model(model: onnx.ModelProto, block: Block, values: dict[str, np.ndarray],
-                folder: "DataFolder | None" = None) -> onnx.ModelProto:
-    """The block as a model, its inputs typed as ``values`` hold them; its external weights named
-    relative to ``folder`` where it reaches their files, inside the model otherwise."""
+                folder: "DataFolder | None" = None, outputs: list[str] | None = None) -> onnx.ModelProto:
+    """The block as a model computing ``outputs`` (default: the block's), its inputs typed as
+    ``values`` hold them; its external weights named relative to ``folder`` where it reaches
+    their files, inside the model otherwise."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     typed = {v.name: v for v in [*graph.input, *graph.output]}
@@ -102,7 +106,8 @@ def block_model(model: onnx.ModelProto, block: Block, values: dict[str, np.ndarr
         return relative if relative is not None else external.inline(tensor)
 
     sub = onnx.helper.make_graph([graph.node[i] for i in block.nodes], f"{graph.name}_block",
-                                 [value_info(n) for n in block.inputs], [value_info(n) for n in block.outputs],
+                                 [value_info(n) for n in block.inputs],
+                                 [value_info(n) for n in (block.outputs if outputs is None else outputs)],
                                  [weight(n) for n in block.initializers])
     made = onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     made.functions.extend(model.functions)
@@ -156,29 +161,48 @@ def _block_session(model: onnx.ModelProto, folder: DataFolder):
 
 
 def run_blocks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], max_bytes: int | None = None,
-               what: str = "model") -> list[dict[str, np.ndarray]]:
-    """The graph outputs for each feed, computed block by block (see the module doc)."""
-    blocks = split_blocks(model, BLOCK_BYTES if max_bytes is None else max_bytes)
+               what: str = "model", taps: Iterable[str] = (),
+               on_tap: Callable[[int, str, np.ndarray], None] | None = None,
+               on_block: Callable[[list[str]], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """The graph outputs for each feed, computed block by block (see the module doc).
+
+    ``taps``: tensors handed to ``on_tap(feed index, name, value)`` as soon as they are computed
+    (graph inputs first); ``on_block(names)`` follows each block with the taps it computed, once
+    every feed went through it (calibration statistics are then complete for those tensors)."""
+    blocks = split_blocks(model, max_bytes)
     envs = [dict(feed) for feed in feeds]
     needed_after = _needed_after(blocks, {o.name for o in model.graph.output})
+    taps = set(taps)
+    given = sorted(taps & {i.name for i in model.graph.input})
+    for i, env in enumerate(envs):
+        for name in given:
+            on_tap(i, name, env[name])
+    if given and on_block is not None:
+        on_block(given)
     folder = DataFolder(model)
     try:
-        _run(model, blocks, envs, needed_after, folder, what)
+        _run(model, blocks, envs, needed_after, folder, what, taps, on_tap, on_block)
     finally:
         folder.close()
     return envs
 
 
-def _run(model, blocks, envs, needed_after, folder, what) -> None:
+def _run(model, blocks, envs, needed_after, folder, what, taps, on_tap, on_block) -> None:
     start = time.perf_counter()
     for b, block in enumerate(blocks):
-        session = _block_session(block_model(model, block, envs[0] if envs else {}, folder), folder)
-        for env in envs:
-            got = session.run(list(block.outputs), {n: env[n] for n in block.inputs})
-            env.update(zip(block.outputs, got))
+        tapped = [o for i in block.nodes for o in model.graph.node[i].output if o in taps]
+        wanted = list(dict.fromkeys([*block.outputs, *tapped]))
+        session = _block_session(block_model(model, block, envs[0] if envs else {}, folder, wanted), folder)
+        for i, env in enumerate(envs):
+            got = dict(zip(wanted, session.run(wanted, {n: env[n] for n in block.inputs})))
+            for name in tapped:
+                on_tap(i, name, got[name])
+            env.update((name, got[name]) for name in block.outputs)
             for name in [n for n in env if n not in needed_after[b]]:
                 del env[name]
         del session
+        if tapped and on_block is not None:
+            on_block(tapped)
         if (b + 1) % 8 == 0 or b + 1 == len(blocks):
             spent = time.perf_counter() - start
             log.info("%s: block %d/%d run, %.1f s spent, ~%.1f s left", what, b + 1, len(blocks), spent,

@@ -18,13 +18,17 @@ KJV cosine and gains on movie reviews (0.9009 -> 0.9126 at --target-bpw 3, 0.972
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import onnx
 
+from .blocks import run_blocks
+from .errors import LrqError
 from .evaluate import open_session
+from .external import has_absolute_external
 from .io import load_model
 from .numerics.patches import ConvPatches
 from .slicing import with_outputs
@@ -39,6 +43,25 @@ def shrunk(h: np.ndarray, rows: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class StoredHessian:
+    """A streamed model's H in a file until a solve reads it (lrqgraph.blocks computes H block by
+    block; holding every layer's at once would take more memory than the model), shrunk by
+    ``rows`` (:func:`shrunk`) when read if set."""
+
+    path: str
+    rows: int | None = None
+
+    def load(self) -> np.ndarray:
+        h = np.load(self.path)
+        return h if self.rows is None else shrunk(h, self.rows)
+
+
+def load_hessian(h: "np.ndarray | StoredHessian | None") -> np.ndarray | None:
+    """H as an array (read from its file when stored)."""
+    return h.load() if isinstance(h, StoredHessian) else h
+
+
+@dataclass(frozen=True)
 class HessianPart:
     """Σ XᵀX per weight over some calibration rows, with the number of rows behind each. Weights
     reading one tensor share one array, here and in what the methods return."""
@@ -50,7 +73,8 @@ class HessianPart:
         done: dict[int, np.ndarray] = {}
         for name, h in self.h.items():
             if id(h) not in done:
-                done[id(h)] = shrunk(h, self.rows[name])
+                done[id(h)] = replace(h, rows=self.rows[name]) if isinstance(h, StoredHessian) else \
+                    shrunk(h, self.rows[name])
         return {name: done[id(h)] for name, h in self.h.items()}
 
     @staticmethod
@@ -80,14 +104,21 @@ def collect_hessians(model: onnx.ModelProto | str | os.PathLike, inputs: dict[st
 def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: dict[str, str],
                           parts: list[Iterable[dict[str, np.ndarray]]],
                           mask_input: str | None = None,
-                          patches: dict[str, ConvPatches] | None = None) -> list[HessianPart]:
+                          patches: dict[str, ConvPatches] | None = None,
+                          store: str | os.PathLike | None = None) -> list[HessianPart]:
     """:func:`collect_hessians` for each part of the batches, from one session and one pass (the
     allocator's held-out statistics); every part holds at least one batch. ``patches`` gives the
-    geometry of convolution weights: their H is over input patches (one image at a time)."""
+    geometry of convolution weights: their H is over input patches (one image at a time). A
+    streamed model (lrqgraph.external) runs block by block and its H go to files in ``store``."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     names = sorted(set(inputs.values()))
     patches = patches or {}
     keys = {weight: (tensor, patches.get(weight)) for weight, tensor in inputs.items()}
+    if has_absolute_external(proto):
+        if len(parts) != 1:
+            raise LrqError("an allocation's held-out calibration statistics are not computed for streamed models "
+                           "yet; raise --stream-above above the model's size to load it whole")
+        return [_blockwise_part(proto, keys, [feed for batches in parts for feed in batches], mask_input, store)]
     sess = open_session(with_outputs(proto, names))
     out = []
     for batches in parts:
@@ -103,6 +134,36 @@ def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: di
         out.append(HessianPart({weight: sums[key] for weight, key in keys.items()},
                                {weight: rows[key] for weight, key in keys.items()}))
     return out
+
+
+def _blockwise_part(model: onnx.ModelProto, keys: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
+                    mask_input: str | None, store: str | os.PathLike | None) -> HessianPart:
+    """H of a streamed model, block by block (lrqgraph.blocks): each input tensor's H is summed as
+    its block runs and written to ``store`` once every feed went through that block."""
+    if store is None:
+        raise ValueError("a streamed model's H needs a folder to be stored in")
+    sums: dict[tuple, np.ndarray] = {}
+    rows: dict[tuple, int] = {}
+    stored: dict[tuple, StoredHessian] = {}
+    by_tensor: dict[str, list[tuple]] = {}
+    for key in dict.fromkeys(keys.values()):
+        by_tensor.setdefault(key[0], []).append(key)
+
+    def tap(i: int, name: str, value: np.ndarray) -> None:
+        keep = None if mask_input is None else feeds[i][mask_input].reshape(-1).astype(bool)
+        for key in by_tensor[name]:
+            h, n = _products(value, key[1], keep)
+            sums[key], rows[key] = sums.get(key, 0) + h, rows.get(key, 0) + n
+
+    def done(names: list[str]) -> None:
+        for key in (k for name in names for k in by_tensor[name]):
+            path = Path(store) / f"h{len(stored)}.npy"
+            np.save(path, sums.pop(key))
+            stored[key] = StoredHessian(str(path))
+
+    run_blocks(model, feeds, what="calibrate", taps=by_tensor, on_tap=tap, on_block=done)
+    return HessianPart({weight: stored[key] for weight, key in keys.items()},
+                       {weight: rows[key] for weight, key in keys.items()})
 
 
 def _products(x: np.ndarray, geometry: ConvPatches | None, keep: np.ndarray | None) -> tuple[np.ndarray, int]:

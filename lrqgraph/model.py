@@ -55,6 +55,10 @@ class ModelState:
             return rep
         return SpilledRepresentation.write(rep, self._spill_file().new_path("rep.pkl"))
 
+    def spill_folder(self) -> str:
+        """The temporary folder of this streamed model's spill file, for other per-layer data."""
+        return str(self._spill_file().folder)
+
     def _spill_file(self) -> external.Spill:
         if self._spill is None:
             self._spill = external.Spill()

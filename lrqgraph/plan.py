@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+
+from .external import FileValues, is_streamed
 
 from .graph import WeightSource
 from .numerics import Representation
@@ -58,16 +61,50 @@ class Layer:
 
     def weight_matrix(self) -> np.ndarray:
         """W[K, N] as float32, whatever the stored layout (a Conv's: K = C_in·kh·kw, N = C_out)."""
-        w = np.asarray(self.source.values, dtype=np.float32)
-        if self.kernel:
-            return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
-        return np.ascontiguousarray(w.T) if self.transposed else w
+        return _as_matrix(self.source.values, self.kernel, self.transposed)
+
+    def weight_task(self) -> "np.ndarray | WeightFile":
+        """The weight as a per-layer task should carry it: where its bytes lie for a streamed
+        weight (the worker reads them, so the driver never holds them), else :meth:`weight_matrix`."""
+        if not is_streamed(self.source.stored):
+            return self.weight_matrix()
+        steps = tuple("T" if n.op == "Transpose" else str(n.attrs["to"]) for n in reversed(self.source.chain)
+                      if n.op in ("Transpose", "Cast"))
+        return WeightFile(self.source.stored._values.tensor, steps, self.kernel, self.transposed)
 
     def stored_layout(self, w: np.ndarray) -> np.ndarray:
         """W[K, N] back in the layout the model stores the weight (the inverse of weight_matrix)."""
         if self.kernel:
             return np.ascontiguousarray(w.T).reshape(self.kernel)
         return np.ascontiguousarray(w.T) if self.transposed else w
+
+
+def _as_matrix(values: np.ndarray, kernel: tuple[int, ...], transposed: bool) -> np.ndarray:
+    w = np.asarray(values, dtype=np.float32)
+    if kernel:
+        return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+    return np.ascontiguousarray(w.T) if transposed else w
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A streamed layer's weight by reference: its file range and the steps to the layer's W[K, N]."""
+
+    tensor: onnx.TensorProto        # data-less, external with an absolute location (lrqgraph.external)
+    steps: tuple[str, ...]          # from the stored tensor to the reader: "T" (Transpose) or a Cast's ONNX type
+    kernel: tuple[int, ...]
+    transposed: bool
+
+    def load(self) -> np.ndarray:
+        values = FileValues(self.tensor).load()
+        for step in self.steps:
+            values = values.T if step == "T" else values.astype(onnx.helper.tensor_dtype_to_np_dtype(int(step)))
+        return _as_matrix(values, self.kernel, self.transposed)
+
+
+def materialize(w: "np.ndarray | WeightFile") -> np.ndarray:
+    """The weight matrix a task was given (read from its file when given by reference)."""
+    return w.load() if isinstance(w, WeightFile) else w
 
 
 @dataclass(frozen=True)

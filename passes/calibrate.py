@@ -106,6 +106,11 @@ def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[He
                             .encode())
     cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
     names = sorted(inputs)
+    if ctx.model.streaming:  # H block by block into the spill folder, one file per input (no cache)
+        hs = collect_hessian_parts(ctx.model.to_onnx(), inputs, parts, mask_input=_mask_input(ctx.model.signature()),
+                                   patches=patches, store=ctx.model.spill_folder())
+        log.info("calibrate: H for %d layers from %s, block by block", len(names), what)
+        return hs
     if cached.exists():
         with np.load(cached) as stored:
             log.info("calibrate: H for %d layers read from cache %s", len(names), cached)

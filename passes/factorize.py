@@ -19,11 +19,12 @@ import time
 import numpy as np
 
 from lrqgraph.errors import LrqError
+from lrqgraph.hessian import load_hessian
 from lrqgraph.methods import METHODS, MethodConfig, configure, method_config, method_of
 from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
 from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
-from lrqgraph.plan import Layer, LayerPlan
+from lrqgraph.plan import Layer, LayerPlan, WeightFile, materialize
 from lrqgraph.progress import progress
 
 from .lower import check_form
@@ -83,11 +84,12 @@ def _rotated(rep: Representation | None, rotation: Rotation | None) -> Represent
     return rep if rep is None or rotation is None else dataclasses.replace(rep, rotation=rotation)
 
 
-def solve_layer(w: np.ndarray, cfg: MethodConfig, scale_dtype: str, h: np.ndarray | None
+def solve_layer(w: "np.ndarray | WeightFile", cfg: MethodConfig, scale_dtype: str, h: np.ndarray | None
                 ) -> tuple[Representation | None, str, float | None, float | None, float]:
     """(representation or None, why not, relative error, activation-aware error, seconds): one
     layer's solve, pure numpy (an executor task)."""
     start = time.perf_counter()
+    w, h = materialize(w), load_hessian(h)
     rep, why = factorize_weight(w, cfg, scale_dtype, h)
     if rep is None:
         return None, why, None, None, time.perf_counter() - start
@@ -150,7 +152,7 @@ class Factorize(Pass):
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         hessians = ctx.analysis("hessians")
         cfgs = [base.for_layer(layer.name, layer.weight) for layer in layers]
-        tasks = ((layer.weight_matrix(), cfg, cfg.scales_for(layer.dtype), hessians.get(layer.weight))
+        tasks = ((layer.weight_task(), cfg, cfg.scales_for(layer.dtype), hessians.get(layer.weight))
                  for layer, cfg in zip(layers, cfgs))
         solved = ctx.executor.map(solve_layer, tasks, costs=[layer.params for layer in layers])
         plans = {}

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"lrqgraph": ROOT / "lrqgraph", "lrqgraph.passes": ROOT / "passes", "lrqgraph.runtime": ROOT / "runtime"}
 # the api layer: may import everything (lrqgraph.ir and lrqgraph.torch are front ends that run pipelines)
-TOP = {"lrqgraph", "lrqgraph.api", "lrqgraph.cli", "lrqgraph.ir", "lrqgraph.torch"}
+TOP = {"lrqgraph", "lrqgraph.__main__", "lrqgraph.api", "lrqgraph.cli", "lrqgraph.ir", "lrqgraph.torch"}
 
 
 def modules() -> dict[str, Path]:
