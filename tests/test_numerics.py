@@ -187,3 +187,19 @@ def test_inverse_cholesky_upper_factors_the_inverse_and_damps_a_singular_h():
     singular[:, 0] = singular[0, :] = 0  # a dead input: not positive definite
     u = inverse_cholesky_upper(singular)
     assert np.isfinite(u).all() and np.array_equal(u, np.triu(u))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantizing_slab_by_slab_gives_the_whole_matrix_codes(monkeypatch, symmetric):
+    """quantize walks a wide weight in column slabs that stay in cache: the codes, scales and zero
+    points must be those of one pass over the whole matrix."""
+    import lrqgraph.numerics.quant as quant
+    w = np.random.default_rng(3).standard_normal((96, 1000)).astype(np.float32)
+    spec = quant.QuantSpec(4, 32, symmetric, clip_search=True)
+    monkeypatch.setattr(quant, "_SLAB_VALUES", 96 * 48)  # slabs of 48 columns, the last one ragged
+    slabbed = quant.quantize(w, spec)
+    monkeypatch.setattr(quant, "_SLAB_VALUES", 1 << 40)
+    whole = quant.quantize(w, spec)
+    for field in ("codes", "scales", "zero_points"):
+        a, b = getattr(slabbed, field), getattr(whole, field)
+        assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and np.array_equal(a, b)))

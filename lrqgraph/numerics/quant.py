@@ -191,6 +191,13 @@ def _codes_for(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: i
     return np.clip(codes, 0, (1 << bits) - 1, out=codes)
 
 
+# Values quantized per pass (2 MB of float32): the clip search walks its slab of columns ten
+# times, and a slab stays in cache where a whole weight streams from memory on every walk (one
+# core of this machine, best of 3: 1.42 s against 1.70 s for 4096 x 11008, 1.93 s either way for
+# 11008 x 4096; the same codes)
+_SLAB_VALUES = 1 << 19
+
+
 def quantize(w: np.ndarray, spec: QuantSpec, axis: int = 0) -> QuantizedTensor:
     """Quantize a 2-D float matrix with blocks along ``axis`` (0: down the rows, MatMul layout)."""
     if w.ndim != 2:
@@ -201,6 +208,14 @@ def quantize(w: np.ndarray, spec: QuantSpec, axis: int = 0) -> QuantizedTensor:
                                    zero_points=None if q.zero_points is None else q.zero_points.T)
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
+    slab = max(16, _SLAB_VALUES // max(k, 1) // 16 * 16)
+    if n > slab:  # columns are independent: the same codes, slab by slab
+        parts = [quantize(w[:, i:i + slab], spec) for i in range(0, n, slab)]
+        return QuantizedTensor(
+            codes=np.concatenate([p.codes for p in parts], axis=1),
+            scales=np.concatenate([p.scales for p in parts], axis=1),
+            zero_points=None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts], axis=1),
+            bits=spec.bits, block_size=parts[0].block_size)
     block = spec.block_for(k)
     dtype = np.dtype(spec.scale_dtype)
     wb = _blocked(w, block)
