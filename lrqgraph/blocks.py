@@ -154,9 +154,14 @@ class DataFolder:
 
 def _block_session(model: onnx.ModelProto, folder: DataFolder):
     from .runtime import session, session_options
-    # prepacking stays on: MatMulNBits without it dequantizes its weight on every call (4x slower
-    # verification of a 4-bit decoder), and a block's prepacked copy is one block's bytes
-    options = session_options(config={"session.model_external_initializers_file_folder_path": folder.path})
+    config = {"session.model_external_initializers_file_folder_path": folder.path}
+    # Prepacking copies weights (a float MatMul's beside its memory-mapped file pages): off for
+    # blocks of float ops, which run a handful of samples once, and on for quantized ones
+    # (MatMulNBits, which onnxruntime also makes of DequantizeLinear + MatMul, dequantizes its
+    # weight on every call without it: 4x slower verification)
+    if all(n.domain in ("", "ai.onnx") and n.op_type != "DequantizeLinear" for n in model.graph.node):
+        config["session.disable_prepacking"] = "1"
+    options = session_options(config=config)
     return session(model.SerializeToString(), options)
 
 

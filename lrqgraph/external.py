@@ -11,11 +11,11 @@ them in ranges.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -61,37 +61,35 @@ def _itemsize(tensor: onnx.TensorProto) -> int:
     return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
-def reference(name: str, like: onnx.TensorProto | None, path: str, offset: int, length: int,
-              dims=None, data_type: int | None = None) -> onnx.TensorProto:
-    """A data-less TensorProto pointing at ``length`` bytes of ``path`` from ``offset``."""
-    tensor = onnx.TensorProto(name=name, data_location=onnx.TensorProto.EXTERNAL)
-    if like is not None:
-        tensor.dims.extend(like.dims)
-        tensor.data_type = like.data_type
-    else:
-        tensor.dims.extend(dims)
-        tensor.data_type = data_type
+def reference(name: str, like: onnx.TensorProto, path: str, offset: int, length: int) -> onnx.TensorProto:
+    """A data-less TensorProto of ``like``'s type and shape pointing at ``length`` bytes of ``path``."""
+    tensor = onnx.TensorProto(name=name, data_location=onnx.TensorProto.EXTERNAL, data_type=like.data_type)
+    tensor.dims.extend(like.dims)
     for key, value in (("location", str(path)), ("offset", str(offset)), ("length", str(length))):
         tensor.external_data.add(key=key, value=value)
     return tensor
 
 
-def read_bytes(tensor: onnx.TensorProto) -> bytes:
+def _chunks(tensor: onnx.TensorProto) -> Iterator[bytes]:
+    """An external tensor's bytes, CHUNK at a time."""
     path, offset, length = external_range(tensor)
     with open(path, "rb") as f:
         f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise LrqError(f"{path}: external data of tensor '{tensor.name}' is truncated "
-                       f"({len(data)} of {length} bytes at offset {offset})")
-    return data
+        while length > 0:
+            block = f.read(min(CHUNK, length))
+            if not block:
+                raise LrqError(f"{path}: external data of tensor '{tensor.name}' is truncated "
+                               f"(offset {offset}, length {external_range(tensor)[2]})")
+            yield block
+            length -= len(block)
+
+
+def read_bytes(tensor: onnx.TensorProto) -> bytes:
+    return b"".join(_chunks(tensor))
 
 
 class FileValues(LazyValues):
     """A constant's values in a file: read on every ``load``, never kept (see the module doc)."""
-
-    def __init__(self, tensor: onnx.TensorProto):
-        super().__init__(tensor)
 
     def load(self) -> np.ndarray:
         t = self.tensor
@@ -181,8 +179,7 @@ class Spill:
         self.path = self.folder / "constants.data"
         self._file = open(self.path, "wb")
         self._count = 0
-        self._finalizer = weakref.finalize(self, _remove, self._file, self.folder)
-        _LIVE.append(self)
+        atexit.register(_remove, self._file, self.folder)
 
     def new_path(self, name: str) -> Path:
         """A file name of the spill folder no one has used yet."""
@@ -197,13 +194,6 @@ class Spill:
         self._file.write(proto.raw_data)
         self._file.flush()
         const._values = FileValues(reference(const.name, proto, str(self.path), offset, len(proto.raw_data)))
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-_LIVE: list[Spill] = []
-
 
 def _remove(file, folder: Path) -> None:
     file.close()
@@ -238,15 +228,8 @@ def spill_constants(constants: list[gs.Constant], spill: Spill) -> int:
 
 def hash_constant(h: "hashlib._Hash", tensor: onnx.TensorProto) -> None:
     """Feed an external tensor's bytes to ``h`` in ranges."""
-    path, offset, length = external_range(tensor)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while length > 0:
-            block = f.read(min(CHUNK, length))
-            if not block:
-                raise LrqError(f"{path}: external data of tensor '{tensor.name}' is truncated")
-            h.update(block)
-            length -= len(block)
+    for block in _chunks(tensor):
+        h.update(block)
 
 
 def write_external(model: onnx.ModelProto, data_path: Path, data_name: str) -> None:
@@ -273,16 +256,10 @@ def write_external(model: onnx.ModelProto, data_path: Path, data_name: str) -> N
 
 
 def _copy_range(tensor: onnx.TensorProto, out) -> int:
-    path, offset, length = external_range(tensor)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left > 0:
-            block = f.read(min(CHUNK, left))
-            if not block:
-                raise LrqError(f"{path}: external data of tensor '{tensor.name}' is truncated")
-            out.write(block)
-            left -= len(block)
+    length = 0
+    for block in _chunks(tensor):
+        out.write(block)
+        length += len(block)
     return length
 
 

@@ -15,7 +15,7 @@ import onnx
 
 import lrqgraph.calib as calib
 from lrqgraph import external
-from lrqgraph.blocks import run_blocks
+from lrqgraph.blocks import run_blocks, split_blocks
 from lrqgraph.config import VerifyConfig, with_fields
 from lrqgraph.errors import LrqError, VerificationError
 from lrqgraph.evaluate import cosines, open_session, per_sample
@@ -79,15 +79,36 @@ def _session_pairs(original, rewritten, feeds: list[dict]):
     return ((ref_session.run(None, feed), cand_session.run(None, feed)) for feed in feeds), names
 
 
-def _blockwise_pairs(original, rewritten: onnx.ModelProto, feeds: list[dict]):
-    """Both models run block by block (lrqgraph.blocks): neither is ever loaded whole."""
+# Bytes of the original's block outputs kept to compare the rewritten model's with
+BOUNDARY_BYTES = 256 << 20
+
+
+def _blockwise_pairs(original, rewritten: onnx.ModelProto, feeds: list[dict], boundaries: dict):
+    """Both models run block by block (lrqgraph.blocks): neither is ever loaded whole. The tensors
+    where the original's blocks meet (a decoder's residual stream) are compared too, into
+    ``boundaries`` (tensor name -> OutputComparison), as far as BOUNDARY_BYTES of them allow."""
     if not isinstance(original, onnx.ModelProto):
         original = external.absolutize(onnx.load(str(original), load_external_data=False), Path(original).parent)
     names = [o.name for o in original.graph.output]
     if len(names) != len(rewritten.graph.output):
         raise LrqError(f"the models have different outputs ({len(names)} vs {len(rewritten.graph.output)})")
-    refs = run_blocks(original, feeds, what="verify: original")
-    cands = run_blocks(rewritten, feeds, what="verify: rewritten")
+    theirs = {o for n in rewritten.graph.node for o in n.output}
+    cuts = [o for b in split_blocks(original)[:-1] for o in b.outputs if o in theirs and o not in names]
+    kept: dict[tuple[int, str], np.ndarray] = {}
+    budget = [BOUNDARY_BYTES]
+
+    def keep(i: int, name: str, value: np.ndarray) -> None:
+        if value.dtype.kind == "f" and value.ndim >= 2 and value.nbytes <= budget[0]:
+            kept[i, name] = value
+            budget[0] -= value.nbytes
+
+    def compare(i: int, name: str, value: np.ndarray) -> None:
+        reference = kept.pop((i, name), None)
+        if reference is not None:
+            boundaries.setdefault(name, OutputComparison(name)).add(reference, value)
+
+    refs = run_blocks(original, feeds, what="verify: original", taps=cuts, on_tap=keep)
+    cands = run_blocks(rewritten, feeds, what="verify: rewritten", taps=cuts, on_tap=compare)
     return (([r[n] for n in names], [c[n] for n in names]) for r, c in zip(refs, cands)), names
 
 
@@ -108,8 +129,10 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
     else:
         feeds = calib.synthesize(signature, graph, cfg.samples, cfg.seed)
         runs, samples, source = list(calib.batches(signature, feeds)), cfg.samples, "synthetic inputs"
-    pairs, names = (_blockwise_pairs if streamed else _session_pairs)(original, rewritten,
-                                                                       list(_single_samples(runs, signature)))
+    feeds = list(_single_samples(runs, signature))
+    boundaries: dict[str, OutputComparison] = {}
+    pairs, names = _blockwise_pairs(original, rewritten, feeds, boundaries) if streamed else \
+        _session_pairs(original, rewritten, feeds)
     comparisons = [OutputComparison(name) for name in names]
     for refs, cands in pairs:
         for comparison, ref, cand in zip(comparisons, refs, cands):
@@ -118,6 +141,8 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
     worst = max((o.get("max_rel", 0.0) for o in outputs.values()), default=0.0)
     report = {"inputs": source, "samples": samples,
               "outputs": outputs, "max_rel": worst}
+    if boundaries:  # streamed: where the error grows, block by block
+        report["blocks"] = {name: c.result() for name, c in boundaries.items()}
     log.info("verify: max relative error %.3g over %d output(s) (%s)", worst, len(outputs), source)
     if cfg.max_error is not None and worst > cfg.max_error:
         bad = max(outputs, key=lambda n: outputs[n].get("max_rel", 0.0))

@@ -78,6 +78,11 @@ def test_calibrated_streaming_block_by_block_writes_the_in_memory_bytes(tiny, tm
         result = run(tiny, OptimizeConfig(stream_above=stream, calib=str(calib),
                                           executor=lrqgraph.ExecutorConfig(executor, workers=2)))
         assert "16 samples" in result.report["calibration"]
+        if stream == 0:  # where the original's blocks meet, the rewritten model's tensors are compared too
+            blocks = result.report["verify"]["blocks"]
+            lookup = next(n.output[0] for n in model.graph.node if n.op_type == "Gather")
+            assert len(blocks) >= 3 and blocks[lookup]["max_rel"] == 0.0  # the embedding is not rewritten
+            assert all(0 < b["max_rel"] < 1 for name, b in blocks.items() if name != lookup)
         save_model(result.model, tmp_path / f"{name}.onnx", external_data=True)
         written[name] = _tensors(tmp_path / f"{name}.onnx")
     a, b = written["streamed"], written["in_memory"]
