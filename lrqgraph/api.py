@@ -48,18 +48,11 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
     the result's model is the input itself and the report says why.
     """
     config = config or OptimizeConfig()
-    external_dir = None
-    if isinstance(model, (str, os.PathLike)):
-        original: Any = os.fspath(model)
-        proto = load_model(model, stream_above=config.stream_above)
-        if uses_external_data(proto):  # not loaded: streamed
-            external_dir = Path(model).parent
-    else:
-        original = proto = model
+    original: Any = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
+    proto, state = _open(model, config)
     manager = PassManager(passes if passes is not None else default_pipeline(config),
                           check_each=config.check_each_pass)
     with Executor(config.executor) as executor:
-        state = ModelState(proto, external_dir=external_dir, source=original)
         ctx = Context(state, config, original=original, executor=executor)
         try:
             manager.run(ctx)
@@ -76,6 +69,16 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
         result = proto
     report = build_report(ctx, proto, result, pipeline=repr(manager), version=__version__)
     return Result(result, report, rewritten)
+
+
+def _open(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig) -> tuple[onnx.ModelProto, ModelState]:
+    """The input as loaded and as the passes see it; a path past ``config.stream_above`` is
+    streamed (its external data stays in its files)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model, ModelState(model)
+    proto = load_model(model, stream_above=config.stream_above)
+    streamed = uses_external_data(proto)  # still external: not loaded
+    return proto, ModelState(proto, external_dir=Path(model).parent if streamed else None, source=model)
 
 
 def _drop_checkpoints(ctx: Context) -> None:
@@ -98,8 +101,7 @@ def inspect_layers(model: onnx.ModelProto | str | os.PathLike,
                    config: OptimizeConfig | None = None) -> list[dict[str, Any]]:
     """Per layer: name, op, shape, params, the action optimize would take and why (no rewriting)."""
     config = config or OptimizeConfig()
-    proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
-    ctx = Context(ModelState(proto), config, original=model)
+    ctx = Context(_open(model, config)[1], config, original=model)
     rows = []
     for layer in ctx.analysis("layers"):
         rewrite, why = layer.rewrite, layer.reason

@@ -22,9 +22,6 @@ MIN_OPSET = 7
 # Past this many weight bytes a model is written with external data (protobuf's 2 GB ceiling
 # leaves room for the graph itself).
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-# Models with more weight bytes than this in external data are streamed (lrqgraph.external):
-# their weights are read one tensor at a time instead of all at load.
-STREAM_ABOVE = 2 * 2**30
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -37,7 +34,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 def load_model(path: str | os.PathLike, stream_above: int | None = None) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or raise LrqError saying why not. With
     ``stream_above``, a model holding more weight bytes than that in external data is returned
-    without them (see :func:`is_streamed`)."""
+    without them, for lrqgraph.external to read one tensor at a time (:func:`uses_external_data`
+    then holds)."""
     path = Path(path)
     if not path.exists():
         raise LrqError(f"{path}: no such file")

@@ -108,6 +108,21 @@ def test_ray_on_a_two_node_cluster_writes_the_local_bytes(tmp_path, monkeypatch,
     assert out["ray"][1]["workers"] == 2  # the two nodes' CPUs
 
 
+def test_ray_on_a_two_node_cluster_writes_the_local_bytes_of_a_streamed_calibrated_decoder(tmp_path, monkeypatch,
+                                                                                            ray_cluster):
+    """Weights by file reference (WeightFile) and H from files (StoredHessian) on both nodes."""
+    from test_streaming import TINY, calibrated_bytes
+    from lrqgraph.testing.llama_shaped import write_llama_shaped
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "decoder").mkdir()
+    model = write_llama_shaped(tmp_path / "decoder" / "model.onnx", TINY)
+    written = calibrated_bytes(model, tmp_path, {"local": (0, ExecutorConfig("local")),
+                                                 "ray": (0, ExecutorConfig("ray", address=ray_cluster.address))})
+    (local, _), (ray, report) = written["local"], written["ray"]
+    assert report["executor"]["kind"] == "ray" and report["executor"]["workers"] == 2
+    assert local.keys() == ray.keys() and all(np.array_equal(local[k], ray[k]) for k in local)
+
+
 def test_ray_task_errors_come_back_as_themselves(ray_cluster):
     with Executor(ExecutorConfig("ray", address=ray_cluster.address)) as executor:
         with pytest.raises(ZeroDivisionError):

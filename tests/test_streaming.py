@@ -63,30 +63,40 @@ def test_a_streamed_run_writes_what_the_in_memory_run_writes(tiny, tmp_path):
                           session(str(tmp_path / "m.onnx")).run(None, ids)[0])
 
 
-@pytest.mark.parametrize("executor", ["local", "process"])
-def test_calibrated_streaming_block_by_block_writes_the_in_memory_bytes(tiny, tmp_path, monkeypatch, executor):
-    """H summed block by block (blocks of at most 50 kB: several per decoder layer), weights read
-    by the workers from the file: the same GPTQ codes as one whole-model session."""
-    monkeypatch.setattr(lrqgraph.blocks, "BLOCK_BYTES", 50_000)
-    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+def calibrated_bytes(model, tmp_path, runs: dict) -> dict[str, dict[str, np.ndarray]]:
+    """name -> the written model's tensors, for each (stream_above, ExecutorConfig) in ``runs``,
+    calibrated on 16 token windows."""
     calib = tmp_path / "calib.npz"
     np.savez(calib, input_ids=np.random.default_rng(0).integers(0, TINY.vocab, (16, 12)))
+    written = {}
+    for name, (stream, executor) in runs.items():
+        result = run(model, OptimizeConfig(stream_above=stream, calib=str(calib), executor=executor))
+        assert "16 samples" in result.report["calibration"]
+        save_model(result.model, tmp_path / f"{name}.onnx", external_data=True)
+        written[name] = _tensors(tmp_path / f"{name}.onnx"), result.report
+    return written
+
+
+def test_calibrated_streaming_block_by_block_writes_the_in_memory_bytes(tiny, tmp_path, monkeypatch):
+    """H summed block by block (blocks of at most 50 kB: several per decoder layer), weights read
+    by the workers from the file: the same GPTQ codes as one whole-model session, on every executor."""
+    monkeypatch.setattr(lrqgraph.blocks, "BLOCK_BYTES", 50_000)
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
     model = external.absolutize(onnx.load(str(tiny), load_external_data=False), tiny.parent)
     assert len(split_blocks(model)) >= 4
-    written = {}
-    for name, stream in (("streamed", 0), ("in_memory", None)):
-        result = run(tiny, OptimizeConfig(stream_above=stream, calib=str(calib),
-                                          executor=lrqgraph.ExecutorConfig(executor, workers=2)))
-        assert "16 samples" in result.report["calibration"]
-        if stream == 0:  # where the original's blocks meet, the rewritten model's tensors are compared too
-            blocks = result.report["verify"]["blocks"]
-            lookup = next(n.output[0] for n in model.graph.node if n.op_type == "Gather")
-            assert len(blocks) >= 3 and blocks[lookup]["max_rel"] == 0.0  # the embedding is not rewritten
-            assert all(0 < b["max_rel"] < 1 for name, b in blocks.items() if name != lookup)
-        save_model(result.model, tmp_path / f"{name}.onnx", external_data=True)
-        written[name] = _tensors(tmp_path / f"{name}.onnx")
-    a, b = written["streamed"], written["in_memory"]
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    written = calibrated_bytes(tiny, tmp_path, {
+        "in_memory": (None, lrqgraph.ExecutorConfig("local")),
+        "streamed_local": (0, lrqgraph.ExecutorConfig("local")),
+        "streamed_process": (0, lrqgraph.ExecutorConfig("process", workers=2))})
+    reference = written["in_memory"][0]
+    for name in ("streamed_local", "streamed_process"):
+        tensors, report = written[name]
+        assert tensors.keys() == reference.keys() and all(np.array_equal(tensors[k], reference[k]) for k in tensors)
+        # where the original's blocks meet, the rewritten model's tensors are compared too
+        blocks = report["verify"]["blocks"]
+        lookup = next(n.output[0] for n in model.graph.node if n.op_type == "Gather")
+        assert len(blocks) >= 3 and blocks[lookup]["max_rel"] == 0.0  # the embedding is not rewritten
+        assert all(0 < b["max_rel"] < 1 for name, b in blocks.items() if name != lookup)
 
 
 def test_a_streamed_model_keeps_no_weight_in_memory(tiny):
