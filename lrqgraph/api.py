@@ -20,7 +20,7 @@ from lrqgraph.passes.verify import compare_outputs
 from .config import OptimizeConfig, VerifyConfig, describe_config
 from .errors import LrqError
 from .executor import Executor
-from .io import load_model, uses_external_data
+from .io import load_model, tensor_bytes, uses_external_data
 from .model import ModelState
 from .passmanager import Context, Pass, PassManager
 from .report import build_report
@@ -78,6 +78,11 @@ def _open(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig) ->
         return model, ModelState(model)
     proto = load_model(model, stream_above=config.stream_above)
     streamed = uses_external_data(proto)  # still external: not loaded
+    if streamed and config.allocate.active:
+        raise LrqError(f"{model}: its {tensor_bytes(proto) / 2**30:.1f} GiB of weights are streamed "
+                       f"(--stream-above {config.stream_above}), and the allocation (--target-*, --min-cosine, "
+                       f"--max-kl, --labels) does not run on streamed models yet; raise --stream-above to load "
+                       f"the model whole, or use --bits/--method")
     return proto, ModelState(proto, external_dir=Path(model).parent if streamed else None, source=model)
 
 

@@ -50,7 +50,7 @@ class WeightSource:
         if cached is not None:
             return cached
         out = stored_values(self.stored)
-        for node in reversed(self._path):  # from the root towards the reader
+        for node in reversed(self.through):  # from the root towards the reader
             if node.op == "Transpose":
                 out = out.T
             elif node.op == "Cast":
@@ -61,7 +61,8 @@ class WeightSource:
         return out
 
     @property
-    def _path(self) -> tuple[gs.Node, ...]:
+    def through(self) -> tuple[gs.Node, ...]:
+        """The nodes of ``chain`` the values pass through, reader first."""
         return self.chain if self.path is None else self.path
 
     @property
@@ -74,13 +75,13 @@ class WeightSource:
 
     @property
     def dtype(self) -> np.dtype:
-        casts = [n for n in self._path if n.op == "Cast"]
+        casts = [n for n in self.through if n.op == "Cast"]
         return np.dtype(_FLOAT_CASTS[casts[0].attrs["to"]]) if casts else self.stored_dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
         shape = tuple(int(d) for d in self.stored.shape)
-        flips = sum(n.op == "Transpose" for n in self._path)
+        flips = sum(n.op == "Transpose" for n in self.through)
         return shape[::-1] if flips % 2 else shape
 
     @property

@@ -12,7 +12,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .external import FileValues, is_streamed
-
 from .graph import WeightSource
 from .numerics import Representation
 
@@ -68,7 +67,7 @@ class Layer:
         weight (the worker reads them, so the driver never holds them), else :meth:`weight_matrix`."""
         if not is_streamed(self.source.stored):
             return self.weight_matrix()
-        steps = tuple("T" if n.op == "Transpose" else str(n.attrs["to"]) for n in reversed(self.source.chain)
+        steps = tuple("T" if n.op == "Transpose" else str(n.attrs["to"]) for n in reversed(self.source.through)
                       if n.op in ("Transpose", "Cast"))
         return WeightFile(self.source.stored._values.tensor, steps, self.kernel, self.transposed)
 

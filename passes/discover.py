@@ -135,7 +135,8 @@ def discover_layers(ctx: Context, config) -> list[Layer]:
             shared.labels.append(label)
             continue
         layer = Layer(label, node.op, weight, [node], [label], shape, transposed,
-                      str(source.dtype) if source is not None else "", source, rewrite=not reason, reason=reason, kernel=kernel)
+                      str(source.dtype) if source is not None else "", source, rewrite=not reason, reason=reason,
+                      kernel=kernel)
         if weight and not reason:
             layers[weight] = layer
         result.append(layer)

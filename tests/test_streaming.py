@@ -149,3 +149,11 @@ def test_a_model_larger_than_its_memory_budget_streams_through_the_command(tmp_p
     assert out.shape == (1, 8, shape.vocab) and np.isfinite(out).all()
     assert subprocess.run([sys.executable, "-c", "import onnx,sys; onnx.checker.check_model(sys.argv[1])",
                            str(tmp_path / "out.onnx")]).returncode == 0
+
+
+def test_an_allocation_on_a_streamed_model_is_refused_in_one_line(tiny, tmp_path):
+    command = [sys.executable, "-m", "lrqgraph", "optimize", str(tiny), "-o", str(tmp_path / "out.onnx"),
+               "--target-bpw", "4", "--stream-above", "0"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "does not run on streamed models yet" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()

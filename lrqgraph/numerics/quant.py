@@ -214,7 +214,8 @@ def quantize(w: np.ndarray, spec: QuantSpec, axis: int = 0) -> QuantizedTensor:
         return QuantizedTensor(
             codes=np.concatenate([p.codes for p in parts], axis=1),
             scales=np.concatenate([p.scales for p in parts], axis=1),
-            zero_points=None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts], axis=1),
+            zero_points=None if parts[0].zero_points is None else
+            np.concatenate([p.zero_points for p in parts], axis=1),
             bits=spec.bits, block_size=parts[0].block_size)
     block = spec.block_for(k)
     dtype = np.dtype(spec.scale_dtype)
