@@ -54,12 +54,7 @@ def run(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig | Non
                           check_each=config.check_each_pass)
     with Executor(config.executor) as executor:
         ctx = Context(state, config, original=original, executor=executor)
-        try:
-            manager.run(ctx)
-        except LrqError:  # bad input or an unreachable goal: a rerun changes something, so they would go stale
-            _drop_checkpoints(ctx)
-            raise
-    _drop_checkpoints(ctx)  # the run is whole (an interrupted one keeps them for --resume)
+        manager.run(ctx)  # which drops the per-layer checkpoints unless interrupted
     rewritten = len(ctx.lowered)
     if rewritten or _changed(ctx):
         ctx.model.set_metadata("lrqgraph.pipeline", repr(manager))
@@ -84,11 +79,6 @@ def _open(model: onnx.ModelProto | str | os.PathLike, config: OptimizeConfig) ->
                        f"--max-kl, --labels) does not run on streamed models yet; raise --stream-above to load "
                        f"the model whole, or use --bits/--method")
     return proto, ModelState(proto, external_dir=Path(model).parent if streamed else None, source=model)
-
-
-def _drop_checkpoints(ctx: Context) -> None:
-    for saved in ctx.saved.values():
-        saved.clear()
 
 
 def _changed(ctx: Context) -> bool:

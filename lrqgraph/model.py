@@ -49,11 +49,13 @@ class ModelState:
         """Keep ``other``'s spill file alive as this state's (a converted copy of the same model)."""
         self._spill = self._spill or other._spill
 
-    def spill_representation(self, rep: Representation | None) -> "Representation | SpilledRepresentation | None":
-        """``rep`` written to the spill folder (a SpilledRepresentation) on a streamed model; as is otherwise."""
+    def spill_representation(self, rep: Representation | None, path: str | os.PathLike | None = None
+                             ) -> "Representation | SpilledRepresentation | None":
+        """``rep`` written to ``path`` (default: a new file of the spill folder) as a
+        SpilledRepresentation on a streamed model; as is otherwise."""
         if not self.streaming or rep is None:
             return rep
-        return SpilledRepresentation.write(rep, self._spill_file().new_path("rep.pkl"))
+        return SpilledRepresentation.write(rep, path or self._spill_file().new_path("rep.pkl"))
 
     def spill_folder(self) -> str:
         """The temporary folder of this streamed model's spill file, for other per-layer data."""
@@ -116,6 +118,14 @@ class ModelState:
         _hash_graph(h, self.graph)
         return h.hexdigest()
 
+    def identity(self) -> str:
+        """:meth:`digest`, except that a streamed weight counts by its file, range, file size and
+        modification time instead of its bytes: a key for checkpoints that does not read a model
+        larger than memory once more."""
+        h = hashlib.sha256()
+        _hash_graph(h, self.graph, by_reference=True)
+        return h.hexdigest()
+
     def to_onnx(self) -> onnx.ModelProto:
         model = gs.export_onnx(self.graph, do_type_check=False)
         for name in _SHELL_FIELDS:
@@ -135,31 +145,36 @@ def _nbytes(const: gs.Constant) -> int:
     return int(np.asarray(const.values).nbytes)
 
 
-def _hash_value(h, value) -> None:
+def _hash_value(h, value, by_reference: bool = False) -> None:
     if isinstance(value, gs.Constant) and external.is_streamed(value):
         h.update(f"const|{value.name}|{np.dtype(value.dtype)}|{tuple(value.shape)}|".encode())
-        external.hash_constant(h, value._values.tensor)
+        if by_reference:
+            path, offset, length = external.external_range(value._values.tensor)
+            stat = os.stat(path)
+            h.update(f"{path}|{offset}|{length}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        else:
+            external.hash_constant(h, value._values.tensor)
     elif isinstance(value, gs.Constant):
         arr = np.ascontiguousarray(value.values)
         h.update(f"const|{value.name}|{arr.dtype}|{arr.shape}|".encode())
         h.update(arr.tobytes())
     elif isinstance(value, gs.Graph):
-        _hash_graph(h, value)
+        _hash_graph(h, value, by_reference)
     elif isinstance(value, gs.Tensor):
         h.update(f"tensor|{value.name}|".encode())
     else:
         h.update(repr(value).encode())
 
 
-def _hash_graph(h, graph: gs.Graph) -> None:
+def _hash_graph(h, graph: gs.Graph, by_reference: bool = False) -> None:
     h.update(f"graph|{graph.opset}|".encode())
     for t in graph.inputs + graph.outputs:
         h.update(f"io|{t.name}|{t.dtype}|{t.shape}|".encode())
     for node in graph.nodes:
         h.update(f"node|{node.op}|{node.domain}|{node.name}|".encode())
         for t in node.inputs:
-            _hash_value(h, t)
+            _hash_value(h, t, by_reference)
         h.update(("->" + "|".join(t.name for t in node.outputs)).encode())
         for key in sorted(node.attrs):
             h.update(f"|{key}=".encode())
-            _hash_value(h, node.attrs[key])
+            _hash_value(h, node.attrs[key], by_reference)

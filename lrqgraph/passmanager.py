@@ -84,6 +84,7 @@ class Context:
     timings: list[PassTiming] = field(default_factory=list)
     executor: Executor = field(default_factory=lambda: Executor(ExecutorConfig("local")))  # per-layer solves
     saved: dict[str, LayerCheckpoints] = field(default_factory=dict)  # per-layer checkpoints of long steps
+    depth: int = 0            # pass managers running on this context (the outermost drops the checkpoints)
     _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def analysis(self, name: str, **sections: Any) -> Any:
@@ -108,6 +109,11 @@ class Context:
         says ``resume``; removed when the run succeeds (api.run)."""
         self.saved[step] = LayerCheckpoints(step, key, resume=self.config.resume)
         return self.saved[step]
+
+    def drop_checkpoints(self) -> None:
+        """Remove every step's checkpoints (see PassManager.run)."""
+        for saved in self.saved.values():
+            saved.clear()
 
     def invalidate(self, preserved: frozenset[str] | None) -> None:
         """Drop analyses not in ``preserved`` (None: all), then those that require a dropped one."""
@@ -238,6 +244,23 @@ class PassManager(Pass):
         self.check_each = check_each
 
     def run(self, ctx: Context) -> PassResult:
+        """Run the passes; the outermost manager then drops the run's per-layer checkpoints, also
+        when it stops on an LrqError (bad input, an unreachable goal: a rerun changes something),
+        and keeps them when it is interrupted, for --resume."""
+        outermost, ctx.depth = ctx.depth == 0, ctx.depth + 1
+        try:
+            result = self._run(ctx)
+        except LrqError:
+            if outermost:
+                ctx.drop_checkpoints()
+            raise
+        finally:
+            ctx.depth -= 1
+        if outermost:
+            ctx.drop_checkpoints()
+        return result
+
+    def _run(self, ctx: Context) -> PassResult:
         modified = False
         done: list[str] = []
         for p in self.passes:

@@ -13,11 +13,13 @@ Per-layer overrides (``overrides`` of the method config) apply before any of thi
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 
 import numpy as np
 
+from lrqgraph.config import describe_config
 from lrqgraph.errors import LrqError
 from lrqgraph.hessian import load_hessian
 from lrqgraph.methods import METHODS, MethodConfig, configure, method_config, method_of
@@ -26,6 +28,7 @@ from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.plan import Layer, LayerPlan, WeightFile, materialize
 from lrqgraph.progress import progress
+from lrqgraph.version import __version__
 
 from .lower import check_form
 
@@ -131,6 +134,14 @@ def describe_plan(cfg: MethodConfig, layer: Layer) -> tuple[bool, str]:
     return True, f"{what}: {bpw:.3f} bits per weight"
 
 
+def factorize_key(ctx: Context, base: MethodConfig) -> str:
+    """What the plans depend on, for their checkpoints: the model (streamed weights by file and
+    modification time), the calibration data, the method as configured and the config."""
+    data = ctx.analysis("calib_data")
+    return "|".join((ctx.model.identity(), data.digest if data is not None else "data-free", repr(base),
+                     json.dumps(describe_config(ctx.config), sort_keys=True, default=str), __version__))
+
+
 @register_pass
 class Factorize(Pass):
     """Plan a representation for every layer that ``discover`` selected; options override the config."""
@@ -152,14 +163,23 @@ class Factorize(Pass):
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         hessians = ctx.analysis("hessians")
         cfgs = [base.for_layer(layer.name, layer.weight) for layer in layers]
-        tasks = ((layer.weight_task(), cfg, cfg.scales_for(layer.dtype), hessians.get(layer.weight))
-                 for layer, cfg in zip(layers, cfgs))
-        solved = ctx.executor.map(solve_layer, tasks, costs=[layer.params for layer in layers])
+        saved = ctx.checkpoints("factorize", factorize_key(ctx, base))
+        done = [saved.get(i) for i in range(len(layers))]  # plans an interrupted run finished (--resume)
+        todo = [i for i, fields in enumerate(done) if fields is None]
+        tasks = ((layers[i].weight_task(), cfgs[i], cfgs[i].scales_for(layers[i].dtype), hessians.get(layers[i].weight))
+                 for i in todo)
+        solved = iter(ctx.executor.map(solve_layer, tasks, costs=[layers[i].params for i in todo]))
         plans = {}
-        for layer, cfg, made in zip(progress(layers, "factorize"), cfgs, solved):
-            plan = plan_layer(layer, cfg, made)
-            # a streamed model's codes wait on disk for lower: plans never hold them all at once
-            plans[layer.weight] = dataclasses.replace(plan, rep=ctx.model.spill_representation(plan.rep))
+        for i, layer in enumerate(progress(layers, "factorize")):
+            if done[i] is not None:
+                plans[layer.weight] = LayerPlan(layer, **done[i])
+                continue
+            plan = plan_layer(layer, cfgs[i], next(solved))
+            # a streamed model's codes wait on disk for lower, beside the checkpoint: plans never
+            # hold them all at once, and a resumed run finds them
+            plan = dataclasses.replace(plan, rep=ctx.model.spill_representation(plan.rep, saved.folder / f"{i}.rep"))
+            saved.put(i, {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name != "layer"})
+            plans[layer.weight] = plan
         ctx.plans = plans
         log.info("factorize: planned %d of %d layers", sum(p.rewrite for p in plans.values()), len(plans))
         return PassResult(modified=False)

@@ -3,6 +3,7 @@ constants spilled to a file as each layer is lowered, verification block by bloc
 copied range by range. The result must be the bytes of the in-memory path's."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -157,3 +158,37 @@ def test_an_allocation_on_a_streamed_model_is_refused_in_one_line(tiny, tmp_path
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2 and "does not run on streamed models yet" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("stream", [0, None], ids=["streamed", "in_memory"])
+def test_an_interrupted_factorize_resumes_from_its_checkpoints_with_the_same_bytes(tiny, tmp_path, monkeypatch,
+                                                                                  stream):
+    """Interrupted at its sixth layer, the factorize pass keeps the five it planned (a streamed
+    model's codes beside them); --resume solves only the others and writes the whole run's bytes."""
+    import lrqgraph.passes.factorize as factorize
+    monkeypatch.setenv("LRQGRAPH_CACHE", str(tmp_path / "cache"))
+    cfg = OptimizeConfig(stream_above=stream, executor=lrqgraph.ExecutorConfig("local"))
+    whole = run(tiny, cfg)
+    for folder in ("whole", "resumed"):
+        (tmp_path / folder).mkdir()
+    save_model(whole.model, tmp_path / "whole" / "out.onnx", external_data=True)
+    checkpoints = tmp_path / "cache" / "checkpoints"
+    assert not list(checkpoints.glob("*/*"))  # a whole run leaves none
+    real, calls = factorize.solve_layer, []
+
+    def interrupted_at_the_sixth(*args):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(factorize, "solve_layer", interrupted_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, cfg)
+    assert len(list(checkpoints.glob("*/*.pkl"))) == 5
+    monkeypatch.setattr(factorize, "solve_layer", real)
+    resumed = run(tiny, dataclasses.replace(cfg, resume=True))
+    save_model(resumed.model, tmp_path / "resumed" / "out.onnx", external_data=True)
+    assert resumed.report["executor"]["tasks"] == whole.report["executor"]["tasks"] - 5
+    for name in ("out.onnx", "out.onnx.data"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert not list(checkpoints.glob("*/*"))
