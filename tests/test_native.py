@@ -266,8 +266,9 @@ def test_kernel_cap_selects_the_path():
 
 # --- the op on its own: hand-built lrq::QMatMul nodes ------------------------------------------------
 
-def qmatmul_model(codes, scales, zero_points, k, n, bits, block, level=0, name="qmm"):
-    """x[m, K] → one lrq::QMatMul named `name` over codes [N, blocks, blob], scales, zero points."""
+def qmatmul_model(codes, scales, zero_points, k, n, bits, block, level=0, name="qmm", proto=False):
+    """x[m, K] → one lrq::QMatMul named `name` over codes [N, blocks, blob], scales, zero points
+    (serialized, or the ModelProto with ``proto``)."""
     from onnx import helper, numpy_helper
     inits = {"codes": codes, "scales": scales}
     if zero_points is not None:
@@ -278,7 +279,7 @@ def qmatmul_model(codes, scales, zero_points, k, n, bits, block, level=0, name="
                               [numpy_helper.from_array(v, key) for key, v in inits.items()])
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lrq", 1)])
     m.ir_version = builders.IR_VERSION
-    return m.SerializeToString()
+    return m if proto else m.SerializeToString()
 
 
 def test_int8_level_with_one_block_over_a_long_k_stays_exact():
@@ -458,3 +459,69 @@ def test_sessions_from_many_threads_at_once():
         outs = list(pool.map(one, range(32)))
     for y in outs:
         np.testing.assert_array_equal(y, want)
+
+
+# A child process so that what earlier tests hold does not count: resident bytes of the whole
+# process (statm) and of the model's data file alone (its mappings in smaps), before the session
+# and after it has run once. A small model's session runs first, so that what any session costs
+# (the library, onnxruntime's thread pools) is in the baseline.
+SESSION_MEMORY = """
+import json, os, sys
+import numpy as np
+import lrqgraph.runtime as rt
+path, data, k, small = sys.argv[1], os.path.realpath(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def file_resident():
+    total, mapping = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                mapping = head[-1] if len(head) >= 6 else None
+            elif head[0] == "Rss:" and mapping == data:
+                total += int(head[1]) * 1024
+    return total
+rt.session(small).run(None, {"x": np.ones((4, 64), np.float32)})
+before = resident()
+s = rt.session(path)
+s.run(None, {"x": np.ones((4, k), np.float32)})
+print(json.dumps({"growth": resident() - before, "file": file_resident()}))
+"""
+
+
+@pytest.mark.parametrize("isa,level", [("native", 4), ("native", 0), ("portable", 0)])
+def test_session_holds_the_weights_once(tmp_path, isa, level):
+    """onnxruntime keeps every initializer for the session's life and memory-maps external data;
+    the kernels must not hold a second copy beside it. The int8 kernel repacks the codes and gives
+    the file's pages back (none stay resident); the float kernel reads the codes where onnxruntime
+    keeps them. Either way the session grows by about the file's size: before, the int8 path grew
+    by twice the file. 1.3x is the bound #14 asks of a whole model's session (measured
+    here: 1.00x on every path; 2.00x on the int8 path and 2.20x on the float paths before)."""
+    import json
+    import subprocess
+    import sys
+    if level == 4 and "avx2" not in Path("/proc/cpuinfo").read_text().split():
+        pytest.skip("int8 activations need AVX2: level 4 takes the float kernel here, tested below")
+    k, n, bits, block = 8192, 8192, 4, 32  # 32 MiB of codes, 8 MiB of scales
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.02, (n, k // block)).astype(np.float32)
+    path = tmp_path / "qmm.onnx"
+    lrqgraph.save_model(qmatmul_model(codes, scales, None, k, n, bits, block, level=level, proto=True), path,
+                        external_data=True)
+    data = tmp_path / "qmm.onnx.data"
+    size = data.stat().st_size
+    small = tmp_path / "small.onnx"
+    small.write_bytes(qmatmul_model(codes[:8, :2], scales[:8, :2], None, 64, 8, bits, block, level=level))
+    env = {**os.environ, "LRQGRAPH_KERNELS": isa} if isa != "native" else os.environ
+    child = subprocess.run([sys.executable, "-c", SESSION_MEMORY, str(path), str(data), str(k), str(small)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"{isa} level {level}: file {size / 2**20:.1f} MiB, session grew {got['growth'] / size:.2f}x, "
+          f"file pages resident {got['file'] / 2**20:.1f} MiB")
+    assert got["growth"] <= 1.3 * size
+    if level == 4:
+        assert got["file"] <= 0.01 * size  # the repacked copy replaced the file's pages

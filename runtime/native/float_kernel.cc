@@ -1,4 +1,4 @@
-// FloatWeight: codes kept as stored, decoded to float32 in L1-sized chunks (scale and zero point
+// FloatWeight: codes read where onnxruntime keeps them (no copy), decoded to float32 in L1-sized chunks (scale and zero point
 // folded in), then dotted with every row of X, so decoding is shared by the whole batch. Serves
 // every width and block size on every CPU: AVX2+FMA when the CPU has it, portable code otherwise.
 #include <immintrin.h>
@@ -127,18 +127,20 @@ class FloatWeight final : public Weight {
  public:
   explicit FloatWeight(const WeightSpec& spec)
       : bits_(spec.bits), block_(spec.block), blocks_(spec.blocks()), blob_(spec.blob()),
-        codes_(spec.codes, spec.codes + static_cast<size_t>(spec.N) * spec.blocks() * spec.blob()),
-        scales_(spec.scales), offsets_(spec.scales.size()) {
+        codes_(spec.codes),
+        scales_(spec.scales), zero_point_(static_cast<float>(1 << (bits_ - 1))) {
     K_ = spec.K;
     N_ = spec.N;
-    for (size_t i = 0; i < offsets_.size(); ++i) {
-      const float zp = spec.zero_points.empty() ? static_cast<float>(1 << (bits_ - 1)) : spec.zero_points[i];
-      offsets_[i] = -zp * scales_[i];
+    if (!spec.zero_points.empty()) {
+      offsets_.resize(scales_.size());
+      for (size_t i = 0; i < offsets_.size(); ++i) offsets_[i] = -static_cast<float>(spec.zero_points[i]) * scales_[i];
     }
     const bool avx2 = Available() >= Isa::kAvx2;
     decode_ = avx2 ? DecodeAvx2 : DecodeScalar;
     dot4_ = avx2 ? Dot4Avx2 : Dot4Scalar;
   }
+
+  bool ReadsStoredCodes() const override { return true; }
 
   void Multiply(const float* x, int64_t M, float* y, bool accumulate, const float* bias,
                 const Parallel& parallel) const override {
@@ -184,8 +186,8 @@ class FloatWeight final : public Weight {
         for (int c = 0; c < width; ++c) {
           const size_t at = static_cast<size_t>(n0 + c) * w.blocks_ + b0;
           for (int64_t k = 0, b = 0; k < len; k += w.block_, ++b)
-            w.decode_(w.codes_.data() + (at + b) * w.blob_, w.bits_, static_cast<int>(std::min<int64_t>(w.block_, len - k)),
-                      w.scales_[at + b], w.offsets_[at + b], buffer.data() + c * chunk + k);
+            w.decode_(w.codes_ + (at + b) * w.blob_, w.bits_, static_cast<int>(std::min<int64_t>(w.block_, len - k)),
+                      w.scales_[at + b], w.Offset(at + b), buffer.data() + c * chunk + k);
         }
         for (int64_t m = 0; m < job.rows; ++m) {
           w.dot4_(cols, job.x + m * w.K_ + k0, len, dots);
@@ -196,9 +198,11 @@ class FloatWeight final : public Weight {
   }
 
   int bits_, block_, blocks_, blob_;
-  std::vector<uint8_t> codes_;  // [N, blocks, blob] as stored
+  const uint8_t* codes_;        // [N, blocks, blob], the initializer itself
   std::vector<float> scales_;   // [N, blocks]
-  std::vector<float> offsets_;  // [N, blocks]: −zero point · scale
+  std::vector<float> offsets_;  // [N, blocks]: −zero point · scale, only when the model gives zero points
+  float zero_point_;            // 2^(bits−1) otherwise
+  float Offset(size_t cell) const { return offsets_.empty() ? -zero_point_ * scales_[cell] : offsets_[cell]; }
   DecodeFn decode_;
   Dot4Fn dot4_;
 };

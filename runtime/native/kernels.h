@@ -9,8 +9,8 @@
 //    codes up to 4 bits): activations are quantized to int8 per block of K on each call (as
 //    MatMulNBits does at accuracy_level 4) and codes, repacked one int32 lane per output column,
 //    are multiplied as bytes (int8_layout.h).
-//  - FloatWeight (any CPU, any block size): codes are decoded to float32 in L1-sized chunks and
-//    multiplied in float (AVX2+FMA when the CPU has it, portable code otherwise).
+//  - FloatWeight (any CPU, any block size): the codes onnxruntime holds are decoded to float32 in
+//    L1-sized chunks and multiplied in float (AVX2+FMA when the CPU has it, portable code otherwise).
 //  - CodebookWeight (codebook_kernel.cc): Kashin and k-means codebooks.
 #pragma once
 
@@ -29,7 +29,7 @@ struct Parallel {
 struct WeightSpec {
   int64_t K = 0, N = 0;
   int bits = 0, block = 0;
-  const uint8_t* codes = nullptr;  // [N, blocks, blob], blob = ceil(block * bits / 8)
+  const uint8_t* codes = nullptr;  // [N, blocks, blob], blob = ceil(block * bits / 8); outlives the Weight
   std::vector<float> scales;       // [N, blocks]
   std::vector<uint16_t> half_scales;  // the same as given, when the model stores float16 scales
   std::vector<uint8_t> zero_points;  // [N, blocks] or empty
@@ -45,6 +45,9 @@ class Weight {
                         const Parallel& parallel) const = 0;
   int64_t K() const { return K_; }
   int64_t N() const { return N_; }
+  // Whether Multiply reads spec.codes (the initializer onnxruntime holds) rather than a copy the
+  // kernel made: only then must the initializer's pages stay resident.
+  virtual bool ReadsStoredCodes() const { return false; }
 
  protected:
   int64_t K_ = 0, N_ = 0;

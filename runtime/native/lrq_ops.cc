@@ -24,11 +24,21 @@
 //
 // Weights are read and prepacked once, at kernel creation (kernels.h). The library does not link
 // onnxruntime: the API table arrives through RegisterCustomOps.
+//
+// Weights are held once. onnxruntime keeps every initializer for the session's life, and custom
+// ops have no PrePack hook that would let it free one, so a kernel that copies an initializer
+// (repacked codes, float scales) hands the initializer's pages back to the kernel when it is done
+// with them (ReleasePages). onnxruntime memory-maps external data, so those pages are file-backed
+// and drop out of the process; the float kernel reads the codes in place and keeps them.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -55,6 +65,22 @@ struct Input {
   ONNXTensorElementDataType type;
   bool required;
 };
+
+// Asks the kernel to reclaim the whole pages of [data, data + bytes). MADV_PAGEOUT never changes
+// what the memory holds: file-backed pages are dropped and read again from the file if anything
+// touches them later; anonymous ones stay (or go to swap). So it is safe whatever backs the tensor
+// and whoever else reads it; kernels older than Linux 5.4 refuse it, and nothing happens.
+void ReleasePages(const void* data, size_t bytes) {
+#ifdef MADV_PAGEOUT
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 class OrtParallel final : public lrq::Parallel {
  public:
@@ -112,9 +138,11 @@ class NodeInfo {
       const uint16_t* h = static_cast<const uint16_t*>(value.GetTensorRawData());
       for (size_t i = 0; i < expected; ++i) out[i] = lrq::HalfToFloat(h[i]);
       if (half) half->assign(h, h + expected);
+      ReleasePages(h, expected * sizeof(uint16_t));
     } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
       const float* f = value.GetTensorData<float>();
       out.assign(f, f + expected);
+      ReleasePages(f, expected * sizeof(float));
     } else {
       Fail(what + " must be float or float16");
     }
@@ -144,8 +172,11 @@ class NodeInfo {
     if (Has(first + 2)) {
       const uint8_t* zp = Constant(first + 2, what + " zero points", cells).GetTensorData<uint8_t>();
       spec.zero_points.assign(zp, zp + cells);
+      ReleasePages(zp, cells);
     }
-    return lrq::MakeWeight(spec, int8);
+    std::unique_ptr<lrq::Weight> weight = lrq::MakeWeight(spec, int8);
+    if (!weight->ReadsStoredCodes()) ReleasePages(spec.codes, cells * spec.blob());
+    return weight;
   }
 
   std::vector<float> Bias(size_t index, int64_t N) const {
@@ -331,7 +362,8 @@ struct KashinKernel : OneWeightKernel<KashinKernel> {
     spec.bits = static_cast<int>(bits);
     if (spec.K < 1 || spec.N < 1) node.Fail("K and N must be positive");
     const size_t entries = size_t{1} << spec.bits;
-    Ort::ConstValue codes = node.Constant(1, "codes", static_cast<size_t>(spec.N) * ((spec.K * spec.bits + 7) / 8));
+    const size_t code_bytes = static_cast<size_t>(spec.N) * ((spec.K * spec.bits + 7) / 8);
+    Ort::ConstValue codes = node.Constant(1, "codes", code_bytes);
     spec.codes = codes.GetTensorData<uint8_t>();
     const bool rotated = node.Has(3);
     const std::vector<float> book = node.Floats(2, "codebook", entries * (rotated ? 2 : 1));
@@ -344,6 +376,7 @@ struct KashinKernel : OneWeightKernel<KashinKernel> {
       spec.cols = Axis(node, 5, spec.N, "col");
     }
     w_ = lrq::MakeCodebookWeight(spec);
+    if (!w_->ReadsStoredCodes()) ReleasePages(spec.codes, code_bytes);
     bias_ = node.Bias(7, spec.N);
   }
 
