@@ -7,7 +7,7 @@ passes whatever is imported first); ``runtime`` sits beside the core and imports
 """
 from .version import __version__
 from . import runtime  # noqa: F401  (lrqgraph.runtime after a plain ``import lrqgraph``)
-from .api import Result, optimize, run
+from .api import Result, optimize, optimize_folder, run
 from .config import AllocateConfig, FactorizeConfig, OptimizeConfig, SelectConfig, VerifyConfig
 from .errors import InternalError, LrqError, VerificationError
 from .executor import ExecutorConfig
@@ -16,7 +16,7 @@ from .methods import (GPTQConfig, KashinConfig, KMeansConfig, LPLRConfig, Method
                       SVDConfig, register_method)
 from .passmanager import Context, Pass, PassManager, PassResult, register_analysis, register_pass
 
-__all__ = ["optimize", "run", "Result", "OptimizeConfig", "AllocateConfig", "FactorizeConfig", "SelectConfig",
+__all__ = ["optimize", "optimize_folder", "run", "Result", "OptimizeConfig", "AllocateConfig", "FactorizeConfig", "SelectConfig",
            "VerifyConfig", "LrqError", "VerificationError", "InternalError", "load_model", "save_model", "Pass",
            "PassManager", "PassResult", "Context", "register_pass", "register_analysis", "Method", "MethodConfig",
            "register_method", "RTNConfig", "GPTQConfig", "SVDConfig", "LPLRConfig", "QLRConfig", "KMeansConfig",

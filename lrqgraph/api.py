@@ -115,3 +115,20 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike,
     config = config or VerifyConfig()
     ref, cand = load_model(reference), load_model(candidate)
     return compare_outputs(os.fspath(reference), os.fspath(candidate), cand, ModelState(ref).graph, config)
+
+
+def optimize_folder(folder: str | os.PathLike, output: str | os.PathLike, config: OptimizeConfig | None = None,
+                    passes: str | list[Pass] | None = None) -> Result:
+    """An onnxruntime-genai model folder in, one out (lrqgraph.genai): the model its
+    genai_config.json names is rewritten (with :func:`lrqgraph.genai.deploy_config`'s defaults)
+    and ``output`` is written whole or not at all, ready for ``onnxruntime_genai.Model``."""
+    from . import genai
+    from .io import Outputs
+
+    source = genai.open_folder(folder)
+    genai.check_output_folder(output, source)
+    result = run(source.model_file, genai.deploy_config(config or OptimizeConfig(), source), passes)
+    with Outputs() as outputs:
+        genai.write_folder(source, result.model, output, outputs, library=genai.custom_ops_library(result.model))
+        outputs.commit()
+    return result

@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import LrqError
+from .kvcache import PastShape, past_inputs
 
 SYMBOLIC_DIM = 16   # length used for a symbolic non-batch dimension (sequence, spatial size)
 
@@ -72,14 +73,18 @@ def _index_bound(graph: gs.Graph, name: str) -> int | None:
 
 def synthesize(model: onnx.ModelProto, graph: gs.Graph, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Plausible inputs from the signature: token ids below the embedding size, masks of ones,
-    standard-normal floats; ``samples`` along the batch axis, symbolic dims set to 16."""
+    standard-normal floats, an empty KV cache (lrqgraph.kvcache); ``samples`` along the batch
+    axis, other symbolic dims set to 16."""
     rng = np.random.default_rng(seed)
+    past = past_inputs(graph)
     feeds = {}
     for spec in input_specs(model):
         shape = [samples if i == 0 and not isinstance(d, int) else (d if isinstance(d, int) else SYMBOLIC_DIM)
                  for i, d in enumerate(spec.shape)]
         if spec.batch_fixed is not None:
             shape[0] = spec.batch_fixed * samples
+        if spec.name in past:
+            shape = past[spec.name].dims(shape[0], spec.shape)
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_ or "mask" in spec.name.lower():
@@ -192,8 +197,10 @@ def _positions(run: dict[str, np.ndarray], mask_input: str | None) -> list[int]:
 
 
 def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenizer: str | None = None,
-                     max_samples: int = 128, max_batch: int = 8, max_length: int = 128) -> CalibData:
-    """Read calibration data (see the module docstring), keeping the first ``max_samples`` samples."""
+                     max_samples: int = 128, max_batch: int = 8, max_length: int = 128,
+                     graph: gs.Graph | None = None) -> CalibData:
+    """Read calibration data (see the module docstring), keeping the first ``max_samples`` samples.
+    ``graph`` (the model's) lets text fill a KV cache's past inputs with an empty cache."""
     path = Path(source)
     if not path.exists():
         raise LrqError(f"{path}: no such calibration file or folder")
@@ -208,7 +215,8 @@ def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenize
         if tokenizer is None:
             raise LrqError(f"{path}: text calibration data needs a tokenizer (--tokenizer tokenizer.json "
                            f"or its folder), or give an .npz of model inputs")
-        groups = [_tokenize(path, model, tokenizer, max_samples, max_length)]
+        groups = [_tokenize(path, model, tokenizer, max_samples, max_length,
+                            past_inputs(graph) if graph is not None else {})]
     runs, taken = [], 0
     for group in groups:
         count = next(iter(group.values())).shape[0]
@@ -227,7 +235,7 @@ def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenize
 
 
 def _tokenize(path: Path, model: onnx.ModelProto, tokenizer: str, max_samples: int,
-              max_length: int) -> dict[str, np.ndarray]:
+              max_length: int, past: dict[str, PastShape]) -> dict[str, np.ndarray]:
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -246,7 +254,7 @@ def _tokenize(path: Path, model: onnx.ModelProto, tokenizer: str, max_samples: i
     if not lines:
         raise LrqError(f"{path}: holds no text lines")
     specs = input_specs(model)
-    fixed = {s.shape[1] for s in specs if len(s.shape) > 1 and isinstance(s.shape[1], int)}
+    fixed = {s.shape[1] for s in specs if len(s.shape) > 1 and isinstance(s.shape[1], int) and s.name not in past}
     length = fixed.pop() if len(fixed) == 1 else max_length
     tok.enable_truncation(length)
     pad_id = tok.token_to_id("[PAD]") or tok.token_to_id("<pad>") or 0
@@ -258,6 +266,9 @@ def _tokenize(path: Path, model: onnx.ModelProto, tokenizer: str, max_samples: i
                "position": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
     feeds = {}
     for spec in specs:
+        if spec.name in past:  # a prompt's first pass: nothing cached yet
+            feeds[spec.name] = np.zeros(past[spec.name].dims(len(ids), spec.shape), spec.dtype)
+            continue
         name = spec.name.lower()
         key = next((k for k in ("mask", "type", "position", "ids") if k in name), None)
         if key is None or len(spec.shape) != 2:

@@ -66,12 +66,13 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                    help=f"skip weights with fewer parameters (default {SelectConfig.min_params})")
     s.add_argument("--output-layers", action=argparse.BooleanOptionalAction, default=None,
                    help="rewrite layers that write a graph output (lm_head, classifier); default: only in an "
-                        "allocation (--target-*, --min-cosine, --max-kl), where their measured tolerance decides")
+                        "allocation (--target-*, --min-cosine, --max-kl), where their measured tolerance decides, and on a "
+                        "genai folder")
     s.add_argument("--include-output-layers", action="store_const", const=True, dest="output_layers",
                    help=argparse.SUPPRESS)  # the flag's earlier name
     s.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize embedding tables (Gather; a tied lm_head shares the table's codes); default: "
-                        "only in an allocation")
+                        "only in an allocation and on a genai folder")
 
 
 def _add_allocate_options(p: argparse.ArgumentParser) -> None:
@@ -145,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     opt = sub.add_parser("optimize", parents=[common], help="rewrite a model")
-    opt.add_argument("model", help="input .onnx (external data beside it is read too)")
-    opt.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    opt.add_argument("model", help="input .onnx (external data beside it is read too), or an onnxruntime-genai "
+                     "model folder (genai_config.json): the output is then a folder too")
+    opt.add_argument("-o", "--output", required=True, help="output .onnx, or folder for a genai folder "
+                     "(written atomically)")
     opt.add_argument("--lowering", choices=LOWERINGS, default="ort",
                      help="ort: com.microsoft MatMulNBits (default); std: DequantizeLinear + MatMul, opset 21; "
                           "lrq: lrqgraph's native custom ops (any bits 2..8)")
@@ -175,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify_options(opt)
 
     ins = sub.add_parser("inspect", parents=[common], help="per-layer table: what optimize would do and why")
-    ins.add_argument("model")
+    ins.add_argument("model", help="an .onnx file or an onnxruntime-genai model folder")
     ins.add_argument("--lowering", choices=LOWERINGS, default="ort", help="the lowering optimize would use (default ort)")
     _add_method_options(ins)
 
@@ -229,23 +232,38 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from . import genai
     from .api import run
     from .io import Outputs, save_model
     from .report import layer_table, summary
 
     src, dst = Path(args.model), Path(args.output)
-    _check_outputs(src, dst, args.external_data, args.report, args.report_html)
+    folder = genai.open_folder(src) if genai.is_folder(src) else None
+    if folder is not None:
+        genai.check_output_folder(dst, folder)
+        _check_outputs(folder.model_file, None, args.external_data, args.report, args.report_html)
+    else:
+        _check_outputs(src, dst, args.external_data, args.report, args.report_html)
     _check_inputs(args)
     config = config_from_args(args)
+    if folder is not None:
+        config = genai.deploy_config(config, folder)
     if args.report_html:
         from .html_report import render as render_html, require_matplotlib
         require_matplotlib()  # before the work, not after
-    result = run(src, config, passes=args.passes)
+    result = run(folder.model_file if folder else src, config, passes=args.passes)
     with Outputs() as outputs:
-        save_model(result.model, dst, external_data=True if args.external_data else None, source=src,
-                   outputs=outputs)
-        result.report["model"]["file_bytes_before"] = _file_bytes(src)
-        result.report["model"]["file_bytes_after"] = sum(p.stat().st_size for p, _ in outputs._staged)
+        if folder is not None:
+            staged = genai.write_folder(folder, result.model, dst, outputs,
+                                        library=genai.custom_ops_library(result.model))
+            written = [p for p in staged.rglob("*") if p.is_file()]
+            before = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+        else:
+            save_model(result.model, dst, external_data=True if args.external_data else None, source=src,
+                       outputs=outputs)
+            written, before = outputs.staged_files(), _file_bytes(src)
+        result.report["model"]["file_bytes_before"] = before
+        result.report["model"]["file_bytes_after"] = sum(p.stat().st_size for p in written)
         text = layer_table(result.report["layers"]) + "\n" + summary(result.report)
         if args.report:
             outputs.stage(args.report).write_text(json.dumps(result.report, indent=2, default=str) + "\n",
@@ -266,13 +284,16 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise LrqError(f"{value}: no such file or folder (given as {flag})")
 
 
-def _check_outputs(src: Path, dst: Path, external_data: bool, *reports: str | None) -> None:
-    """Every path the command will write, checked before any work (rule: nothing partial)."""
+def _check_outputs(src: Path, dst: Path | None, external_data: bool, *reports: str | None) -> None:
+    """Every path the command will write, checked before any work (rule: nothing partial);
+    ``dst`` None: the model goes to a folder, checked apart."""
     from .io import check_output_path
 
-    check_output_path(dst, "output", src)
-    check_output_path(dst.with_name(dst.name + ".data"), "external data", src)
-    named = [Path(dst)]
+    named = []
+    if dst is not None:
+        check_output_path(dst, "output", src)
+        check_output_path(dst.with_name(dst.name + ".data"), "external data", src)
+        named.append(Path(dst))
     for path in filter(None, reports):
         check_output_path(path, "report", src)
         if any(Path(path).resolve() == p.resolve() for p in named):
@@ -309,7 +330,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .api import inspect_layers
     from .report import table
 
-    rows = inspect_layers(args.model, config_from_args(args))
+    from . import genai
+
+    model, config = args.model, config_from_args(args)
+    if genai.is_folder(model):
+        folder = genai.open_folder(model)
+        model, config = folder.model_file, genai.deploy_config(config, folder)
+    rows = inspect_layers(model, config)
     print(table(["layer", "op", "shape", "params", "action", "why"],
                 [[r["name"], r["op"], "x".join(map(str, r["shape"])) or "-", r["params"] or "",
                   r["action"], r["why"]] for r in rows]))

@@ -95,6 +95,10 @@ def _detach_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, np.
     graph = model.graph
     wanted = set(names)
     values: dict[str, np.ndarray] = {}
+    missing = wanted - {init.name for init in graph.initializer}
+    probe = onnx.ModelProto()
+    if missing:  # node-produced constants, which may read the initializers detached below
+        probe.CopyFrom(model)
     kept = []
     for init in graph.initializer:
         if init.name in wanted:
@@ -103,12 +107,12 @@ def _detach_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, np.
             kept.append(init)
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    missing = wanted - set(values)
-    if missing:  # node-produced constants: evaluate them once, then cut their producers off
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
+    if missing:  # evaluate them once, then cut their producers off
         del probe.graph.output[:]
         probe.graph.output.extend(onnx.helper.make_value_info(n, onnx.TypeProto()) for n in sorted(missing))
+        needed = _producers(probe.graph, missing)  # not the rest of the graph, which the placeholders may not fit
+        del probe.graph.node[:]
+        probe.graph.node.extend(needed)
         outs = open_session(probe).run(sorted(missing), {i.name: _zeros(i) for i in probe.graph.input
                                                          if i.name not in {t.name for t in probe.graph.initializer}})
         values.update(zip(sorted(missing), outs))
@@ -121,6 +125,17 @@ def _detach_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, np.
             graph.input.append(onnx.helper.make_tensor_value_info(
                 name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), values[name].shape))
     return values
+
+
+def _producers(graph: onnx.GraphProto, names: set[str]) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` that the tensors ``names`` depend on, in graph order."""
+    wanted, chosen = set(names), set()
+    for i in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[i]
+        if wanted & set(node.output):
+            chosen.add(i)
+            wanted.update(node.input)
+    return [graph.node[i] for i in sorted(chosen)]
 
 
 def _detach_transposes(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> dict[str, str]:

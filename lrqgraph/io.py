@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 from .cache import cache_dir  # noqa: F401  (re-exported)
 from .errors import LrqError
 from .external import has_absolute_external, write_external
+from .ortops import as_contrib
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def load_model(path: str | os.PathLike, stream_above: int | None = None) -> onnx
     if not path.exists():
         raise LrqError(f"{path}: no such file")
     if path.is_dir():
-        raise LrqError(f"{path}: is a directory, expected an .onnx file")
+        raise LrqError(f"{path}: is a folder without genai_config.json; give an .onnx file or an "
+                       f"onnxruntime-genai model folder")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
@@ -61,7 +63,8 @@ def load_model(path: str | os.PathLike, stream_above: int | None = None) -> onnx
     try:
         # Structural check only: catches truncation that protobuf parsing lets through.
         if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model)
+            with as_contrib(model, default_opset(model)):
+                onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise LrqError(f"{path}: invalid ONNX model ({first})") from None
@@ -116,8 +119,14 @@ class Outputs:
 
     def commit(self) -> None:
         for tmp, target in self._staged:
+            if tmp.is_dir() and target.is_dir():  # a folder replaces a folder: the old one goes aside
+                os.replace(target, tmp.parent / ".replaced")
             os.replace(tmp, target)
         self._staged.clear()
+
+    def staged_files(self) -> list[Path]:
+        """The temporary files staged so far (before :meth:`commit`)."""
+        return [tmp for tmp, _ in self._staged]
 
     def __enter__(self) -> "Outputs":
         return self
@@ -162,7 +171,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         external_data = streamed or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     if source is not None and external_data and any(_same_file(path.parent / data_name, f)
-                                                    for f in (Path(source), *_data_files(source))):
+                                                    for f in (Path(source), *data_files(source))):
         raise LrqError(f"{path}: its data file {data_name} would overwrite the input model's; choose another name")
     with Outputs() as own:
         staging = outputs or own
@@ -181,7 +190,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     return path
 
 
-def _data_files(source: str | os.PathLike) -> list[Path]:
+def data_files(source: str | os.PathLike) -> list[Path]:
     """The external data files a model file refers to (none when it cannot be read)."""
     try:
         model = onnx.load(str(source), load_external_data=False)

@@ -49,7 +49,8 @@ def calibration_data(ctx: Context, config) -> calib.CalibData | None:
     """The calibration inputs (``--calib``), read once per pipeline; None without them."""
     if not config.calib:
         return None
-    return calib.load_calibration(config.calib, ctx.model.signature(), config.tokenizer, config.calib_samples)
+    return calib.load_calibration(config.calib, ctx.model.signature(), config.tokenizer, config.calib_samples,
+                                  graph=ctx.model.graph)
 
 
 @register_analysis("hessian_parts", requires=("calib_data", "layers"), config=("allocate",))

@@ -178,8 +178,12 @@ def _tie_tables(result: list[Layer]) -> list[Layer]:
     tied = []
     for layer in result:
         table = tables.get(id(layer.source.root)) if layer.source is not None and layer.op != "Gather" else None
-        flips = sum(n.op == "Transpose" for n in layer.source.chain) + layer.transposed if table else 0
-        if table is None or not layer.rewrite or flips % 2 == 0:  # the lm_head must read the table as Wᵀ
+        # the lm_head must read the table as Wᵀ: the Transposes on either chain (the table stored as
+        # [vocab, hidden] under a transposed lm_head, or as the lm_head's [hidden, vocab] weight
+        # read by the Gather through a Transpose, as onnxruntime-genai's builder writes it)
+        flips = sum(n.op == "Transpose" for n in (*table.source.chain, *layer.source.chain)) + layer.transposed \
+            if table else 0
+        if table is None or not layer.rewrite or flips % 2 == 0:
             continue
         table.nodes[:0], table.labels[:0] = layer.nodes, layer.labels  # the MatMuls first: H is theirs
         table.op = f"{layer.op}+Gather"

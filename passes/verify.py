@@ -121,7 +121,7 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
     VerificationError when ``cfg.max_error`` is set and exceeded.
     """
     if data is None and cfg.calib:
-        data = calib.load_calibration(cfg.calib, signature, cfg.tokenizer, cfg.calib_samples)
+        data = calib.load_calibration(cfg.calib, signature, cfg.tokenizer, cfg.calib_samples, graph=graph)
     if data is not None:
         runs = calib.split_runs(data.batches, cfg.calib_verify_samples)[0]
         samples = calib.count_samples(runs)

@@ -17,6 +17,10 @@ from .native_ops import DOMAIN, library_path
 # activations to int8 there (accuracy level 4). lrqgraph's std lowering is meant to compute in
 # float, as the ort lowering does for 4-bit codes, so sessions default to level 0.
 QDQ_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+# Set once the library is registered on a SessionOptions: onnxruntime refuses a second
+# registration of the same op domain ("Domain already set in registry"), and hosts reuse one
+# SessionOptions for many sessions. onnxruntime ignores config keys it does not know.
+REGISTERED_KEY = "lrqgraph.custom_ops_library"
 
 
 def session_options(threads: int | None = None, config: dict[str, str] | None = None) -> ort.SessionOptions:
@@ -44,8 +48,10 @@ def register(sess_options: ort.SessionOptions, library: bool = True) -> ort.Sess
     build their own InferenceSession."""
     if not _has_entry(sess_options, QDQ_ACCURACY_KEY):
         sess_options.add_session_config_entry(QDQ_ACCURACY_KEY, "0")
-    if library:
-        sess_options.register_custom_ops_library(str(library_path()))
+    if library and not _has_entry(sess_options, REGISTERED_KEY):
+        path = str(library_path())
+        sess_options.register_custom_ops_library(path)
+        sess_options.add_session_config_entry(REGISTERED_KEY, path)
     return sess_options
 
 

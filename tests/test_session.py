@@ -55,3 +55,36 @@ def test_import_lrqgraph_alone_exposes_runtime():
     code = "import lrqgraph; print(lrqgraph.runtime.session.__name__, lrqgraph.runtime.register.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["session", "register"]
+
+
+@pytest.fixture
+def lrq_model_path(tmp_path):
+    from lrqgraph.runtime import available
+    if not available():
+        pytest.skip("native ops not built (no C++ compiler or headers at install time)")
+    import lrqgraph
+    path = tmp_path / "lrq.onnx"
+    onnx.save(lrqgraph.optimize(builders.matmul_model(128, 64), lrqgraph.OptimizeConfig(lowering="lrq")), path)
+    assert any(o.domain == "lrq" for o in onnx.load(path).opset_import)
+    return path
+
+
+def _x128():
+    return {"x": np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32)}
+
+
+def test_one_session_options_serves_many_sessions(lrq_model_path):
+    """onnxruntime refuses a second registration of the lrq domain on one SessionOptions
+    ("Domain already set in registry"); hosts reuse one SessionOptions for every session."""
+    so = ort.SessionOptions()
+    first, second = session(lrq_model_path, so), session(lrq_model_path, so)
+    np.testing.assert_array_equal(first.run(None, _x128())[0], second.run(None, _x128())[0])
+
+
+def test_register_then_session_with_the_same_options(lrq_model_path):
+    so = register(ort.SessionOptions())
+    ours = session(lrq_model_path, so)
+    theirs = ort.InferenceSession(str(lrq_model_path), so)  # a host's own session from the same options
+    np.testing.assert_array_equal(ours.run(None, _x128())[0], theirs.run(None, _x128())[0])
+    register(so)  # a second register is harmless too
+    assert session(lrq_model_path, so).run(None, _x128())[0].shape == (2, 64)

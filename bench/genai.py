@@ -1,0 +1,202 @@
+"""Gemma 3 270M as LLM users deploy it: onnxruntime-genai folders from onnxruntime-genai's own
+model builder (fp32 and int4) beside lrqgraph's folders made from the builder's fp32 folder, all
+measured through onnxruntime-genai in this run.
+
+Columns: folder MB (every file: model, data, tokenizer, config; the custom-op library where the
+folder needs one), perplexity on 128-token windows (BOS first) of movie reviews (another domain
+than the calibration text) and of KJV verses disjoint from the calibration verses, teacher-forced
+through onnxruntime-genai (``append_tokens(window)`` then ``get_output("logits")``), each as a
+ratio to fp32; prefill tokens/s (one 128-token prompt) and decode tokens/s (64 new tokens after a
+32-token prompt), medians over interleaved rounds, as ratios to the builder's int4 in the same run;
+build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
+
+    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows lrq-default,lrq-bpw4] [--out genai.md]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import movie_review_sentences, publish  # noqa: E402
+
+sys.path.pop(0)  # bench/kernels.py would pass for the 'kernels' package transformers looks for
+
+from lrqgraph.cache import cache_dir  # noqa: E402
+from lrqgraph.testing import data, gemma  # noqa: E402
+
+BUILDER_ROWS = {  # name: (label, builder precision, extra options)
+    "builder-int4": ("builder -p int4 (default: RTN b32, int8 activations, lm_head quantized)", "int4", []),
+    "builder-int4-kqm": ("builder -p int4 algo_config=k_quant_mixed", "int4", ["algo_config=k_quant_mixed"]),
+}
+LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, INT4_BYTES the builder int4's bytes)
+    "lrq-default": ("lrqgraph optimize <folder> (defaults, data-free)", []),
+    "lrq-calib": ("lrqgraph --calib (GPTQ 4-bit b32)", ["--calib", "CALIB"]),
+    "lrq-bpw4": ("lrqgraph --target-bpw 4 --calib", ["--target-bpw", "4", "--calib", "CALIB"]),
+    "lrq-size": ("lrqgraph --target-size <builder int4 bytes> --calib", ["--target-size", "INT4_BYTES", "--calib", "CALIB"]),
+    "lrq-bpw3-lrq": ("lrqgraph --target-bpw 3 --lowering lrq --calib",
+                     ["--target-bpw", "3", "--lowering", "lrq", "--calib", "CALIB"]),
+}
+QUICK = ["builder-int4", "lrq-default", "lrq-calib"]
+PACKAGES = ("onnxruntime-genai", "onnxruntime", "torch", "transformers", "onnx", "onnx-ir")
+
+
+def builder_folder(precision: str, extra: list[str]) -> tuple[Path, float]:
+    """The builder's folder for the model (cached), and the seconds it took to build (0 if cached)."""
+    versions = [metadata.version(p) for p in PACKAGES]
+    key = hashlib.sha256(f"{versions}|{precision}|{extra}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"gemma3-270m-genai-{precision}-{key}"
+    if (target / "genai_config.json").exists():
+        return target, 0.0
+    hf = gemma.hf_folder()
+    tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=cache_dir()))
+    start = time.perf_counter()
+    try:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp / "out"),
+                   "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")]
+        if extra:
+            command += ["--extra_options", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"builder failed: {done.stderr[-3000:]}")
+        os.replace(tmp / "out", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, time.perf_counter() - start
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def perplexity(model, windows: np.ndarray) -> float:
+    """exp(mean next-token NLL) over the windows, teacher-forced through onnxruntime-genai."""
+    import onnxruntime_genai as og
+    nll, count = 0.0, 0
+    for window in windows:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(window) + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(window.astype(np.int32))
+        logits = np.asarray(generator.get_output("logits"), np.float64).reshape(len(window), -1)[:-1]
+        top = logits.max(axis=-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+        nll -= np.take_along_axis(logp, window[1:, None], axis=-1).sum()
+        count += len(window) - 1
+    return float(np.exp(nll / count))
+
+
+def speed(model, prompt: np.ndarray, prefill: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s of ``prefill``, decode tokens/s of ``new_tokens`` after ``prompt``)."""
+    import onnxruntime_genai as og
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prefill) + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prefill.astype(np.int32))
+    prefill_rate = len(prefill) / (time.perf_counter() - start)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    start = time.perf_counter()
+    made = 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        made += 1
+    return prefill_rate, made / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} beside fp32, 4 windows")
+    parser.add_argument("--rows", help="comma-separated row names (default: all)")
+    parser.add_argument("--windows", type=int, default=8, help="evaluation windows per text")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    parser.add_argument("--keep", help="keep lrqgraph's folders under this folder")
+    parser.add_argument("--out", help="also write the table here")
+    args = parser.parse_args()
+    import onnxruntime_genai as og
+
+    names = args.rows.split(",") if args.rows else QUICK if args.quick else [*BUILDER_ROWS, *LRQ_ROWS]
+    unknown = [n for n in names if n not in BUILDER_ROWS and n not in LRQ_ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {[*BUILDER_ROWS, *LRQ_ROWS]}")
+    windows = 4 if args.quick else args.windows
+    fp32, fp32_build = builder_folder("fp32", [])
+    print(f"fp32 folder {fp32} ({fp32_build:.0f} s)", flush=True)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="genai-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    calib = work / "kjv-calib.txt"
+    calib.write_text("\n".join(data.kjv_sentences(128, start=1)) + "\n", encoding="utf-8")
+    texts = {"reviews": movie_review_sentences(2000), "KJV": data.kjv_sentences(400, start=0)}
+    evaluation = {name: gemma.windows(lines, windows) for name, lines in texts.items() if lines}
+
+    folders = {"fp32": (f"builder -p fp32", fp32, fp32_build)}
+    int4 = None
+    for name in [n for n in names if n in BUILDER_ROWS] + (["builder-int4"] if "lrq-size" in names else []):
+        label, precision, extra = BUILDER_ROWS[name]
+        folder, seconds = builder_folder(precision, extra)
+        folders[name] = (label, folder, seconds)
+        int4 = folder if name == "builder-int4" else int4
+        print(f"{name}: {folder} ({seconds:.0f} s)", flush=True)
+    for name in [n for n in names if n in LRQ_ROWS]:
+        label, options = LRQ_ROWS[name]
+        options = [str(calib) if o == "CALIB" else str(folder_bytes(int4)) if o == "INT4_BYTES" else o
+                   for o in options]
+        out = work / name
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "lrqgraph", "optimize", str(fp32), "-o", str(out), *options],
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        if done.returncode != 0:
+            print(f"{name}: lrqgraph failed: {done.stderr[-2000:]}", flush=True)
+            continue
+        folders[name] = (label, out, time.perf_counter() - start)
+        print(f"{name}: built in {folders[name][2]:.0f} s", flush=True)
+
+    models = {name: og.Model(str(folder)) for name, (_, folder, _) in folders.items()}
+    ppl = {name: {text: perplexity(model, ids) for text, ids in evaluation.items()} for name, model in models.items()}
+    rng = np.random.default_rng(0)
+    prompt, prefill = evaluation["KJV"][0][:32], evaluation["KJV"][1][:128]
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name in rng.permutation(list(models)):
+            rates[name].append(speed(models[name], prompt, prefill, 64))
+    median = {name: (statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
+              for name, got in rates.items()}
+    base = median.get("builder-int4", median["fp32"])
+    rows = []
+    for name, (label, folder, seconds) in folders.items():
+        cells = [label, f"{folder_bytes(folder) / 1e6:.1f}"]
+        for text in evaluation:
+            cells += [f"{ppl[name][text]:.3f}", f"{ppl[name][text] / ppl['fp32'][text]:.4f}x"]
+        pre, dec = median[name]
+        cells += [f"{pre:.0f}", f"{pre / base[0]:.2f}x", f"{dec:.1f}", f"{dec / base[1]:.2f}x",
+                  f"{seconds:.0f}" if seconds else "cached"]
+        rows.append(cells)
+        print(cells, flush=True)
+    headers = ["folder", "MB"]
+    for text in evaluation:
+        headers += [f"ppl {text}", "x fp32"]
+    against = "builder int4" if "builder-int4" in median else "fp32"
+    headers += ["prefill tok/s", f"x {against}", "decode tok/s", f"x {against}", "build s"]
+    publish(f"Gemma 3 270M through onnxruntime-genai {metadata.version('onnxruntime-genai')}, "
+            f"{windows} windows of 128 tokens per text, {args.rounds} speed rounds", headers, rows, args.out)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Decoders with a KV cache (onnxruntime-genai's builder, optimum's exports): which inputs hold
+the past keys and values, and the shape each takes for an empty cache (a prompt's first pass).
+
+Synthetic and text-derived inputs feed such a model a past of length 0, with the head count and
+head size the attention ops expect. Those come from the graph: the attention op's attributes
+(GroupQueryAttention's ``kv_num_heads``, MultiHeadAttention's ``num_heads``) and the width of its
+query (the weight of the projection that produces it), else from ``genai_config.json``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import onnx_graphsurgeon as gs
+
+# The input slots of onnxruntime's attention ops that take the past key and value.
+_PAST_SLOTS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4,)}
+
+
+@dataclass(frozen=True)
+class PastShape:
+    """An empty cache's shape for one past input: [batch, heads, 0, head_size] (BNSH)."""
+
+    heads: int | None
+    head_size: int | None
+
+    def dims(self, batch: int, declared: tuple) -> list[int]:
+        """``declared`` (the input's own dims, ints fixed) filled in for an empty past."""
+        filled = [batch, self.heads, 0, self.head_size]
+        if len(declared) != 4:
+            return [batch] + [0] * (len(declared) - 1)
+        return [d if isinstance(d, int) and i != 0 else filled[i] if filled[i] is not None else 1
+                for i, d in enumerate(declared)]
+
+
+def past_inputs(graph: gs.Graph, genai: Mapping | None = None) -> dict[str, PastShape]:
+    """The graph inputs that hold past keys/values, each with its empty-cache shape."""
+    names = {t.name for t in graph.inputs}
+    found: dict[str, PastShape] = {}
+    for node in graph.nodes:
+        slots = _PAST_SLOTS.get(node.op)
+        if slots is None or node.domain not in ("com.microsoft", ""):
+            continue
+        for slot in slots:
+            if slot < len(node.inputs) and node.inputs[slot].name in names:
+                found[node.inputs[slot].name] = _attention_shape(node, genai)
+    # exporters that compute attention in standard ops: the inputs genai_config names, or "past"
+    pattern = _genai_pattern(genai)
+    for tensor in graph.inputs:
+        if tensor.name not in found and (pattern.fullmatch(tensor.name) if pattern else "past" in tensor.name.lower()):
+            found[tensor.name] = _config_shape(genai)
+    return found
+
+
+def _attention_shape(node: gs.Node, genai: Mapping | None) -> PastShape:
+    fallback = _config_shape(genai)
+    heads = int(node.attrs.get("num_heads", 0)) or None
+    kv_heads = int(node.attrs.get("kv_num_heads", 0)) or heads if node.op == "GroupQueryAttention" else heads
+    width = _width(node.inputs[0]) if node.inputs else None
+    head_size = None
+    if width and heads:
+        packed = node.op == "GroupQueryAttention" and (len(node.inputs) < 2 or not node.inputs[1].name)
+        total_heads = heads + 2 * (kv_heads or 0) if packed else heads
+        if width % total_heads == 0:
+            head_size = width // total_heads
+    return PastShape(kv_heads or fallback.heads, head_size or fallback.head_size)
+
+
+def _width(tensor: gs.Tensor, depth: int = 4) -> int | None:
+    """The last dimension of ``tensor`` where a projection with a constant weight fixes it."""
+    if tensor.shape and isinstance(tensor.shape[-1], int):
+        return int(tensor.shape[-1])
+    if depth == 0 or not tensor.inputs:
+        return None
+    node = tensor.inputs[0]
+    if node.op == "MatMul" and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        return int(node.inputs[1].shape[-1])
+    if node.op == "Gemm" and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        return int(node.inputs[1].shape[0 if node.attrs.get("transB", 0) else -1])
+    if "N" in node.attrs:  # MatMulNBits and lrqgraph's ops
+        return int(node.attrs["N"])
+    if node.op in ("Add", "Cast", "Mul") or node.domain == "lrq":
+        for inp in node.inputs:
+            if not isinstance(inp, gs.Constant):
+                width = _width(inp, depth - 1)
+                if width:
+                    return width
+    return None
+
+
+def _decoder_config(genai: Mapping | None) -> Mapping:
+    return ((genai or {}).get("model") or {}).get("decoder") or {}
+
+
+def _config_shape(genai: Mapping | None) -> PastShape:
+    decoder = _decoder_config(genai)
+    heads = decoder.get("num_key_value_heads") or decoder.get("num_attention_heads")
+    return PastShape(int(heads) if heads else None, int(decoder["head_size"]) if decoder.get("head_size") else None)
+
+
+def _genai_pattern(genai: Mapping | None) -> re.Pattern | None:
+    inputs = _decoder_config(genai).get("inputs") or {}
+    patterns = [inputs[k] for k in ("past_key_names", "past_value_names") if isinstance(inputs.get(k), str)]
+    if not patterns:
+        return None
+    return re.compile("|".join(re.escape(p).replace("%d", r"\d+") for p in patterns))

@@ -1,0 +1,144 @@
+"""Decoders as LLM users deploy them: an onnxruntime-genai folder written by onnxruntime-genai's
+own builder in the test run (a tiny random Llama: structure, not quality), through lrqgraph and
+back into onnxruntime-genai."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from lrqgraph import calib
+from lrqgraph.errors import LrqError
+from lrqgraph.io import load_model
+from lrqgraph.model import ModelState
+
+genai_decoder = pytest.importorskip("lrqgraph.testing.genai_decoder", reason="needs the examples extra")
+pytest.importorskip("onnxruntime_genai", reason="needs the examples extra (onnxruntime-genai)")
+pytestmark = pytest.mark.real
+
+IDS = [0] + list(range(3, 60))  # a teacher-forced window of token ids
+# Lowest per-position cosine of the logits against the fp32 folder's, through onnxruntime-genai,
+# measured on this random model with every layer rewritten (the tied embedding / lm_head too):
+# defaults 0.9695, --calib 0.9704, --target-bpw 3 --lowering lrq 0.9225. Broken caches or wrong
+# weights give cosines near 0.
+MIN_COSINE = {"defaults": 0.96, "calib": 0.96, "bpw3-lrq": 0.90}
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return genai_decoder.folder()
+
+
+@pytest.fixture(scope="module")
+def lines(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "lines.txt"
+    path.write_text("\n".join(genai_decoder.TEXT) + "\n", encoding="utf-8")
+    return path
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "lrqgraph", *map(str, args)], capture_output=True, text=True)
+
+
+def _cosines(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_builder_writes_contrib_ops_in_the_default_domain_and_lrqgraph_reads_them(folder):
+    model = load_model(folder / "model.onnx")  # onnx.checker alone refuses it
+    default_domain = {n.op_type for n in model.graph.node if n.domain == ""}
+    assert "SimplifiedLayerNormalization" in default_domain
+    with pytest.raises(onnx.checker.ValidationError, match="SimplifiedLayerNormalization"):
+        onnx.checker.check_model(model)
+    assert {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} >= {"GroupQueryAttention"}
+
+
+def test_an_op_neither_onnx_nor_onnxruntime_knows_is_still_refused(tmp_path):
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(LrqError, match="invalid ONNX model.*NoSuchOp"):
+        load_model(path)
+
+
+def test_synthetic_inputs_are_an_empty_cache_of_the_attention_ops_shape(folder):
+    import onnxruntime as ort
+    model = load_model(folder / "model.onnx")
+    config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    feeds = calib.synthesize(model, ModelState(model).graph, samples=3)
+    past = [name for name in feeds if name.startswith("past_key_values.")]
+    assert len(past) == 2 * config["num_hidden_layers"]
+    for name in past:  # the declared dims are all symbolic but the KV heads
+        assert feeds[name].shape == (3, config["num_key_value_heads"], 0, config["head_size"])
+    assert feeds["attention_mask"].shape == feeds["input_ids"].shape
+    outs = ort.InferenceSession(str(folder / "model.onnx")).run(["present.0.key"], feeds)
+    assert outs[0].shape == (3, config["num_key_value_heads"], feeds["input_ids"].shape[1], config["head_size"])
+
+
+def test_text_calibration_feeds_a_cached_decoder(folder, lines):
+    model = load_model(folder / "model.onnx")
+    data = calib.load_calibration(lines, model, tokenizer=str(folder), graph=ModelState(model).graph)
+    run = data.batches[0]
+    assert data.samples == len(genai_decoder.TEXT)
+    assert run["past_key_values.1.value"].shape[2] == 0
+    assert run["attention_mask"].sum() < run["attention_mask"].size  # lines of unequal length, padded
+
+
+@pytest.mark.parametrize("name,options", [("defaults", []), ("calib", ["--calib", "LINES"]),
+                                          ("bpw3-lrq", ["--calib", "LINES", "--target-bpw", 3, "--lowering", "lrq"])])
+def test_a_genai_folder_in_a_genai_folder_out(folder, lines, tmp_path, name, options):
+    out = tmp_path / name
+    done = _cli("optimize", folder, "-o", out, "-q", *[lines if o == "LINES" else o for o in options])
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in folder.iterdir()] + (["liblrq_ops.so"] if name == "bpw3-lrq" else []))
+    config = json.loads((out / "genai_config.json").read_text())
+    library = config["model"]["decoder"]["session_options"].get("custom_ops_library")
+    assert library == ("liblrq_ops.so" if name == "bpw3-lrq" else None)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    rewritten = {"defaults": "MatMulNBits", "calib": "MatMulNBits", "bpw3-lrq": None}[name]
+    ops = {n.op_type for n in model.graph.node}
+    assert rewritten in ops if rewritten else any(n.domain == "lrq" for n in model.graph.node)
+    assert "MatMul" not in ops or name == "bpw3-lrq"  # every projection rewritten (the lm_head too, under budget)
+    new_bytes = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    old_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+    assert new_bytes < 0.5 * old_bytes
+    cos = _cosines(genai_decoder.teacher_forced_logits(folder, IDS), genai_decoder.teacher_forced_logits(out, IDS))
+    assert cos.min() >= MIN_COSINE[name], f"{name}: logits cosine min {cos.min():.4f}"
+    generated = genai_decoder.generate(out, "And God said", new_tokens=6)
+    assert len(generated) == len(genai_decoder.generate(folder, "And God said", new_tokens=6))
+
+
+def test_output_folder_rules(folder, tmp_path):
+    same = _cli("optimize", folder, "-o", folder)
+    assert same.returncode == 2 and "is the input folder" in same.stderr
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_bytes(b"x")
+    refused = _cli("optimize", folder, "-o", foreign)
+    assert refused.returncode == 2 and "not a genai model folder" in refused.stderr
+    assert [p.name for p in foreign.iterdir()] == ["a.jpg"]
+    failed = _cli("optimize", folder, "-o", tmp_path / "out", "--max-error", "1e-9")
+    assert failed.returncode == 1 and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # no staging folder left behind
+    first = _cli("optimize", folder, "-o", tmp_path / "out", "-q")
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "out" / "stale.txt").write_text("from an earlier run")
+    again = _cli("optimize", folder, "-o", tmp_path / "out", "-q", "--bits", 8)
+    assert again.returncode == 0, again.stderr
+    assert not (tmp_path / "out" / "stale.txt").exists()  # the folder is replaced whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos"]
+
+
+def test_the_python_api_writes_the_folder_the_cli_writes(folder, tmp_path):
+    import lrqgraph
+    result = lrqgraph.optimize_folder(folder, tmp_path / "api")
+    assert result.rewritten == 11  # 2 blocks x (qkv, o, gate, up, down) and the tied table / lm_head
+    assert _cli("optimize", folder, "-o", tmp_path / "cli", "-q").returncode == 0
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
+        assert (tmp_path / "api" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
