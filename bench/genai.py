@@ -32,10 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import movie_review_sentences, publish  # noqa: E402
 
-sys.path.pop(0)  # bench/kernels.py would pass for the 'kernels' package transformers looks for
+# bench/kernels.py would pass for the 'kernels' package transformers looks for
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 from lrqgraph.cache import cache_dir  # noqa: E402
-from lrqgraph.testing import data, gemma  # noqa: E402
+from lrqgraph.testing import data, gemma, genai_decoder  # noqa: E402
 
 BUILDER_ROWS = {  # name: (label, builder precision, extra options)
     "builder-int4": ("builder -p int4 (default: RTN b32, int8 activations, lm_head quantized)", "int4", []),
@@ -43,6 +44,8 @@ BUILDER_ROWS = {  # name: (label, builder precision, extra options)
 }
 LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, INT4_BYTES the builder int4's bytes)
     "lrq-default": ("lrqgraph optimize <folder> (defaults, data-free)", []),
+    "lrq-int8": ("lrqgraph --accuracy-level 4 (int8 activations, data-free)", ["--accuracy-level", "4"]),
+    "lrq-clip": ("lrqgraph --clip-search (per-block MSE clipping, data-free)", ["--clip-search"]),
     "lrq-calib": ("lrqgraph --calib (GPTQ 4-bit b32)", ["--calib", "CALIB"]),
     "lrq-bpw4": ("lrqgraph --target-bpw 4 --calib", ["--target-bpw", "4", "--calib", "CALIB"]),
     "lrq-size": ("lrqgraph --target-size <builder int4 bytes> --calib", ["--target-size", "INT4_BYTES", "--calib", "CALIB"]),
@@ -50,6 +53,23 @@ LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, I
                      ["--target-bpw", "3", "--lowering", "lrq", "--calib", "CALIB"]),
 }
 QUICK = ["builder-int4", "lrq-default", "lrq-calib"]
+# The builder (0.18) reads a flat rope_parameters and rope_local_base_freq, while transformers 5
+# gives Gemma 3 one rope_parameters entry per attention type: the builder runs with its config
+# flattened back (global theta for full attention, local theta for the sliding layers).
+BUILDER = """
+import runpy, sys, transformers
+load = transformers.AutoConfig.from_pretrained
+def flat(*args, **kwargs):
+    config = load(*args, **kwargs)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "full_attention" in rope:
+        config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+        config.rope_parameters = dict(rope["full_attention"])
+    return config
+transformers.AutoConfig.from_pretrained = flat
+sys.argv[0] = "builder"
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
 PACKAGES = ("onnxruntime-genai", "onnxruntime", "torch", "transformers", "onnx", "onnx-ir")
 
 
@@ -64,7 +84,7 @@ def builder_folder(precision: str, extra: list[str]) -> tuple[Path, float]:
     tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=cache_dir()))
     start = time.perf_counter()
     try:
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp / "out"),
+        command = [sys.executable, "-c", BUILDER, "-i", str(hf), "-o", str(tmp / "out"),
                    "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")]
         if extra:
             command += ["--extra_options", *extra]
@@ -81,13 +101,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def perplexity(model, windows: np.ndarray) -> float:
-    """exp(mean next-token NLL) over the windows, teacher-forced through onnxruntime-genai."""
+def perplexity(model, windows: np.ndarray, floor: int) -> float:
+    """exp(mean next-token NLL) over the windows, teacher-forced through onnxruntime-genai
+    (``floor``: the smallest max_length the folder takes, genai_decoder.cache_floor)."""
     import onnxruntime_genai as og
     nll, count = 0.0, 0
     for window in windows:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(window) + 1, do_sample=False)
+        params.set_search_options(max_length=max(len(window) + 1, floor), do_sample=False)
         generator = og.Generator(model, params)
         generator.append_tokens(window.astype(np.int32))
         logits = np.asarray(generator.get_output("logits"), np.float64).reshape(len(window), -1)[:-1]
@@ -98,25 +119,23 @@ def perplexity(model, windows: np.ndarray) -> float:
     return float(np.exp(nll / count))
 
 
-def speed(model, prompt: np.ndarray, prefill: np.ndarray, new_tokens: int) -> tuple[float, float]:
+def speed(model, prompt: np.ndarray, prefill: np.ndarray, new_tokens: int, floor: int) -> tuple[float, float]:
     """(prefill tokens/s of ``prefill``, decode tokens/s of ``new_tokens`` after ``prompt``)."""
     import onnxruntime_genai as og
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prefill) + 1, do_sample=False)
+    params.set_search_options(max_length=max(len(prefill) + 1, floor), do_sample=False)
     generator = og.Generator(model, params)
     start = time.perf_counter()
     generator.append_tokens(prefill.astype(np.int32))
     prefill_rate = len(prefill) / (time.perf_counter() - start)
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens, do_sample=False)
+    params.set_search_options(max_length=max(len(prompt) + new_tokens, floor), do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt.astype(np.int32))
     start = time.perf_counter()
-    made = 0
-    while not generator.is_done():
+    for _ in range(new_tokens):
         generator.generate_next_token()
-        made += 1
-    return prefill_rate, made / (time.perf_counter() - start)
+    return prefill_rate, new_tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -141,7 +160,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "kjv-calib.txt"
     calib.write_text("\n".join(data.kjv_sentences(128, start=1)) + "\n", encoding="utf-8")
-    texts = {"reviews": movie_review_sentences(2000), "KJV": data.kjv_sentences(400, start=0)}
+    texts = {"reviews": movie_review_sentences(2000), "KJV": data.kjv_sentences(300, start=0)}
     evaluation = {name: gemma.windows(lines, windows) for name, lines in texts.items() if lines}
 
     folders = {"fp32": (f"builder -p fp32", fp32, fp32_build)}
@@ -167,13 +186,15 @@ def main() -> None:
         print(f"{name}: built in {folders[name][2]:.0f} s", flush=True)
 
     models = {name: og.Model(str(folder)) for name, (_, folder, _) in folders.items()}
-    ppl = {name: {text: perplexity(model, ids) for text, ids in evaluation.items()} for name, model in models.items()}
+    floor = genai_decoder.cache_floor(fp32)
+    ppl = {name: {text: perplexity(model, ids, floor) for text, ids in evaluation.items()}
+           for name, model in models.items()}
     rng = np.random.default_rng(0)
     prompt, prefill = evaluation["KJV"][0][:32], evaluation["KJV"][1][:128]
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name in rng.permutation(list(models)):
-            rates[name].append(speed(models[name], prompt, prefill, 64))
+            rates[name].append(speed(models[name], prompt, prefill, 64, floor))
     median = {name: (statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
               for name, got in rates.items()}
     base = median.get("builder-int4", median["fp32"])

@@ -47,6 +47,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
                         "the scale bytes of float32 models, cast once when onnxruntime loads them (default auto)")
     g.add_argument("--no-clip-search", dest="clip_search", action="store_const", const=False,
                    help="plain min/max scales instead of the per-block MSE-optimal clipping")
+    g.add_argument("--clip-search", dest="clip_search", action="store_const", const=True,
+                   help="per-block MSE-optimal clipping (the default, except on genai folders)")
     g.add_argument("--rotate", action="store_const", const=True,
                    help="randomized Hadamard rotation of each layer's input dimension before quantizing "
                         "(incoherence processing; a few small MatMuls per rotated input at run time)")

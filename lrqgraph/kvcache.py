@@ -20,14 +20,17 @@ _PAST_SLOTS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Att
 
 @dataclass(frozen=True)
 class PastShape:
-    """An empty cache's shape for one past input: [batch, heads, 0, head_size] (BNSH)."""
+    """An empty cache's shape for one past input: [batch, heads, capacity, head_size] (BNSH). The
+    capacity is 0 but for sliding-window attention, whose op wants a buffer of at least the
+    window (zeros; the attention mask says that none of it is filled)."""
 
     heads: int | None
     head_size: int | None
+    capacity: int = 0
 
     def dims(self, batch: int, declared: tuple) -> list[int]:
         """``declared`` (the input's own dims, ints fixed) filled in for an empty past."""
-        filled = [batch, self.heads, 0, self.head_size]
+        filled = [batch, self.heads, self.capacity, self.head_size]
         if len(declared) != 4:
             return [batch] + [0] * (len(declared) - 1)
         return [d if isinstance(d, int) and i != 0 else filled[i] if filled[i] is not None else 1
@@ -64,7 +67,8 @@ def _attention_shape(node: gs.Node, genai: Mapping | None) -> PastShape:
         total_heads = heads + 2 * (kv_heads or 0) if packed else heads
         if width % total_heads == 0:
             head_size = width // total_heads
-    return PastShape(kv_heads or fallback.heads, head_size or fallback.head_size)
+    window = int(node.attrs.get("local_window_size", -1)) if node.op == "GroupQueryAttention" else -1
+    return PastShape(kv_heads or fallback.heads, head_size or fallback.head_size, max(window, 0))
 
 
 def _width(tensor: gs.Tensor, depth: int = 4) -> int | None:

@@ -142,3 +142,46 @@ def test_the_python_api_writes_the_folder_the_cli_writes(folder, tmp_path):
     assert _cli("optimize", folder, "-o", tmp_path / "cli", "-q").returncode == 0
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
         assert (tmp_path / "api" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+
+
+def _gqa_model(window: int):
+    """x [batch, seq, 16] → packed QKV projection → GroupQueryAttention (2 heads, 1 KV head, head size 8)
+    with a cache, and sliding-window attention when ``window`` > 0."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32), "w")
+    one = numpy_helper.from_array(np.array(1, np.int64), "one")
+    axis = numpy_helper.from_array(np.array([1], np.int64), "axis")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["qkv"]),
+             helper.make_node("ReduceSum", ["attention_mask", "axis"], ["len"], keepdims=0),
+             helper.make_node("Sub", ["len", "one"], ["len1"]),
+             helper.make_node("Cast", ["len1"], ["seqlens"], to=TensorProto.INT32),
+             helper.make_node("Shape", ["attention_mask"], ["shape"], start=1, end=2),
+             helper.make_node("Squeeze", ["shape"], ["total64"]),
+             helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
+             helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens", "total"],
+                              ["y", "present_key", "present_value"], domain="com.microsoft", num_heads=2,
+                              kv_num_heads=1, local_window_size=window)]
+    past = ["batch", 1, "past", "head"]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, past),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, past)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    return helper.make_model(helper.make_graph(nodes, "gqa", inputs, outputs, [w, one, axis]),
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("window", [-1, 32])
+def test_an_empty_cache_for_full_and_sliding_window_attention(window):
+    """Full attention takes a past of length 0; sliding-window attention a buffer of at least the
+    window (onnxruntime refuses less), which the mask leaves unused."""
+    import onnxruntime as ort
+    model = _gqa_model(window)
+    feeds = calib.synthesize(model, ModelState(model).graph, samples=2)
+    assert feeds["past_key"].shape == (2, 1, max(window, 0), 8)  # head size 32 / (2 + 2 x 1) heads
+    session = ort.InferenceSession(model.SerializeToString())
+    y = session.run(None, feeds)[0]
+    if window > 0:  # the unused buffer changes nothing: the same as a full-attention cache of 0
+        full = _gqa_model(-1)
+        empty = calib.synthesize(full, ModelState(full).graph, samples=2)
+        np.testing.assert_allclose(y, ort.InferenceSession(full.SerializeToString()).run(None, empty)[0], rtol=1e-5)

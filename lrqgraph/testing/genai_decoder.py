@@ -77,7 +77,7 @@ def teacher_forced_logits(model_folder: str | os.PathLike, ids: list[int]):
 
     model = og.Model(str(model_folder))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+    params.set_search_options(max_length=max(len(ids) + 1, cache_floor(model_folder)), do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray(ids, np.int32))
     return np.asarray(generator.get_output("logits"), np.float32).reshape(len(ids), -1)
@@ -91,9 +91,18 @@ def generate(model_folder: str | os.PathLike, prompt: str, new_tokens: int = 8) 
     tokenizer = og.Tokenizer(model)
     ids = tokenizer.encode(prompt)
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    params.set_search_options(max_length=max(len(ids) + new_tokens, cache_floor(model_folder)), do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(ids)
-    while not generator.is_done():
+    for _ in range(new_tokens):
         generator.generate_next_token()
     return [int(t) for t in generator.get_sequence(0)]
+
+
+def cache_floor(model_folder: str | os.PathLike) -> int:
+    """The smallest ``max_length`` onnxruntime-genai accepts for the folder: sliding-window layers
+    need a KV cache of at least the window."""
+    import json
+    config = json.loads((Path(model_folder) / "genai_config.json").read_text())
+    window = config["model"]["decoder"].get("sliding_window") or {}
+    return int(window.get("window_size", 0))
