@@ -46,6 +46,7 @@ LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, I
     "lrq-default": ("lrqgraph optimize <folder> (defaults, data-free)", []),
     "lrq-int8": ("lrqgraph --accuracy-level 4 (int8 activations, data-free)", ["--accuracy-level", "4"]),
     "lrq-clip": ("lrqgraph --clip-search (per-block MSE clipping, data-free)", ["--clip-search"]),
+    "lrq-noclip": ("lrqgraph --no-clip-search (plain min/max scales, data-free)", ["--no-clip-search"]),
     "lrq-calib": ("lrqgraph --calib (GPTQ 4-bit b32)", ["--calib", "CALIB"]),
     "lrq-bpw4": ("lrqgraph --target-bpw 4 --calib", ["--target-bpw", "4", "--calib", "CALIB"]),
     "lrq-size": ("lrqgraph --target-size <builder int4 bytes> --calib", ["--target-size", "INT4_BYTES", "--calib", "CALIB"]),

@@ -185,3 +185,11 @@ def test_an_empty_cache_for_full_and_sliding_window_attention(window):
         full = _gqa_model(-1)
         empty = calib.synthesize(full, ModelState(full).graph, samples=2)
         np.testing.assert_allclose(y, ort.InferenceSession(full.SerializeToString()).run(None, empty)[0], rtol=1e-5)
+
+
+def test_check_each_pass_reports_only_what_the_passes_break(folder, tmp_path):
+    """The builder's graph already fails strict shape inference (a Constant whose declared rank
+    differs from its value's): --check-each-pass says so once and checks the passes against it."""
+    done = _cli("optimize", folder, "-o", tmp_path / "out", "--check-each-pass", "-q")
+    assert done.returncode == 0, done.stderr
+    assert "the input already fails the check" in done.stderr
