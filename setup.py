@@ -94,6 +94,8 @@ setup(
         depends=["runtime/native/kernels.h", "runtime/native/int8_layout.h", "runtime/native/int8_simd.h"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wno-psabi"],
+        # stripped: a genai folder carries the library, and its debug information is 14x the code
+        extra_link_args=["-s"],
         # optional: setuptools then copies the library into the source tree (editable installs,
         # --inplace) only when it was built. Not when it is required: setuptools would turn the
         # build error into a warning.

@@ -215,8 +215,8 @@ def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenize
         if tokenizer is None:
             raise LrqError(f"{path}: text calibration data needs a tokenizer (--tokenizer tokenizer.json "
                            f"or its folder), or give an .npz of model inputs")
-        groups = [_tokenize(path, model, tokenizer, max_samples, max_length,
-                            past_inputs(graph) if graph is not None else {})]
+        groups = _tokenize(path, model, tokenizer, max_samples, max_length,
+                           past_inputs(graph) if graph is not None else {})
     runs, taken = [], 0
     for group in groups:
         count = next(iter(group.values())).shape[0]
@@ -235,7 +235,9 @@ def load_calibration(source: str | os.PathLike, model: onnx.ModelProto, tokenize
 
 
 def _tokenize(path: Path, model: onnx.ModelProto, tokenizer: str, max_samples: int,
-              max_length: int, past: dict[str, PastShape]) -> dict[str, np.ndarray]:
+              max_length: int, past: dict[str, PastShape]) -> list[dict[str, np.ndarray]]:
+    """Model inputs from the text's lines: one padded group; for a decoder with a KV cache
+    (``past``) a group per line, unpadded, since its attention op takes no padding in a prompt."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -258,8 +260,13 @@ def _tokenize(path: Path, model: onnx.ModelProto, tokenizer: str, max_samples: i
     length = fixed.pop() if len(fixed) == 1 else max_length
     tok.enable_truncation(length)
     pad_id = tok.token_to_id("[PAD]") or tok.token_to_id("<pad>") or 0
-    tok.enable_padding(pad_id=pad_id, length=length if fixed else None)
-    enc = tok.encode_batch(lines[:max_samples])
+    if not past:
+        tok.enable_padding(pad_id=pad_id, length=length if fixed else None)
+    encoded = tok.encode_batch(lines[:max_samples])
+    return [_model_inputs(path, specs, past, group) for group in ([[e] for e in encoded] if past else [encoded])]
+
+
+def _model_inputs(path: Path, specs: list[InputSpec], past: dict[str, PastShape], enc: list) -> dict[str, np.ndarray]:
     ids = np.array([e.ids for e in enc], np.int64)
     columns = {"ids": ids, "mask": np.array([e.attention_mask for e in enc], np.int64),
                "type": np.array([e.type_ids for e in enc], np.int64),

@@ -32,8 +32,11 @@ from .errors import LrqError
 CHUNK = 64 << 20
 # Tensors under this many bytes stay inside the .onnx file when a model is written
 INLINE_BELOW = 1024
-# Data offsets are aligned so that onnxruntime can memory-map each tensor
+# Data offsets are aligned so that onnxruntime can memory-map each tensor; tensors under
+# ALIGN_FROM bytes are packed unaligned (their pages matter little, and the padding would make a
+# model with many small tensors larger than other writers make it)
 ALIGN = 4096
+ALIGN_FROM = 1 << 20
 
 
 def _info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -241,7 +244,8 @@ def write_external(model: onnx.ModelProto, data_path: Path, data_name: str) -> N
             external = is_external(tensor)
             if not external and len(tensor.raw_data) < INLINE_BELOW:
                 continue
-            out.write(b"\0" * (-out.tell() % ALIGN))
+            if _nbytes(tensor) >= ALIGN_FROM:
+                out.write(b"\0" * (-out.tell() % ALIGN))
             offset = out.tell()
             if external:
                 length = _copy_range(tensor, out)
@@ -253,6 +257,10 @@ def write_external(model: onnx.ModelProto, data_path: Path, data_name: str) -> N
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
                 tensor.external_data.add(key=key, value=value)
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    return int(_info(tensor).get("length", 0)) if is_external(tensor) else len(tensor.raw_data)
 
 
 def _copy_range(tensor: onnx.TensorProto, out) -> int:

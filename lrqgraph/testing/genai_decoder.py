@@ -29,18 +29,18 @@ TEXT = ["In the beginning God created the heaven and the earth.",
         "And God saw the light, that it was good: and God divided the light from the darkness."]
 
 
-def folder() -> Path:
-    """The builder's fp32 folder, built on first use."""
+def folder(precision: str = "fp32") -> Path:
+    """The builder's folder (``-p fp32`` or ``-p int4``, its defaults), built on first use."""
     versions = [metadata.version(p) for p in PACKAGES]
-    key = hashlib.sha256(f"{versions}|{sorted(CONFIG.items())}|{TEXT}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"genai-llama-{key}"
+    key = hashlib.sha256(f"{versions}|{sorted(CONFIG.items())}|{TEXT}|{precision}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"genai-llama-{precision}-{key}"
     if (target / "genai_config.json").exists():
         return target
     tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=cache_dir()))
     try:
         _hf_folder(tmp / "hf")
         build = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp / "hf"),
-                                "-o", str(tmp / "out"), "-p", "fp32", "-e", "cpu", "-c", str(tmp / "cache")],
+                                "-o", str(tmp / "out"), "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")],
                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if build.returncode != 0:
             raise RuntimeError(f"onnxruntime-genai's builder failed: {build.stderr[-2000:]}")
