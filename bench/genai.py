@@ -43,10 +43,9 @@ BUILDER_ROWS = {  # name: (label, builder precision, extra options)
     "builder-int4-kqm": ("builder -p int4 algo_config=k_quant_mixed", "int4", ["algo_config=k_quant_mixed"]),
 }
 LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, INT4_BYTES the builder int4's bytes)
-    "lrq-default": ("lrqgraph optimize <folder> (defaults, data-free)", []),
-    "lrq-int8": ("lrqgraph --accuracy-level 4 (int8 activations, data-free)", ["--accuracy-level", "4"]),
-    "lrq-clip": ("lrqgraph --clip-search (per-block MSE clipping, data-free)", ["--clip-search"]),
-    "lrq-noclip": ("lrqgraph --no-clip-search (plain min/max scales, data-free)", ["--no-clip-search"]),
+    "lrq-default": ("lrqgraph optimize <folder> (defaults: data-free, min/max scales, int8 activations)", []),
+    "lrq-float": ("lrqgraph --accuracy-level 0 (float activations)", ["--accuracy-level", "0"]),
+    "lrq-clip": ("lrqgraph --clip-search (per-block MSE clipping)", ["--clip-search"]),
     "lrq-calib": ("lrqgraph --calib (GPTQ 4-bit b32)", ["--calib", "CALIB"]),
     "lrq-bpw4": ("lrqgraph --target-bpw 4 --calib", ["--target-bpw", "4", "--calib", "CALIB"]),
     "lrq-size": ("lrqgraph --target-size <builder int4 bytes> --calib", ["--target-size", "INT4_BYTES", "--calib", "CALIB"]),

@@ -120,14 +120,15 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike,
 def optimize_folder(folder: str | os.PathLike, output: str | os.PathLike, config: OptimizeConfig | None = None,
                     passes: str | list[Pass] | None = None) -> Result:
     """An onnxruntime-genai model folder in, one out (lrqgraph.genai): the model its
-    genai_config.json names is rewritten (with :func:`lrqgraph.genai.deploy_config`'s defaults)
+    genai_config.json names is rewritten (``config``'s open fields, or all of it when None, as
+    :func:`lrqgraph.genai.deploy_config` sets them for decoders)
     and ``output`` is written whole or not at all, ready for ``onnxruntime_genai.Model``."""
     from . import genai
     from .io import Outputs
 
     source = genai.open_folder(folder)
     genai.check_output_folder(output, source)
-    result = run(source.model_file, genai.deploy_config(config or OptimizeConfig(), source), passes)
+    result = run(source.model_file, genai.deploy_config(config, source), passes)
     with Outputs() as outputs:
         genai.write_folder(source, result.model, output, outputs, library=genai.custom_ops_library(result.model))
         outputs.commit()

@@ -48,7 +48,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-clip-search", dest="clip_search", action="store_const", const=False,
                    help="plain min/max scales instead of the per-block MSE-optimal clipping")
     g.add_argument("--clip-search", dest="clip_search", action="store_const", const=True,
-                   help="per-block MSE-optimal clipping (the default, except on genai folders)")
+                   help="per-block MSE-optimal clipping (the default, except on genai folders, where it costs decoders)")
     g.add_argument("--rotate", action="store_const", const=True,
                    help="randomized Hadamard rotation of each layer's input dimension before quantizing "
                         "(incoherence processing; a few small MatMuls per rotated input at run time)")
@@ -247,6 +247,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     else:
         _check_outputs(src, dst, args.external_data, args.report, args.report_html)
     _check_inputs(args)
+    if folder is not None and args.clip_search is None and hasattr(METHODS[args.method].config, "clip_search"):
+        args.clip_search = False  # decoders' default (genai.deploy_config)
     config = config_from_args(args)
     if folder is not None:
         config = genai.deploy_config(config, folder)
