@@ -8,7 +8,8 @@ than the calibration text) and of KJV verses disjoint from the calibration verse
 through onnxruntime-genai (``append_tokens(window)`` then ``get_output("logits")``), each as a
 ratio to fp32; prefill tokens/s (one 128-token prompt) and decode tokens/s (64 new tokens after a
 32-token prompt), medians over interleaved rounds, as ratios to the builder's int4 in the same run;
-build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
+the peak resident memory of a process that loads the folder and runs a prompt, over the bytes of
+the model and its data; build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
 
     pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows lrq-default,lrq-bpw4] [--out genai.md]
 """
@@ -37,6 +38,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from lrqgraph.cache import cache_dir  # noqa: E402
 from lrqgraph.testing import data, gemma, genai_decoder  # noqa: E402
+from lrqgraph.testing.memory import run_measured  # noqa: E402
 
 BUILDER_ROWS = {  # name: (label, builder precision, extra options)
     "builder-int4": ("builder -p int4 (default: RTN b32, int8 activations, lm_head quantized)", "int4", []),
@@ -48,7 +50,7 @@ LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, I
     "lrq-clip": ("lrqgraph --clip-search (per-block MSE clipping)", ["--clip-search"]),
     "lrq-calib": ("lrqgraph --calib (GPTQ 4-bit b32)", ["--calib", "CALIB"]),
     "lrq-bpw4": ("lrqgraph --target-bpw 4 --calib", ["--target-bpw", "4", "--calib", "CALIB"]),
-    "lrq-size": ("lrqgraph --target-size <builder int4 bytes> --calib", ["--target-size", "INT4_BYTES", "--calib", "CALIB"]),
+    "lrq-size": ("lrqgraph --target-size <builder int4 model bytes> --calib", ["--target-size", "INT4_BYTES", "--calib", "CALIB"]),
     "lrq-bpw3-lrq": ("lrqgraph --target-bpw 3 --lowering lrq --calib",
                      ["--target-bpw", "3", "--lowering", "lrq", "--calib", "CALIB"]),
 }
@@ -99,6 +101,32 @@ def builder_folder(precision: str, extra: list[str]) -> tuple[Path, float]:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def model_bytes(folder: Path) -> int:
+    """The model file and its data (what ``--target-size`` counts)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+# A child process: the folder loaded by onnxruntime-genai and a 32-token prompt run once.
+SESSION = """
+import sys, numpy as np, onnxruntime_genai as og
+model = og.Model(sys.argv[1])
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=int(sys.argv[2]), do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens(np.arange(2, 34, dtype=np.int32))
+generator.generate_next_token()
+"""
+
+
+def session_rss(folder: Path, floor: int) -> float:
+    """Peak resident bytes of a process running the folder through onnxruntime-genai, over the
+    bytes of its model and data files."""
+    measured = run_measured([sys.executable, "-c", SESSION, str(folder), str(max(floor, 64))])
+    if measured.returncode != 0:
+        raise RuntimeError(f"{folder}: {measured.output[-2000:]}")
+    return measured.peak_rss / model_bytes(folder)
 
 
 def perplexity(model, windows: np.ndarray, floor: int) -> float:
@@ -173,20 +201,23 @@ def main() -> None:
         print(f"{name}: {folder} ({seconds:.0f} s)", flush=True)
     for name in [n for n in names if n in LRQ_ROWS]:
         label, options = LRQ_ROWS[name]
-        options = [str(calib) if o == "CALIB" else str(folder_bytes(int4)) if o == "INT4_BYTES" else o
+        options = [str(calib) if o == "CALIB" else str(model_bytes(int4)) if o == "INT4_BYTES" else o
                    for o in options]
         out = work / name
         start = time.perf_counter()
+        print(f"{name}: lrqgraph optimize {' '.join(options)}", flush=True)
+        # lrqgraph's progress log goes to this script's stderr as it runs
         done = subprocess.run([sys.executable, "-m", "lrqgraph", "optimize", str(fp32), "-o", str(out), *options],
-                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                              stdout=subprocess.DEVNULL)
         if done.returncode != 0:
-            print(f"{name}: lrqgraph failed: {done.stderr[-2000:]}", flush=True)
+            print(f"{name}: lrqgraph failed (exit {done.returncode}); see its log above", flush=True)
             continue
         folders[name] = (label, out, time.perf_counter() - start)
         print(f"{name}: built in {folders[name][2]:.0f} s", flush=True)
 
-    models = {name: og.Model(str(folder)) for name, (_, folder, _) in folders.items()}
     floor = genai_decoder.cache_floor(fp32)
+    rss = {name: session_rss(folder, floor) for name, (_, folder, _) in folders.items()}  # before ours load
+    models = {name: og.Model(str(folder)) for name, (_, folder, _) in folders.items()}
     ppl = {name: {text: perplexity(model, ids, floor) for text, ids in evaluation.items()}
            for name, model in models.items()}
     rng = np.random.default_rng(0)
@@ -205,14 +236,14 @@ def main() -> None:
             cells += [f"{ppl[name][text]:.3f}", f"{ppl[name][text] / ppl['fp32'][text]:.4f}x"]
         pre, dec = median[name]
         cells += [f"{pre:.0f}", f"{pre / base[0]:.2f}x", f"{dec:.1f}", f"{dec / base[1]:.2f}x",
-                  f"{seconds:.0f}" if seconds else "cached"]
+                  f"{rss[name]:.2f}", f"{seconds:.0f}" if seconds else "cached"]
         rows.append(cells)
         print(cells, flush=True)
     headers = ["folder", "MB"]
     for text in evaluation:
         headers += [f"ppl {text}", "x fp32"]
     against = "builder int4" if "builder-int4" in median else "fp32"
-    headers += ["prefill tok/s", f"x {against}", "decode tok/s", f"x {against}", "build s"]
+    headers += ["prefill tok/s", f"x {against}", "decode tok/s", f"x {against}", "session RSS / model", "build s"]
     publish(f"Gemma 3 270M through onnxruntime-genai {metadata.version('onnxruntime-genai')}, "
             f"{windows} windows of 128 tokens per text, {args.rounds} speed rounds", headers, rows, args.out)
     if not args.keep:
