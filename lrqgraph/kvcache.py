@@ -3,19 +3,19 @@ the past keys and values, and the shape each takes for an empty cache (a prompt'
 
 Synthetic and text-derived inputs feed such a model a past of length 0, with the head count and
 head size the attention ops expect. Those come from the graph: the attention op's attributes
-(GroupQueryAttention's ``kv_num_heads``, MultiHeadAttention's ``num_heads``) and the width of its
-query (the weight of the projection that produces it), else from ``genai_config.json``.
+(GroupQueryAttention's ``kv_num_heads`` and ``local_window_size``, MultiHeadAttention's
+``num_heads``) and the width of its query (the weight of the projection that produces it). Inputs
+named like a past that no attention op reads (attention in standard ops) keep their declared
+dims, with symbolic ones other than the batch set to 0 (the past length) or 1.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Mapping
 
 import onnx_graphsurgeon as gs
 
 # The input slots of onnxruntime's attention ops that take the past key and value.
-_PAST_SLOTS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4,)}
+_PAST_SLOTS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7)}
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,12 @@ class PastShape:
         """``declared`` (the input's own dims, ints fixed) filled in for an empty past."""
         filled = [batch, self.heads, self.capacity, self.head_size]
         if len(declared) != 4:
-            return [batch] + [0] * (len(declared) - 1)
+            return [batch] + [d if isinstance(d, int) else 0 for d in declared[1:]]
         return [d if isinstance(d, int) and i != 0 else filled[i] if filled[i] is not None else 1
                 for i, d in enumerate(declared)]
 
 
-def past_inputs(graph: gs.Graph, genai: Mapping | None = None) -> dict[str, PastShape]:
+def past_inputs(graph: gs.Graph) -> dict[str, PastShape]:
     """The graph inputs that hold past keys/values, each with its empty-cache shape."""
     names = {t.name for t in graph.inputs}
     found: dict[str, PastShape] = {}
@@ -47,17 +47,14 @@ def past_inputs(graph: gs.Graph, genai: Mapping | None = None) -> dict[str, Past
             continue
         for slot in slots:
             if slot < len(node.inputs) and node.inputs[slot].name in names:
-                found[node.inputs[slot].name] = _attention_shape(node, genai)
-    # exporters that compute attention in standard ops: the inputs genai_config names, or "past"
-    pattern = _genai_pattern(genai)
+                found[node.inputs[slot].name] = _attention_shape(node)
     for tensor in graph.inputs:
-        if tensor.name not in found and (pattern.fullmatch(tensor.name) if pattern else "past" in tensor.name.lower()):
-            found[tensor.name] = _config_shape(genai)
+        if tensor.name not in found and "past" in tensor.name.lower():
+            found[tensor.name] = PastShape(None, None)
     return found
 
 
-def _attention_shape(node: gs.Node, genai: Mapping | None) -> PastShape:
-    fallback = _config_shape(genai)
+def _attention_shape(node: gs.Node) -> PastShape:
     heads = int(node.attrs.get("num_heads", 0)) or None
     kv_heads = int(node.attrs.get("kv_num_heads", 0)) or heads if node.op == "GroupQueryAttention" else heads
     width = _width(node.inputs[0]) if node.inputs else None
@@ -68,7 +65,7 @@ def _attention_shape(node: gs.Node, genai: Mapping | None) -> PastShape:
         if width % total_heads == 0:
             head_size = width // total_heads
     window = int(node.attrs.get("local_window_size", -1)) if node.op == "GroupQueryAttention" else -1
-    return PastShape(kv_heads or fallback.heads, head_size or fallback.head_size, max(window, 0))
+    return PastShape(kv_heads, head_size, max(window, 0))
 
 
 def _width(tensor: gs.Tensor, depth: int = 4) -> int | None:
@@ -91,21 +88,3 @@ def _width(tensor: gs.Tensor, depth: int = 4) -> int | None:
                 if width:
                     return width
     return None
-
-
-def _decoder_config(genai: Mapping | None) -> Mapping:
-    return ((genai or {}).get("model") or {}).get("decoder") or {}
-
-
-def _config_shape(genai: Mapping | None) -> PastShape:
-    decoder = _decoder_config(genai)
-    heads = decoder.get("num_key_value_heads") or decoder.get("num_attention_heads")
-    return PastShape(int(heads) if heads else None, int(decoder["head_size"]) if decoder.get("head_size") else None)
-
-
-def _genai_pattern(genai: Mapping | None) -> re.Pattern | None:
-    inputs = _decoder_config(genai).get("inputs") or {}
-    patterns = [inputs[k] for k in ("past_key_names", "past_value_names") if isinstance(inputs.get(k), str)]
-    if not patterns:
-        return None
-    return re.compile("|".join(re.escape(p).replace("%d", r"\d+") for p in patterns))

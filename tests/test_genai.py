@@ -209,3 +209,16 @@ def test_check_each_pass_reports_only_what_the_passes_break(folder, tmp_path):
     done = _cli("optimize", folder, "-o", tmp_path / "out", "--check-each-pass", "-q")
     assert done.returncode == 0, done.stderr
     assert "the input already fails the check" in done.stderr
+
+
+def test_the_builders_int4_folder_passes_through(tmp_path):
+    """MatMulNBits already in the graph (a quantized model) and the contrib ops around it are left
+    as they are; the output folder still loads and gives the input's logits."""
+    int4 = genai_decoder.folder("int4")
+    done = _cli("optimize", int4, "-o", tmp_path / "out", "--report", tmp_path / "r.json", "-q")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["model"]["layers_rewritten"] == 0
+    assert {layer["reason"] for layer in report["layers"] if layer["op"] == "MatMulNBits"} == {"already quantized"}
+    np.testing.assert_array_equal(genai_decoder.teacher_forced_logits(int4, IDS),
+                                  genai_decoder.teacher_forced_logits(tmp_path / "out", IDS))
