@@ -138,6 +138,21 @@ def _producers(graph: onnx.GraphProto, names: set[str]) -> list[onnx.NodeProto]:
     return [graph.node[i] for i in sorted(chosen)]
 
 
+def _transposed_sources(model: onnx.ModelProto, names: set[str]) -> dict[str, str]:
+    """{initializer: weight} for weights ``names`` that are a Transpose of an initializer: a table
+    stored as its tied lm_head's [hidden, vocab] weight and read by the Gather through a Transpose
+    (onnxruntime-genai's builder). The initializer is detached too, as the weight's transposed
+    alias, so that a replaced weight reaches the lm_head as well (and no slice keeps a copy)."""
+    initializers = {t.name for t in model.graph.initializer}
+    sources = {}
+    for node in model.graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if node.op_type == "Transpose" and node.output[0] in names and node.input[0] in initializers \
+                and perm == [1, 0]:
+            sources[node.input[0]] = node.output[0]
+    return sources
+
+
 def _detach_transposes(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> dict[str, str]:
     """Transposes of detached 2-D inputs (a tied lm_head reading the embedding table as Eᵀ) become
     inputs of their own, fed the transposed array: onnxruntime would otherwise transpose the table on
@@ -180,8 +195,9 @@ class Degradation:
             raise LrqError("measuring degradation needs at least one input batch")
         graph_model = onnx.ModelProto()
         graph_model.CopyFrom(model)
-        self.weights = _detach_constants(graph_model, list(weights))
-        self.aliases = _detach_transposes(graph_model, self.weights)
+        sources = _transposed_sources(graph_model, set(weights))
+        self.weights = _detach_constants(graph_model, [*weights, *sources])
+        self.aliases = {**_detach_transposes(graph_model, self.weights), **sources}
         self.session = open_session(graph_model)
         self.output = self.session.get_outputs()[0].name
         self.reference = self.outputs({})

@@ -31,6 +31,7 @@ from .evaluate import open_session
 from .external import has_absolute_external
 from .io import load_model
 from .numerics.patches import ConvPatches
+from .progress import progress
 from .slicing import with_outputs
 
 
@@ -124,7 +125,7 @@ def collect_hessian_parts(model: onnx.ModelProto | str | os.PathLike, inputs: di
     for batches in parts:
         sums: dict[tuple, np.ndarray] = {}
         rows: dict[tuple, int] = {}
-        for feed in batches:
+        for feed in progress(list(batches), "calibrate: H", every_s=10.0, unit="run"):
             acts = dict(zip(names, sess.run(names, feed)))
             keep = None if mask_input is None else feed[mask_input].reshape(-1).astype(bool)
             for key in dict.fromkeys(keys.values()):

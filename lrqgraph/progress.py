@@ -10,15 +10,15 @@ T = TypeVar("T")
 log = logging.getLogger("lrqgraph.progress")
 
 
-def progress(items: Sequence[T], what: str, every_s: float = 2.0) -> Iterator[T]:
-    """Yield ``items``; log "what i/n layers, s spent, ~s left" after a layer when ``every_s``
-    seconds passed since the last line (and after the last layer), with a bar on a terminal."""
+def progress(items: Sequence[T], what: str, every_s: float = 2.0, unit: str = "layer") -> Iterator[T]:
+    """Yield ``items``; log "what i/n layers, s spent, ~s left" after an item when ``every_s``
+    seconds passed since the last line (and after the last item), with a bar on a terminal."""
     total = len(items)
     start = last = time.perf_counter()
     bar = None
     if sys.stderr.isatty() and total > 1:
         from tqdm import tqdm
-        bar = tqdm(total=total, desc=what, unit="layer", leave=False)
+        bar = tqdm(total=total, desc=what, unit=unit, leave=False)
     try:
         for i, item in enumerate(items, 1):
             yield item
@@ -27,7 +27,7 @@ def progress(items: Sequence[T], what: str, every_s: float = 2.0) -> Iterator[T]
                 bar.update()
             if now - last >= every_s or (i == total and now - start >= every_s):
                 spent = now - start
-                log.info("%s: %d/%d layers, %.1f s spent, ~%.1f s left", what, i, total, spent,
+                log.info("%s: %d/%d %ss, %.1f s spent, ~%.1f s left", what, i, total, unit, spent,
                          spent / i * (total - i))
                 last = now
     finally:
