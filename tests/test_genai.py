@@ -222,3 +222,28 @@ def test_the_builders_int4_folder_passes_through(tmp_path):
     assert {layer["reason"] for layer in report["layers"] if layer["op"] == "MatMulNBits"} == {"already quantized"}
     np.testing.assert_array_equal(genai_decoder.teacher_forced_logits(int4, IDS),
                                   genai_decoder.teacher_forced_logits(tmp_path / "out", IDS))
+
+
+def test_the_builders_tied_table_is_measured_as_one_weight(folder):
+    """The builder stores the tied table as the lm_head's [hidden, vocab] weight W and the Gather
+    reads Wᵀ: a replaced table must reach the lm_head too. Halving it halves the logits (the
+    embedding's scale is undone by the first RMSNorm), as a session over a model whose W is halved
+    computes; measuring only the Gather's copy would leave the logits almost as they were."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from lrqgraph.evaluate import Degradation
+    model = load_model(folder / "model.onnx")
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and "embed" in n.name)
+    table = gather.input[0]  # the Transpose's output
+    w = next(t for t in model.graph.initializer if t.name == "lm_head.MatMul.weight")
+    feeds = calib.synthesize(model, ModelState(model).graph, samples=2)
+    meter = Degradation(model, [table], [feeds])
+    got = meter.outputs({table: 0.5 * numpy_helper.to_array(w).T})[0][0]
+    halved = onnx.ModelProto()
+    halved.CopyFrom(model)
+    next(t for t in halved.graph.initializer if t.name == w.name).CopyFrom(
+        numpy_helper.from_array(0.5 * numpy_helper.to_array(w), w.name))
+    want = ort.InferenceSession(halved.SerializeToString()).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    original = ort.InferenceSession(model.SerializeToString()).run(["logits"], feeds)[0]
+    assert np.abs(got - original).max() > 0.1 * np.abs(original).max()
