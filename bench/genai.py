@@ -11,7 +11,7 @@ ratio to fp32; prefill tokens/s (one 128-token prompt) and decode tokens/s (64 n
 the peak resident memory of a process that loads the folder and runs a prompt, over the bytes of
 the model and its data; build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
 
-    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows lrq-default,lrq-bpw4] [--out genai.md]
+    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|lrq-bpw4,...] [--out genai.md]
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, I
                      ["--target-bpw", "3", "--lowering", "lrq", "--calib", "CALIB"]),
 }
 QUICK = ["builder-int4", "lrq-default", "lrq-calib"]
+# each under 30 minutes here (the default is the first)
+GROUPS = {"defaults": ["builder-int4", "builder-int4-kqm", "lrq-default", "lrq-float", "lrq-clip", "lrq-calib"],
+          "allocations": ["builder-int4", "lrq-bpw4", "lrq-size", "lrq-bpw3-lrq"]}
 # The builder (0.18) reads a flat rope_parameters and rope_local_base_freq, while transformers 5
 # gives Gemma 3 one rope_parameters entry per attention type: the builder runs with its config
 # flattened back (global theta for full attention, local theta for the sliding layers).
@@ -169,7 +172,7 @@ def speed(model, prompt: np.ndarray, prefill: np.ndarray, new_tokens: int, floor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} beside fp32, 4 windows")
-    parser.add_argument("--rows", help="comma-separated row names (default: all)")
+    parser.add_argument("--rows", help=f"comma-separated row names or groups {', '.join(GROUPS)} (default: defaults)")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows per text")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     parser.add_argument("--keep", help="keep lrqgraph's folders under this folder")
@@ -177,7 +180,8 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime_genai as og
 
-    names = args.rows.split(",") if args.rows else QUICK if args.quick else [*BUILDER_ROWS, *LRQ_ROWS]
+    asked = args.rows.split(",") if args.rows else QUICK if args.quick else ["defaults"]
+    names = list(dict.fromkeys(n for a in asked for n in GROUPS.get(a, [a])))
     unknown = [n for n in names if n not in BUILDER_ROWS and n not in LRQ_ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {[*BUILDER_ROWS, *LRQ_ROWS]}")
@@ -193,7 +197,8 @@ def main() -> None:
 
     folders = {"fp32": (f"builder -p fp32", fp32, fp32_build)}
     int4 = None
-    for name in [n for n in names if n in BUILDER_ROWS] + (["builder-int4"] if "lrq-size" in names else []):
+    wanted = [n for n in names if n in BUILDER_ROWS] + (["builder-int4"] if "lrq-size" in names else [])
+    for name in dict.fromkeys(wanted):
         label, precision, extra = BUILDER_ROWS[name]
         folder, seconds = builder_folder(precision, extra)
         folders[name] = (label, folder, seconds)
