@@ -4,9 +4,9 @@ the past keys and values, and the shape each takes for an empty cache (a prompt'
 Synthetic and text-derived inputs feed such a model a past of length 0, with the head count and
 head size the attention ops expect. Those come from the graph: the attention op's attributes
 (GroupQueryAttention's ``kv_num_heads`` and ``local_window_size``, MultiHeadAttention's
-``num_heads``) and the width of its query (the weight of the projection that produces it). Inputs
-named like a past that no attention op reads (attention in standard ops) keep their declared
-dims, with symbolic ones other than the batch set to 0 (the past length) or 1.
+``num_heads``) and the width of its query (the weight of the projection that produces it). Rank-4
+inputs named like a past key or value that no attention op reads (attention in standard ops)
+keep their declared dims, with symbolic ones other than the batch set to 0 (the past length) or 1.
 """
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ def past_inputs(graph: gs.Graph) -> dict[str, PastShape]:
         for slot in slots:
             if slot < len(node.inputs) and node.inputs[slot].name in names:
                 found[node.inputs[slot].name] = _attention_shape(node)
-    for tensor in graph.inputs:
-        if tensor.name not in found and "past" in tensor.name.lower():
+    for tensor in graph.inputs:  # past_key_values.N.key / .value read by attention in standard ops
+        name = tensor.name.lower()
+        if tensor.name not in found and "past" in name and ("key" in name or "value" in name) \
+                and tensor.shape is not None and len(tensor.shape) == 4:
             found[tensor.name] = PastShape(None, None)
     return found
 
