@@ -100,7 +100,8 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
                         "(dense, rotated, qlr, lowrank, kashin, kmeans; default: every family the lowering runs)")
     g.add_argument("--tables-in-budget", action=argparse.BooleanOptionalAction, default=None,
                    help="embedding tables (and a tied lm_head) compete for --target-bpw's bits like every other "
-                        "layer (default: they take an 8-bit grid outside it; --target-size and the quality goals "
+                        "layer (default: they take a fixed grid outside it, 8-bit from 4 bits per weight up, else 4-bit; "
+                        "--target-size and the quality goals "
                         "always let them compete)")
     g.add_argument("--report-html", help="write a self-contained HTML report with plots here")
 

@@ -103,8 +103,8 @@ class AllocateConfig:
     measure_samples: int | None = None
     # embedding tables (and a tied lm_head with them) compete in the knapsack like every other
     # layer; None: for --target-size and the compact goals, which count or measure every byte.
-    # Otherwise (--target-bpw by default) a table takes its cheapest 8-bit grid, outside the bits
-    # per weight, which are then the other layers' (an untied output layer competes as usual). Gemma 3 270M at --target-bpw 4 with its tied
+    # Otherwise (--target-bpw by default) a table takes a fixed grid (tolerance.guard_menu: 8-bit from 4 bits
+    # per weight up, 4-bit below), outside the bits per weight, which are then the other layers' (an untied output layer competes as usual). Gemma 3 270M at --target-bpw 4 with its tied
     # 262144-word table competing: table at 4 bits, 1.44x fp32 perplexity on KJV, 2.02x on reviews;
     # with the table at 8 bits outside the budget: 1.15x / 1.49x (bench/RESULTS.md)
     tables_in_budget: bool | None = None

@@ -40,6 +40,7 @@ class ModelState:
         self.shell.metadata_props.extend(model.metadata_props)
         self.shell.graph.input.extend(model.graph.input)  # the signature, for calibration data
         self.shell.graph.initializer.extend(onnx.TensorProto(name=t.name) for t in model.graph.initializer)
+        self.structure_bytes = structure_bytes(model)
         self.min_ir_version = 0
         self._namer: Namer | None = None
         # values lowerings emit once and share between layers (a rotated input read by q, k and v)
@@ -134,6 +135,18 @@ class ModelState:
         del model.metadata_props[:]
         model.metadata_props.extend(self.shell.metadata_props)
         return model
+
+
+def structure_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the serialized model besides its constants' data: nodes, names, shapes, the
+    tensors' headers (what --target-size pays for beyond the weights)."""
+    constants = sum(len(a.t.raw_data) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute)
+    headers = sum(t.ByteSize() - len(t.raw_data) for t in model.graph.initializer)
+    graph = model.graph
+    rest = sum(m.ByteSize() for field in (graph.node, graph.input, graph.output, graph.value_info) for m in field)
+    rest += sum(m.ByteSize() for field in (model.opset_import, model.metadata_props, model.functions) for m in field)
+    rest += sum(len(text) for text in (model.producer_name, model.producer_version, model.domain, model.doc_string))
+    return rest - constants + headers
 
 
 def _nbytes(const: gs.Constant) -> int:

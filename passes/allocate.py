@@ -3,7 +3,7 @@
 Modes (AllocateConfig):
   - quality: the least predicted degradation whose storage fits ``target_bpw`` bits per weight
     over the selected layers (kept layers count at their float size; embedding tables take a fixed
-    8-bit grid outside it unless ``tables_in_budget``) or ``target_size``
+    grid outside it (tolerance.guard_menu) unless ``tables_in_budget``) or ``target_size``
     bytes for the whole model;
   - compact: the smallest storage whose predicted degradation is within ``min_cosine`` (1 − mean
     cosine of the first output) or ``max_kl`` (logits);
@@ -22,12 +22,14 @@ The plans it sets are what ``lower`` emits, as after ``factorize``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
 
-from lrqgraph.config import AllocateConfig, with_fields
+from lrqgraph.config import AllocateConfig, describe_config, with_fields
 from lrqgraph.errors import LrqError
+from lrqgraph.external import ALIGN, ALIGN_FROM
 from lrqgraph.labels import load_labelled
 from lrqgraph.methods import configure
 from lrqgraph.numerics import Representation, activation_error
@@ -74,6 +76,20 @@ def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
             sum(t.candidates[0].bits for t in tols if not t.budgeted))
 
 
+# what a rewritten layer adds to the file besides its codes and scales: its nodes and tensor headers
+# (measured: 270 to 330 bytes a layer), and the padding that aligns a tensor of 1 MiB or more in
+# the external data (less than external.ALIGN each; codes and, for a table, scales)
+NODE_BYTES = 512
+
+
+def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
+    """An upper bound on the bytes a rewrite adds beyond its candidates' storage: the layers' nodes
+    and padding, and the metadata lrqgraph.api writes (the config, the pipeline: 512 bytes and more)."""
+    big = sum(1 for t in tols if max((c.bits for c in t.candidates if c.rep is not None), default=0) / 8 >= ALIGN_FROM)
+    metadata = len(json.dumps(describe_config(config), sort_keys=True, default=str)) + 1024
+    return NODE_BYTES * len(tols) + 2 * ALIGN * big + metadata
+
+
 def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
     """('budget', bits) or ('loss', max predicted degradation)."""
     params, fixed = budgeted_params(tols)
@@ -81,10 +97,10 @@ def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
         return "budget", cfg.target_bpw * params + fixed
     if cfg.target_size is not None:
         selected_bytes = sum(t.candidates[-1].bits for t in tols) / 8  # their float storage today
-        other = ctx.model.constant_bytes() - selected_bytes
+        other = ctx.model.constant_bytes() - selected_bytes + ctx.model.structure_bytes + rewrite_overhead(ctx.config, tols)
         if cfg.target_size <= other:
             raise LrqError(f"--target-size {cfg.target_size} bytes is below the {int(other)} bytes the model "
-                           f"keeps outside the selected layers; raise it or select more layers")
+                           f"keeps outside the selected layers (its graph included); raise it or select more layers")
         return "budget", (cfg.target_size - other) * 8
     if cfg.labels is not None:
         return "lossless", 0.0
@@ -181,8 +197,8 @@ class Allocate(Pass):
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         params, fixed = budgeted_params(tols)
         if tols and not params:
-            raise LrqError("every selected layer is an embedding table, which --target-bpw keeps at 8 bits outside "
-                           "its budget; give --target-size, or --tables-in-budget")
+            raise LrqError("every selected layer is an embedding table, which --target-bpw keeps at a fixed grid "
+                           "outside its budget; give --target-size, or --tables-in-budget")
         if not any(len(t.candidates) > 1 for t in tols):
             ctx.plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
                          for layer in layers}
@@ -311,7 +327,7 @@ def _uniform(measure, tols: list[LayerTolerance], per_weight) -> list[dict]:
     """Each symmetric dense grid that every budgeted layer holds (screening leaves a role only its
     frontier's grids), on every layer, measured: the baselines of the quality-vs-size curve, out of
     sample like the choice. GPTQ and data-free RTN candidates of a grid are the same grid; a layer
-    without it (a table at its fixed 8-bit grid) takes its nearest one with at least as many bits,
+    without it (a table at its fixed grid) takes its nearest one with at least as many bits,
     or stays in float."""
     def grid(c) -> tuple[int, int]:
         q = c.rep.chains[0][0]

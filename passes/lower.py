@@ -537,6 +537,8 @@ def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: st
                 accuracy_level: int | None) -> LoweredLayer:
     """Rewrite every node of ``layer`` (the replaced nodes are dropped; cleanup removes the rest)."""
     check_layer(layer, rep, target)
+    if accuracy_level is None and target == "lrq":  # its tables run on MatMulNBits, at lrq's int8 activations
+        accuracy_level = 4
     target = layer_target(layer, target)
     # float16 scales of a float32 layer are stored as float16 and cast once when onnxruntime loads
     # the model (Emitter.stored_scales); the lrq ops take either scale type as they are
@@ -558,7 +560,8 @@ class Lower(Pass):
 
     ``accuracy_level`` (default: the config's) sets the activations' precision for every node: 0
     float, 4 int8 per block. Unset, ort uses 0 for 2/4-bit codes and 4 for 8-bit codes (their only
-    fast onnxruntime CPU kernel quantizes activations), lrq uses 4.
+    fast onnxruntime CPU kernel quantizes activations), lrq uses 4 (for the tables it leaves to
+    MatMulNBits too).
     """
 
     name = "lower"

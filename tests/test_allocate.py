@@ -147,7 +147,7 @@ def test_unreachable_goals_are_clear_errors(tmp_path):
     with pytest.raises(lrqgraph.LrqError, match="one goal"):
         AllocateConfig(target_bpw=3, min_cosine=0.9)
     with pytest.raises(lrqgraph.LrqError, match="below the cheapest choice"):
-        run(tmp_path, target_size=100)
+        run(tmp_path, target_size=5000)  # above the graph and metadata (3.8 KB), below 2 bits a weight
     with pytest.raises(lrqgraph.LrqError, match="outside the selected layers"):  # the embedding table
         lrqgraph.run(builders.token_model(), OptimizeConfig(allocate=AllocateConfig(target_size=1000)))
 
@@ -248,8 +248,18 @@ def test_cli_allocates_and_writes_json_and_html_reports(tmp_path, capsys):
     html = page.read_text()
     assert html.count("<img") == 3 and "spearman" in html
     capsys.readouterr()
-    assert main(["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--target-size", "1KB", "-q"]) == 2
+    assert main(["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--target-size", "5KB", "-q"]) == 2
     assert "below the cheapest choice" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("target", [12_000, 20_000, 40_000])
+def test_target_size_bounds_the_written_file(tmp_path, target):
+    # 122,880 float bytes of weights under a graph of about 1 KB: the file, graph and all, fits the target
+    src, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
+    save_model(builders.mlp_model(), src)
+    code = main(["optimize", str(src), "-o", str(out), "--calib", mlp_calib(tmp_path), "--target-size", str(target), "-q"])
+    assert code == 0
+    assert 0.8 * target <= out.stat().st_size <= target  # and the budget is used
 
 
 def test_a_python_metric_callback_drives_compact_mode(tmp_path):

@@ -75,8 +75,15 @@ def test_tied_table_lowers_to_one_copy_of_codes_read_by_both(lowering, bits, gem
     got = session(out.SerializeToString()).run(None, {"ids": ids})[0]
     table = _dequantized_table(ctx)
     expected = np.tanh(table[ids]) @ table.T
-    # float32 kernels over the same dequantized values: the difference is summation order (measured < 2e-6)
-    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    levels = {a.i for n in out.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    if lowering == "lrq":
+        # lrq's int8 activations reach the table's MatMulNBits too: the difference is their rounding
+        # per block of 32 (measured 2.4e-3 of the largest output)
+        assert levels == {4}
+        assert np.abs(got - expected).max() <= 1e-2 * np.abs(expected).max()
+    else:
+        # float32 kernels over the same dequantized values: the difference is summation order (measured < 2e-6)
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     # stored once: codes (dim·vocab·bits/8 bytes) and float16 or float32 scales, plus shape constants
     codes = 64 * 96 * bits // 8
     stored = sum(len(t.raw_data) for t in out.graph.initializer if t.dims and np.prod(t.dims) > 8)
@@ -121,16 +128,22 @@ def _allocated(model, **goal):
     return result, {e["name"]: e for e in result.report["layers"]}
 
 
-def test_target_bpw_puts_the_tied_table_at_8_bits_outside_its_budget():
+@pytest.mark.parametrize("bpw, table_bits", [(4, 8), (3, 4)])
+def test_target_bpw_keeps_the_tied_table_outside_its_budget_at_a_fixed_grid(bpw, table_bits):
     model = builders.tied_lm_head_model(vocab=512, dim=64, hidden=2)
-    result, entries = _allocated(model, target_bpw=3)
-    assert entries["embed"]["bits"] == 8  # the safe grid, whatever the budget
+    result, entries = _allocated(model, target_bpw=bpw)
+    # 8 bits from 4 bits per weight up; below, the 4-bit grid (an 8-bit table would outweigh the savings)
+    assert entries["embed"]["bits"] == table_bits
     hidden = [entries[f"mm{i}"] for i in range(2)]
     assert all(e["action"] == "rewrite" for e in hidden)
-    # the 3 bits per weight are the hidden layers' (the 512 x 64 table alone holds 4x their weights)
-    assert sum(e["stored_bytes"] for e in hidden) * 8 <= 3 * 2 * 64 * 64
-    assert result.report["allocation"]["bpw"] <= 3
+    # the bits per weight are the hidden layers' (the 512 x 64 table alone holds 4x their weights)
+    assert sum(e["stored_bytes"] for e in hidden) * 8 <= bpw * 2 * 64 * 64
+    assert result.report["allocation"]["bpw"] <= bpw
+
+
+def test_a_table_in_the_budget_competes_for_its_bits():
     # competing for the same 4.5 bits per weight, the table cannot stay at 8 bits
+    model = builders.tied_lm_head_model(vocab=512, dim=64, hidden=2)
     result, entries = _allocated(model, target_bpw=4.5, tables_in_budget=True)
     assert entries["embed"]["bits"] == 4
     total = sum(entries[n]["stored_bytes"] for n in ("embed", "mm0", "mm1")) * 8
