@@ -84,7 +84,7 @@ def synthesize(model: onnx.ModelProto, graph: gs.Graph, samples: int, seed: int 
         if spec.batch_fixed is not None:
             shape[0] = spec.batch_fixed * samples
         if spec.name in past:
-            shape = past[spec.name].dims(shape[0], spec.shape)
+            shape = past[spec.name].dims(shape[0], spec.shape, SYMBOLIC_DIM)
         if spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_ or "mask" in spec.name.lower():
@@ -274,7 +274,7 @@ def _model_inputs(path: Path, specs: list[InputSpec], past: dict[str, PastShape]
     feeds = {}
     for spec in specs:
         if spec.name in past:  # a prompt's first pass: nothing cached yet
-            feeds[spec.name] = np.zeros(past[spec.name].dims(len(ids), spec.shape), spec.dtype)
+            feeds[spec.name] = np.zeros(past[spec.name].dims(len(ids), spec.shape, ids.shape[1]), spec.dtype)
             continue
         name = spec.name.lower()
         key = next((k for k in ("mask", "type", "position", "ids") if k in name), None)

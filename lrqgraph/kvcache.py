@@ -12,25 +12,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-# The input slots of onnxruntime's attention ops that take the past key and value.
+# The input slots of onnxruntime's attention ops that take the past key and value, and the output
+# slots that give the present ones.
 _PAST_SLOTS = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7)}
+_PRESENT_SLOTS = {"GroupQueryAttention": (1, 2), "MultiHeadAttention": (1, 2)}
 
 
 @dataclass(frozen=True)
 class PastShape:
     """An empty cache's shape for one past input: [batch, heads, capacity, head_size] (BNSH). The
-    capacity is 0 but for sliding-window attention, whose op wants a buffer of at least the
-    window (zeros; the attention mask says that none of it is filled)."""
+    capacity is 0 but for sliding-window attention, whose op then keeps a static cache: a buffer
+    of at least the window and of the prompt's tokens (zeros; the attention mask says that none
+    of it is filled)."""
 
     heads: int | None
     head_size: int | None
     capacity: int = 0
 
-    def dims(self, batch: int, declared: tuple) -> list[int]:
-        """``declared`` (the input's own dims, ints fixed) filled in for an empty past."""
-        filled = [batch, self.heads, self.capacity, self.head_size]
+    def dims(self, batch: int, declared: tuple, tokens: int = 0) -> list[int]:
+        """``declared`` (the input's own dims, ints fixed) filled in for an empty past before a
+        prompt of ``tokens``."""
+        capacity = max(self.capacity, tokens) if self.capacity else 0
+        filled = [batch, self.heads, capacity, self.head_size]
         if len(declared) != 4:
             return [batch] + [d if isinstance(d, int) else 0 for d in declared[1:]]
         return [d if isinstance(d, int) and i != 0 else filled[i] if filled[i] is not None else 1
@@ -90,3 +96,20 @@ def _width(tensor: gs.Tensor, depth: int = 4) -> int | None:
                 if width:
                     return width
     return None
+
+
+def present_outputs(graph: gs.Graph) -> set[str]:
+    """The graph outputs that are an attention op's present key or value."""
+    names = {t.name for t in graph.outputs}
+    return {node.outputs[slot].name for node in graph.nodes if node.op in _PRESENT_SLOTS
+            for slot in _PRESENT_SLOTS[node.op] if slot < len(node.outputs) and node.outputs[slot].name in names}
+
+
+def filled(present: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The positions of a present key/value [batch, heads, capacity, head_size] the run wrote: the
+    first ``attention_mask``-length ones. A sliding-window layer's buffer is longer, and
+    onnxruntime leaves the rest of it unwritten (whatever memory held)."""
+    mask = feed.get("attention_mask")
+    if mask is None or present.ndim != 4 or np.ndim(mask) < 1:
+        return present
+    return present[:, :, :np.shape(mask)[-1]]

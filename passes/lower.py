@@ -164,6 +164,21 @@ class Emitter:
         self.model.shared_values[key] = y
         return y
 
+    def rotation_inputs(self, rotation: Rotation) -> dict[str, gs.Constant]:
+        """The lrq ops' rotation inputs for F (signs as float16, exact for ±1; the odd block in
+        float32), stored once per rotation in the model and counted with the layer that makes them."""
+        key = ("rotation inputs", rotation)
+        if key not in self.model.shared_values:
+            axis = rotation.axis
+            made = {"rotation_signs": self.array(f"rotation{rotation.k}_{rotation.seed}.signs",
+                                                 axis.signs.astype(np.float16))}
+            if axis.small is not None:
+                made["rotation_small"] = self.array(f"rotation{rotation.k}_{rotation.seed}.small",
+                                                    axis.small.astype(np.float32))
+            self._count(list(made.values()))
+            self.model.shared_values[key] = made
+        return self.model.shared_values[key]
+
     # -- factor layouts -------------------------------------------------------------------------
     def stored_scales(self, name: str, scales: np.ndarray) -> gs.Tensor:
         """Scales as stored (float16 of a float32 layer: half the bytes in the file), cast to the
@@ -219,17 +234,21 @@ def lrq_node(em: Emitter, op: str, tag: str, named: dict[str, gs.Tensor], attrs:
 # -- rules: (form, target) -> emit(em, x, rep, tag, bias) -> output --------------------------------
 Rule = Callable[[Emitter, gs.Tensor, Representation, str, "np.ndarray | None"], gs.Variable]
 RULES: dict[tuple[str, str], Rule] = {}
-# rules that end in one node, which can carry the bias
+# rules that end in one node, which can carry the bias; rules whose node applies the input rotation
 FUSES_BIAS: set[tuple[str, str]] = set()
+ROTATES: set[tuple[str, str]] = set()
 
 
-def rule(forms: tuple[str, ...], targets: tuple[str, ...], fuses_bias: bool = False) -> Callable[[Rule], Rule]:
+def rule(forms: tuple[str, ...], targets: tuple[str, ...], fuses_bias: bool = False,
+         rotates: bool = False) -> Callable[[Rule], Rule]:
     def wrap(fn: Rule) -> Rule:
         for form in forms:
             for target in targets:
                 RULES[form, target] = fn
                 if fuses_bias:
                     FUSES_BIAS.add((form, target))
+                if rotates:
+                    ROTATES.add((form, target))
         return fn
     return wrap
 
@@ -253,14 +272,23 @@ def _std_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bi
     return em.node("MatMul", tag, [x, deq])
 
 
-def _lrq_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias) -> gs.Variable:
+def _lrq_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias,
+                rotation: Rotation | None = None) -> gs.Variable:
     codes, scales, zp = em.once(key, lambda name: em.lrq_factor(name, q))
     named = {"X": x, "B_codes": codes, "B_scales": scales, "B_zero_points": zp}
     if bias is not None:
         named["bias"] = em.bias(tag, bias, np.float32)
     k, n = q.shape
-    return lrq_node(em, "QMatMul", tag, named, {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
-                                                 "accuracy_level": em.accuracy_level})
+    attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": em.accuracy_level}
+    return lrq_node(em, "QMatMul", tag, {**named, **_rotation(em, rotation, attrs)}, attrs)
+
+
+def _rotation(em: Emitter, rotation: Rotation | None, attrs: dict) -> dict[str, gs.Tensor]:
+    """An lrq node's rotation inputs (none without one); its seed goes to ``attrs`` (relower reads it)."""
+    if rotation is None:
+        return {}
+    attrs["rotation_seed"] = rotation.seed
+    return em.rotation_inputs(rotation)
 
 
 def _chains(matmul) -> Rule:
@@ -282,13 +310,18 @@ def _chains(matmul) -> Rule:
 rule(("dense",), ("ort",), fuses_bias=True)(_chains(_ort_matmul))
 rule(("lowrank", "dense+lowrank", "chains"), ("ort",))(_chains(_ort_matmul))
 rule(("dense", "lowrank", "dense+lowrank", "chains"), ("std",))(_chains(_std_matmul))
-rule(("dense",), ("lrq",), fuses_bias=True)(_chains(_lrq_matmul))
 rule(("chains",), ("lrq",))(_chains(_lrq_matmul))
 
 
-@rule(("lowrank", "dense+lowrank"), ("lrq",), fuses_bias=True)
+@rule(("dense",), ("lrq",), fuses_bias=True, rotates=True)
+def _lrq_dense(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -> gs.Variable:
+    """One lrq::QMatMul node for (X·F)·W (+ bias)."""
+    return _lrq_matmul(em, x, rep.chains[0][0], (0, 0), tag, bias, rep.rotation)
+
+
+@rule(("lowrank", "dense+lowrank"), ("lrq",), fuses_bias=True, rotates=True)
 def _lrq_lowrank(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -> gs.Variable:
-    """One lrq::QLowRankMatMul node for X·L·R (+ X·Q) (+ bias)."""
+    """One lrq::QLowRankMatMul node for (X·F)·L·R (+ (X·F)·Q) (+ bias)."""
     dense = next(((c[0], (i, 0)) for i, c in enumerate(rep.chains) if len(c) == 1), None)
     i, (left, right) = next((i, c) for i, c in enumerate(rep.chains) if len(c) == 2)
     attrs = {"K": left.shape[0], "N": right.shape[1], "rank": left.shape[1], "accuracy_level": em.accuracy_level}
@@ -301,7 +334,7 @@ def _lrq_lowrank(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias)
         attrs[f"{prefix.lower()}_bits"], attrs[f"{prefix.lower()}_block_size"] = q.bits, q.block_size
     if bias is not None:
         named["bias"] = em.bias(tag, bias, np.float32)
-    return lrq_node(em, "QLowRankMatMul", tag, named, attrs)
+    return lrq_node(em, "QLowRankMatMul", tag, {**named, **_rotation(em, rep.rotation, attrs)}, attrs)
 
 
 @rule(("codebook",), ("lrq",), fuses_bias=True)
@@ -429,7 +462,7 @@ def rewrite_node(em: Emitter, node: gs.Node, rep: Representation, tag: str) -> N
         vector_bias = (beta * c_values.astype(np.float32)).reshape(-1)
     node.inputs.clear()
     node.outputs.clear()
-    if rep.rotation is not None:
+    if rep.rotation is not None and key not in ROTATES:
         x = em.rotated(x, rep.rotation, tag)
     if em.dtype != em.io_dtype:
         x = em.cast(x, em.dtype, f"{tag}/in")

@@ -18,6 +18,7 @@ from lrqgraph.errors import LrqError
 from lrqgraph.graph import constant_values
 from lrqgraph.model import IR_VERSION_INT4
 from lrqgraph.numerics import QuantizedTensor, Representation, unpack_bits
+from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.runtime.op_schema import DOMAIN, OPS
 
@@ -56,20 +57,37 @@ def read_factor(node: gs.Node, prefix: str, k: int, n: int, bits: int, block: in
                            zero_points=zero_points, bits=bits, block_size=block)
 
 
+def read_rotation(node: gs.Node, k: int) -> Rotation | None:
+    """The input rotation of an lrq node: drawn again from its seed, checked against its signs."""
+    signs = _input(node, OPS[node.op].index("rotation_signs")) if node.op in ("QMatMul", "QLowRankMatMul") else None
+    if signs is None:
+        return None
+    if "rotation_seed" not in node.attrs:
+        raise LrqError(f"node '{node.name}' ({node.op}): a rotation without its rotation_seed; only models written "
+                       f"by lrqgraph's lrq lowering can be converted")
+    rotation = Rotation(k, int(node.attrs["rotation_seed"]))
+    if not np.array_equal(_constant(node, OPS[node.op].index("rotation_signs"), "rotation signs").astype(np.float32),
+                          rotation.axis.signs):
+        raise LrqError(f"node '{node.name}' ({node.op}): its rotation_signs are not those of its rotation_seed")
+    return rotation
+
+
 def read_node(node: gs.Node) -> tuple[Representation, gs.Tensor | None]:
     """(W as factors, bias tensor or None) of an lrq node."""
     a = node.attrs
     try:
         if node.op == "QMatMul":
             q = read_factor(node, "B_", a["K"], a["N"], a["bits"], a["block_size"], "B")
-            return Representation(((q,),), "lrq"), _input(node, OPS[node.op].index("bias"))
+            return (Representation(((q,),), "lrq", rotation=read_rotation(node, a["K"])),
+                    _input(node, OPS[node.op].index("bias")))
         if node.op == "QLowRankMatMul":
             left = read_factor(node, "L_", a["K"], a["rank"], a["l_bits"], a["l_block_size"], "L")
             right = read_factor(node, "R_", a["rank"], a["N"], a["r_bits"], a["r_block_size"], "R")
             chains = [(left, right)]
             if _input(node, OPS[node.op].index("Q_codes")) is not None:
                 chains.insert(0, (read_factor(node, "Q_", a["K"], a["N"], a["q_bits"], a["q_block_size"], "Q"),))
-            return Representation(tuple(chains), "lrq", rank=a["rank"]), _input(node, OPS[node.op].index("bias"))
+            return (Representation(tuple(chains), "lrq", rank=a["rank"], rotation=read_rotation(node, a["K"])),
+                    _input(node, OPS[node.op].index("bias")))
     except KeyError as exc:
         raise LrqError(f"node '{node.name}' ({node.op}): missing attribute {exc}") from None
     raise LrqError(f"node '{node.name}': lrq::{node.op} (a codebook weight) has no conversion to standard ops; "

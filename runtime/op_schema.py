@@ -47,12 +47,16 @@ def _weight(prefix: str, required: bool) -> tuple[OpInput, ...]:
 
 X = OpInput("X", (FLOAT,), True)
 BIAS = OpInput("bias", (FLOAT,), False)
+# X·F first: a randomized Hadamard transform of the input (lrqgraph.numerics.rotation), by its signs
+# [K] and, when K = 2^a·b with b > 1, its small orthogonal block [b, b]
+ROTATION = (OpInput("rotation_signs", SCALES, False), OpInput("rotation_small", SCALES, False))
 
-QMATMUL = OpSchema("QMatMul", (X, *_weight("B", True), BIAS),
-                   ("K", "N", "bits", "block_size"), ("accuracy_level",))
-QLOWRANK = OpSchema("QLowRankMatMul", (X, *_weight("L", True), *_weight("R", True), *_weight("Q", False), BIAS),
+QMATMUL = OpSchema("QMatMul", (X, *_weight("B", True), BIAS, *ROTATION),
+                   ("K", "N", "bits", "block_size"), ("accuracy_level", "rotation_seed"))
+QLOWRANK = OpSchema("QLowRankMatMul", (X, *_weight("L", True), *_weight("R", True), *_weight("Q", False), BIAS,
+                                       *ROTATION),
                     ("K", "N", "rank", "l_bits", "l_block_size", "r_bits", "r_block_size"),
-                    ("q_bits", "q_block_size", "accuracy_level"))
+                    ("q_bits", "q_block_size", "accuracy_level", "rotation_seed"))
 KASHIN = OpSchema("KashinMatMul",
                   (X, OpInput("codes", (UINT8,), True), OpInput("codebook", (FLOAT,), True),
                    OpInput("row_signs", (FLOAT,), False), OpInput("row_small", (FLOAT,), False),

@@ -162,7 +162,7 @@ def test_the_python_api_writes_the_folder_the_cli_writes(folder, tmp_path):
 
 def _gqa_model(window: int):
     """x [batch, seq, 16] → packed QKV projection → GroupQueryAttention (2 heads, 1 KV head, head size 8)
-    with a cache, and sliding-window attention when ``window`` > 0."""
+    with a cache (outputs y, present_key, present_value), and sliding-window attention when ``window`` > 0."""
     from onnx import TensorProto, helper, numpy_helper
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32), "w")
     one = numpy_helper.from_array(np.array(1, np.int64), "one")
@@ -182,25 +182,57 @@ def _gqa_model(window: int):
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
               helper.make_tensor_value_info("past_key", TensorProto.FLOAT, past),
               helper.make_tensor_value_info("past_value", TensorProto.FLOAT, past)]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+               for name in ("y", "present_key", "present_value")]
     return helper.make_model(helper.make_graph(nodes, "gqa", inputs, outputs, [w, one, axis]),
                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-@pytest.mark.parametrize("window", [-1, 32])
+@pytest.mark.parametrize("window", [-1, 8, 32])
 def test_an_empty_cache_for_full_and_sliding_window_attention(window):
     """Full attention takes a past of length 0; sliding-window attention a buffer of at least the
-    window (onnxruntime refuses less), which the mask leaves unused."""
+    window and the prompt (onnxruntime refuses less), which the mask leaves unused."""
     import onnxruntime as ort
     model = _gqa_model(window)
     feeds = calib.synthesize(model, ModelState(model).graph, samples=2)
-    assert feeds["past_key"].shape == (2, 1, max(window, 0), 8)  # head size 32 / (2 + 2 x 1) heads
+    assert feeds["x"].shape[1] == 16  # a prompt longer than a window of 8
+    assert feeds["past_key"].shape == (2, 1, max(window, 16) if window > 0 else 0, 8)  # head size 32 / (2 + 2 x 1)
     session = ort.InferenceSession(model.SerializeToString())
     y = session.run(None, feeds)[0]
-    if window > 0:  # the unused buffer changes nothing: the same as a full-attention cache of 0
+    if window > 0:  # the unused buffer changes nothing: the same as a full-attention cache of 0 as far
+        # as the window reaches (beyond it a position no longer sees the first tokens)
         full = _gqa_model(-1)
         empty = calib.synthesize(full, ModelState(full).graph, samples=2)
-        np.testing.assert_allclose(y, ort.InferenceSession(full.SerializeToString()).run(None, empty)[0], rtol=1e-5)
+        want = ort.InferenceSession(full.SerializeToString()).run(None, empty)[0]
+        np.testing.assert_allclose(y[:, :window], want[:, :window], rtol=1e-5)
+
+
+def test_verify_compares_the_cache_positions_a_run_wrote(monkeypatch):
+    """A sliding-window layer's present buffer is longer than the run's tokens, and onnxruntime
+    leaves the rest as the memory held (Gemma 3's showed 1e38 and NaN): verify compares only the
+    positions the attention mask covers."""
+    from lrqgraph.config import VerifyConfig
+    from lrqgraph.passes import verify
+
+    class Unwritten:  # a session whose present buffers hold NaN beyond the run's tokens
+        def __init__(self, session):
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run(self, names, feed):
+            outputs = self.session.run(names, feed)
+            for value in outputs[1:]:
+                value[:, :, feed["attention_mask"].shape[1]:] = np.nan
+            return outputs
+
+    real = verify.open_session
+    monkeypatch.setattr(verify, "open_session", lambda model: Unwritten(real(model)))
+    model = _gqa_model(32)
+    report = verify.compare_outputs(model, model, model, ModelState(model).graph, VerifyConfig(samples=2))
+    presents = [report["outputs"][name] for name in ("present_key", "present_value")]
+    assert all(p["non_finite"] == 0 and p["max_rel"] == 0 and p["cosine_min"] > 0.99999 for p in presents)
 
 
 def test_check_each_pass_reports_only_what_the_passes_break(folder, tmp_path):

@@ -179,16 +179,22 @@ def test_end_to_end_lrq_matches_std_lowering():
 
 
 @pytest.mark.parametrize("target", ["ort", "std"])
-def test_lower_cli_converts_lrq_ops_back(tmp_path, target):
-    """`lrqgraph lower --to ort|std` rebuilds the same factors with standard ops: same outputs as lrq."""
+@pytest.mark.parametrize("method, op", [
+    (dict(method="qlr", bits=4, lr_bits=4, rank=16, block_size=16), "QLowRankMatMul"),
+    (dict(method="qlr", bits=4, lr_bits=4, rank=16, block_size=16, rotate=True), "QLowRankMatMul"),
+    (dict(method="rtn", bits=4, block_size=16, rotate=True), "QMatMul")])
+def test_lower_cli_converts_lrq_ops_back(tmp_path, target, method, op):
+    """`lrqgraph lower --to ort|std` rebuilds the same factors with standard ops: same outputs as lrq
+    (a rotation the lrq op applies inside becomes the plain-op rotation)."""
     from lrqgraph.cli import main
 
     model = builders.mlp_model()
-    cfg = OptimizeConfig(lowering="lrq", accuracy_level=0, factorize=FactorizeConfig(
-        method="qlr", bits=4, lr_bits=4, rank=16, block_size=16),
-        select=SelectConfig(min_params=1))
+    cfg = OptimizeConfig(lowering="lrq", accuracy_level=0, factorize=FactorizeConfig(**method),
+                         select=SelectConfig(min_params=1))
     lrq_model = lrqgraph.run(model, cfg).model
-    assert {n.op_type for n in lrq_model.graph.node if n.domain == "lrq"} == {"QLowRankMatMul"}
+    assert {n.op_type for n in lrq_model.graph.node if n.domain == "lrq"} == {op}
+    rotated = [n for n in lrq_model.graph.node if any(a.name == "rotation_seed" for a in n.attribute)]
+    assert len(rotated) == (3 if method.get("rotate") else 0)
     src, dst = tmp_path / "lrq.onnx", tmp_path / f"{target}.onnx"
     onnx.save(lrq_model, src)
     before = src.read_bytes()

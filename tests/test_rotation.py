@@ -73,7 +73,15 @@ def test_rotated_layers_run_in_onnxruntime_as_numpy_computes_them(tmp_path, lowe
     path = tmp_path / "rot.onnx"
     lrqgraph.save_model(result.model, path)
     ops = [n.op_type for n in result.model.graph.node]
-    assert "Mul" in ops and "Reshape" in ops  # the rotation, in plain ops
+    if lowering == "lrq":  # the rotation inside the op (one node), its signs and seed on it
+        assert ops == ["QMatMul", "Relu"]
+        from lrqgraph.runtime.op_schema import OPS
+        node, schema = result.model.graph.node[0], OPS["QMatMul"]
+        given = {i.name for i, name in zip(schema.inputs, node.input) if name}
+        assert {"rotation_signs"} | ({"rotation_small"} if k % 5 == 0 else set()) <= given  # 640 = 128·5
+        assert "rotation_seed" in {a.name for a in node.attribute}
+    else:
+        assert "Mul" in ops and "Reshape" in ops  # the rotation, in plain ops
     w = builders.weight(k, 48)
     rep, _ = factorize_weight(w, cfg.factorize)
     x = np.random.default_rng(1).standard_normal((3, 2, k)[-len(batch_dims) - 1:]).astype(np.float32)

@@ -25,25 +25,26 @@ class Rotation:
     seed: int = 0
 
     @cached_property
-    def _axis(self) -> _Axis:
+    def axis(self) -> _Axis:
+        """The transform as lrqgraph.numerics.transforms lays it out (signs, small block)."""
         return _Axis("hadamard", self.k, self.seed)
 
     def rotate_inputs(self, x: np.ndarray) -> np.ndarray:
         """X·R (rows of ``x`` are input vectors of length K)."""
-        return self._axis.forward(np.asarray(x, np.float32))
+        return self.axis.forward(np.asarray(x, np.float32))
 
     def rotate_weight(self, w: np.ndarray) -> np.ndarray:
         """Rᵀ·W for W[K, N]."""
-        return np.ascontiguousarray(self._axis.forward(np.asarray(w, np.float32).T).T)
+        return np.ascontiguousarray(self.axis.forward(np.asarray(w, np.float32).T).T)
 
     def unrotate_weight(self, w_rotated: np.ndarray) -> np.ndarray:
         """R·W' (the weight a rotated representation stands for)."""
-        return np.ascontiguousarray(self._axis.inverse(np.asarray(w_rotated, np.float32).T).T)
+        return np.ascontiguousarray(self.axis.inverse(np.asarray(w_rotated, np.float32).T).T)
 
     def rotate_hessian(self, h: np.ndarray) -> np.ndarray:
         """Rᵀ·H·R: the statistics of the rotated inputs X·R."""
-        half = self._axis.forward(np.asarray(h, np.float32))        # H·R
-        return np.ascontiguousarray(self._axis.forward(half.T).T)   # Rᵀ·(H·R), H symmetric
+        half = self.axis.forward(np.asarray(h, np.float32))        # H·R
+        return np.ascontiguousarray(self.axis.forward(half.T).T)   # Rᵀ·(H·R), H symmetric
 
     def factors(self) -> dict[str, np.ndarray]:
         """What a lowering stores: signs [K] and the unnormalized Hadamards h1 [p1, p1], h2 [p2, p2]
@@ -52,10 +53,10 @@ class Rotation:
         power, odd = _split(self.k)
         i = int(np.log2(power)) // 2
         unit = lambda n: np.rint(_hadamard(n) * np.sqrt(np.float32(n))).astype(np.int8)  # noqa: E731
-        out = {"signs": self._axis.signs.astype(np.int8), "h1": unit(1 << i), "h2": unit(power >> i),
+        out = {"signs": self.axis.signs.astype(np.int8), "h1": unit(1 << i), "h2": unit(power >> i),
                "norm": np.array(1 / np.sqrt(power), np.float32)}
         if odd > 1:
-            out["small"] = self._axis.small.astype(np.float32)
+            out["small"] = self.axis.small.astype(np.float32)
         return out
 
     def storage_bits(self) -> int:

@@ -6,9 +6,13 @@
 // unpacked; absent: 2^(bits-1)). A code c stands for (c - zero point) · scale.
 //
 //  QMatMul         Y = X · W (+ bias)                attrs K, N, bits, block_size
-//                  inputs X, B (3), bias
+//                  inputs X, B (3), bias, rotation (2, optional)
 //  QLowRankMatMul  Y = X · L · R (+ X · Q) (+ bias)  attrs K, N, rank, l_/r_/q_bits, l_/r_/q_block_size
-//                  inputs X, L (3), R (3), Q (3, optional), bias: X·L stays in memory the op owns.
+//                  inputs X, L (3), R (3), Q (3, optional), bias, rotation (2, optional): X·L stays in
+//                  memory the op owns.
+//  A rotation (rotation_signs [K] + rotation_small [b, b], K = 2^a·b, b > 1 only) multiplies X by a
+//  randomized Hadamard transform F first (lrqgraph.numerics.rotation): Y = (X·F)·W, in the kernel,
+//  O(K log K) a row, where graph ops would cost a node each and their dispatch on every call.
 //  KashinMatMul    Y = X · (U + F1·V·F2ᵀ) (+ bias)  attrs K, N, bits
 //                  inputs X, codes [N, ceil(K·bits/8)] (column n along K, low bits first),
 //                  codebook [2^bits, 2] of (u, v) (or [2^bits, 1]: k-means, W = U), F1 as
@@ -266,7 +270,31 @@ std::pair<int64_t, float*> Output(Ort::KernelContext& ctx, const char* op, int64
   return {rows, ctx.GetOutput(0, shape).GetTensorMutableData<float>()};
 }
 
-// A kernel that multiplies by one prepacked weight (+ bias).
+// A randomized Hadamard transform from inputs first (signs [n]) and first + 1 (small [b, b], needed
+// when n = 2^a·b has b > 1); an empty one (n = 0) when the node does not give the signs.
+lrq::Transform TransformOf(const NodeInfo& node, size_t first, int64_t n, const std::string& name) {
+  lrq::Transform t;
+  if (!node.Has(first)) return t;
+  t.n = n;
+  t.power = n & -n;
+  t.odd = n / t.power;
+  t.signs = node.Floats(first, name + "_signs", static_cast<size_t>(n));
+  if (t.odd > 1) {
+    if (!node.Has(first + 1)) node.Fail(name + "_small is required when " + std::to_string(n) + " has an odd factor");
+    t.small = node.Floats(first + 1, name + "_small", static_cast<size_t>(t.odd * t.odd));
+  }
+  return t;
+}
+
+// X·F, row by row, into memory the caller owns (X itself when there is no rotation).
+const float* Rotated(const lrq::Transform& rotation, const float* x, int64_t rows, std::vector<float>& buffer) {
+  if (rotation.n == 0) return x;
+  buffer.assign(x, x + rows * rotation.n);
+  for (int64_t m = 0; m < rows; ++m) rotation.Forward(buffer.data() + m * rotation.n);
+  return buffer.data();
+}
+
+// A kernel that multiplies by one prepacked weight (+ bias), after an optional input rotation.
 template <typename Derived>
 struct OneWeightKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) { return Guarded(*this, context); }
@@ -274,20 +302,26 @@ struct OneWeightKernel {
     Ort::KernelContext ctx(context);
     const float* x;
     auto [rows, y] = Output(ctx, Derived::kName, w_->K(), w_->N(), &x);
-    if (rows > 0) w_->Multiply(x, rows, y, false, bias_.empty() ? nullptr : bias_.data(), OrtParallel(ctx));
+    if (rows == 0) return;
+    std::vector<float> rotated;
+    x = Rotated(rotation_, x, rows, rotated);
+    w_->Multiply(x, rows, y, false, bias_.empty() ? nullptr : bias_.data(), OrtParallel(ctx));
   }
 
   std::unique_ptr<lrq::Weight> w_;
   std::vector<float> bias_;
+  lrq::Transform rotation_;
 };
 
 struct QMatMulKernel : OneWeightKernel<QMatMulKernel> {
   static constexpr const char* kName = "QMatMul";
   static constexpr Input kInputs[] = {
       {"X", kFloat, true}, {"B_codes", kUint8, true}, {"B_scales", kFloatOrHalf, true},
-      {"B_zero_points", kUint8, false}, {"bias", kFloat, false}};
+      {"B_zero_points", kUint8, false}, {"bias", kFloat, false},
+      {"rotation_signs", kFloatOrHalf, false}, {"rotation_small", kFloatOrHalf, false}};
   static constexpr std::array<const char*, 4> kAttributes{"K", "N", "bits", "block_size"};
-  static constexpr std::array<const char*, 1> kOptionalAttributes{"accuracy_level"};
+  // rotation_seed: the seed the rotation was drawn from (relower reads it; the kernel takes the inputs)
+  static constexpr std::array<const char*, 2> kOptionalAttributes{"accuracy_level", "rotation_seed"};
 
   explicit QMatMulKernel(const OrtKernelInfo* info) {
     NodeInfo node(info, kName);
@@ -295,8 +329,8 @@ struct QMatMulKernel : OneWeightKernel<QMatMulKernel> {
     w_ = node.Weight(1, "B", a["K"], "K", a["N"], "bits", a["bits"], "block_size", a["block_size"],
                      a.Or("accuracy_level", 0) == 4);
     bias_ = node.Bias(4, w_->N());
+    rotation_ = TransformOf(node, 5, w_->K(), "rotation");
   }
-
 };
 
 struct QLowRankKernel {
@@ -306,11 +340,12 @@ struct QLowRankKernel {
       {"L_codes", kUint8, true}, {"L_scales", kFloatOrHalf, true}, {"L_zero_points", kUint8, false},
       {"R_codes", kUint8, true}, {"R_scales", kFloatOrHalf, true}, {"R_zero_points", kUint8, false},
       {"Q_codes", kUint8, false}, {"Q_scales", kFloatOrHalf, false}, {"Q_zero_points", kUint8, false},
-      {"bias", kFloat, false}};
+      {"bias", kFloat, false}, {"rotation_signs", kFloatOrHalf, false}, {"rotation_small", kFloatOrHalf, false}};
   static constexpr std::array<const char*, 7> kAttributes{"K", "N", "rank", "l_bits", "l_block_size", "r_bits",
                                                           "r_block_size"};
   // q_bits and q_block_size are required when Q is given
-  static constexpr std::array<const char*, 3> kOptionalAttributes{"q_bits", "q_block_size", "accuracy_level"};
+  static constexpr std::array<const char*, 4> kOptionalAttributes{"q_bits", "q_block_size", "accuracy_level",
+                                                                  "rotation_seed"};
 
   explicit QLowRankKernel(const OrtKernelInfo* info) {
     NodeInfo node(info, kName);
@@ -322,6 +357,7 @@ struct QLowRankKernel {
     if (node.Has(7))
       dense_ = node.Weight(7, "Q", K, "K", N, "q_bits", a["q_bits"], "q_block_size", a["q_block_size"], int8);
     bias_ = node.Bias(10, N);
+    rotation_ = TransformOf(node, 11, K, "rotation");
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) { return Guarded(*this, context); }
@@ -332,6 +368,8 @@ struct QLowRankKernel {
     if (rows == 0) return;
     OrtParallel parallel(ctx);
     const float* bias = bias_.empty() ? nullptr : bias_.data();
+    std::vector<float> rotated;
+    x = Rotated(rotation_, x, rows, rotated);
     std::vector<float> inner(static_cast<size_t>(rows) * left_->N());
     left_->Multiply(x, rows, inner.data(), false, nullptr, parallel);
     if (dense_) dense_->Multiply(x, rows, y, false, bias, parallel);
@@ -340,6 +378,7 @@ struct QLowRankKernel {
 
   std::unique_ptr<lrq::Weight> left_, right_, dense_;
   std::vector<float> bias_;
+  lrq::Transform rotation_;
 };
 
 struct KashinKernel : OneWeightKernel<KashinKernel> {
@@ -372,25 +411,12 @@ struct KashinKernel : OneWeightKernel<KashinKernel> {
       if (rotated) spec.v.push_back(book[2 * c + 1]);
     }
     if (rotated) {
-      spec.rows = Axis(node, 3, spec.K, "row");
-      spec.cols = Axis(node, 5, spec.N, "col");
+      spec.rows = TransformOf(node, 3, spec.K, "row");
+      spec.cols = TransformOf(node, 5, spec.N, "col");
     }
     w_ = lrq::MakeCodebookWeight(spec);
     if (!w_->ReadsStoredCodes()) ReleasePages(spec.codes, code_bytes);
     bias_ = node.Bias(7, spec.N);
-  }
-
-  static lrq::Transform Axis(const NodeInfo& node, size_t first, int64_t n, const std::string& name) {
-    lrq::Transform t;
-    t.n = n;
-    t.power = n & -n;
-    t.odd = n / t.power;
-    t.signs = node.Floats(first, name + "_signs", static_cast<size_t>(n));
-    if (t.odd > 1) {
-      if (!node.Has(first + 1)) node.Fail(name + "_small is required when " + std::to_string(n) + " has an odd factor");
-      t.small = node.Floats(first + 1, name + "_small", static_cast<size_t>(t.odd * t.odd));
-    }
-    return t;
   }
 
 };
