@@ -2,6 +2,9 @@
 model builder (fp32 and int4) beside lrqgraph's folders made from the builder's fp32 folder, all
 measured through onnxruntime-genai in this run.
 
+Rows ``llama-*`` are llama.cpp's quantizations of the same weights (bench/llamacpp.py), run
+through llama-cpp-python: their MB is the GGUF file (weights, tokenizer and config in one).
+
 Columns: folder MB (every file: model, data, tokenizer, config; the custom-op library where the
 folder needs one), perplexity on 128-token windows (BOS first) of movie reviews (another domain
 than the calibration text) and of KJV verses disjoint from the calibration verses, teacher-forced
@@ -11,7 +14,7 @@ ratio to fp32; prefill tokens/s (one 128-token prompt) and decode tokens/s (64 n
 the peak resident memory of a process that loads the folder and runs a prompt, over the bytes of
 the model and its data; build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
 
-    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|lrq-bpw4,...] [--out genai.md]
+    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|llamacpp|lrq-bpw4,...] [--out genai.md]
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import movie_review_sentences, publish  # noqa: E402
+import llamacpp  # noqa: E402
 
 # bench/kernels.py would pass for the 'kernels' package transformers looks for
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
@@ -57,7 +61,8 @@ LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, I
 QUICK = ["builder-int4", "lrq-default", "lrq-calib"]
 # each under 30 minutes here (the default is the first)
 GROUPS = {"defaults": ["builder-int4", "builder-int4-kqm", "lrq-default", "lrq-float", "lrq-clip", "lrq-calib"],
-          "allocations": ["builder-int4", "lrq-bpw4", "lrq-size", "lrq-bpw3-lrq"]}
+          "allocations": ["builder-int4", "lrq-bpw4", "lrq-size", "lrq-bpw3-lrq"],
+          "llamacpp": ["builder-int4", *llamacpp.KINDS]}
 # The builder (0.18) reads a flat rope_parameters and rope_local_base_freq, while transformers 5
 # gives Gemma 3 one rope_parameters entry per attention type: the builder runs with its config
 # flattened back (global theta for full attention, local theta for the sliding layers).
@@ -132,6 +137,14 @@ def session_rss(folder: Path, floor: int) -> float:
     return measured.peak_rss / model_bytes(folder)
 
 
+def gguf_rss(path: Path) -> float:
+    """Peak resident bytes of a process running the GGUF through llama.cpp, over its file's bytes."""
+    measured = run_measured([sys.executable, "-c", llamacpp.SESSION, str(path)])
+    if measured.returncode != 0:
+        raise RuntimeError(f"{path}: {measured.output[-2000:]}")
+    return measured.peak_rss / path.stat().st_size
+
+
 def perplexity(model, windows: np.ndarray, floor: int) -> float:
     """exp(mean next-token NLL) over the windows, teacher-forced through onnxruntime-genai
     (``floor``: the smallest max_length the folder takes, genai_decoder.cache_floor)."""
@@ -182,9 +195,11 @@ def main() -> None:
 
     asked = args.rows.split(",") if args.rows else QUICK if args.quick else ["defaults"]
     names = list(dict.fromkeys(n for a in asked for n in GROUPS.get(a, [a])))
-    unknown = [n for n in names if n not in BUILDER_ROWS and n not in LRQ_ROWS]
+    unknown = [n for n in names if n not in BUILDER_ROWS and n not in LRQ_ROWS and n not in llamacpp.KINDS]
     if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {[*BUILDER_ROWS, *LRQ_ROWS]}")
+        parser.error(f"unknown rows {unknown}; choose from {[*BUILDER_ROWS, *LRQ_ROWS, *llamacpp.KINDS]}")
+    if any(n in llamacpp.KINDS for n in names) and not llamacpp.available():
+        parser.error("the llama.cpp rows need `pip install llama-cpp-python gguf`")
     windows = 4 if args.quick else args.windows
     fp32, fp32_build = builder_folder("fp32", [])
     print(f"fp32 folder {fp32} ({fp32_build:.0f} s)", flush=True)
@@ -220,23 +235,36 @@ def main() -> None:
         folders[name] = (label, out, time.perf_counter() - start)
         print(f"{name}: built in {folders[name][2]:.0f} s", flush=True)
 
+    ggufs = {}
+    for name in [n for n in names if n in llamacpp.KINDS]:
+        path, seconds = llamacpp.quantized(name)
+        ggufs[name] = (llamacpp.KINDS[name][0], path, seconds)
+        print(f"{name}: {path} ({seconds:.0f} s)", flush=True)
+
     floor = genai_decoder.cache_floor(fp32)
     rss = {name: session_rss(folder, floor) for name, (_, folder, _) in folders.items()}  # before ours load
+    rss.update({name: gguf_rss(path) for name, (_, path, _) in ggufs.items()})
     models = {name: og.Model(str(folder)) for name, (_, folder, _) in folders.items()}
     ppl = {name: {text: perplexity(model, ids, floor) for text, ids in evaluation.items()}
            for name, model in models.items()}
+    context = max(floor, max(len(w) for ids in evaluation.values() for w in ids) + 1)
+    models.update({name: llamacpp.load(path, context) for name, (_, path, _) in ggufs.items()})
+    ppl.update({name: {text: llamacpp.perplexity(models[name], ids) for text, ids in evaluation.items()}
+                for name in ggufs})
     rng = np.random.default_rng(0)
     prompt, prefill = evaluation["KJV"][0][:32], evaluation["KJV"][1][:128]
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name in rng.permutation(list(models)):
-            rates[name].append(speed(models[name], prompt, prefill, 64, floor))
+            rates[name].append(llamacpp.speed(models[name], prompt, prefill, 64) if name in ggufs else
+                               speed(models[name], prompt, prefill, 64, floor))
     median = {name: (statistics.median(r[0] for r in got), statistics.median(r[1] for r in got))
               for name, got in rates.items()}
     base = median.get("builder-int4", median["fp32"])
     rows = []
-    for name, (label, folder, seconds) in folders.items():
-        cells = [label, f"{folder_bytes(folder) / 1e6:.1f}"]
+    for name, (label, folder, seconds) in {**folders, **ggufs}.items():
+        size = folder.stat().st_size if name in ggufs else folder_bytes(folder)
+        cells = [label, f"{size / 1e6:.1f}"]
         for text in evaluation:
             cells += [f"{ppl[name][text]:.3f}", f"{ppl[name][text] / ppl['fp32'][text]:.4f}x"]
         pre, dec = median[name]

@@ -44,6 +44,7 @@ import lrqgraph.calib as calib
 from lrqgraph.config import describe_config
 from lrqgraph.errors import LrqError
 from lrqgraph.evaluate import Degradation
+from lrqgraph.kvcache import past_inputs
 from lrqgraph.methods import METHODS, MethodConfig, configure
 from lrqgraph.numerics import HessianInfo, Representation, activation_error, relative_error
 from lrqgraph.numerics.allocation import lower_hull
@@ -250,7 +251,8 @@ def measurement_batches(ctx: Context, config) -> tuple[list[dict[str, np.ndarray
     data = ctx.analysis("calib_data")
     if data is not None:
         runs, _ = calib.split_runs(data.batches, measured_samples(ctx, config))
-        return runs, f"{calib.count_samples(runs)} samples of {data.source}"
+        source = f"{calib.count_samples(runs)} samples of {data.source}"
+        return calib.pack_prompts(runs, past_inputs(ctx.model.graph)), source
     signature = ctx.model.signature()
     feeds = calib.synthesize(signature, ctx.model.graph, config.verify.samples, config.verify.seed)
     log.warning("tolerance: no --calib data; layer sensitivities are measured on synthetic inputs")

@@ -22,8 +22,10 @@ IDS = [0] + list(range(3, 60))  # a teacher-forced window of token ids
 # Lowest per-position cosine of the logits against the fp32 folder's, through onnxruntime-genai,
 # measured on this random model with every layer rewritten (the tied embedding / lm_head too) and
 # the folder defaults (min/max scales, int8 activations): defaults 0.9594, --calib 0.9655,
-# --target-bpw 3 --lowering lrq 0.9259. Broken caches or wrong weights give cosines near 0.
-MIN_COSINE = {"defaults": 0.95, "calib": 0.955, "bpw3-lrq": 0.91}
+# --target-bpw 3 --lowering lrq 0.8985 (its table at 4 bits, the grid below 4 bits per weight:
+# 0.9259 when it took 8; 0.9122 measuring the allocation on each line alone instead of lines
+# joined into one prompt). Broken caches or wrong weights give cosines near 0.
+MIN_COSINE = {"defaults": 0.95, "calib": 0.955, "bpw3-lrq": 0.88}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,26 @@ def test_text_calibration_feeds_a_cached_decoder(folder, lines):
     for run in data.batches:
         assert run["past_key_values.1.value"].shape == (1, 2, 0, 64)
         assert run["attention_mask"].all() and run["attention_mask"].shape == run["input_ids"].shape
+
+
+def test_measurement_prompts_join_lines_into_one_sequence(folder, lines):
+    """The allocator's measurement runs: lines joined into prompts of up to 64 tokens, each from an
+    empty cache; the first line of a joined prompt reads only itself, so its logits are its own."""
+    import onnxruntime as ort
+    from lrqgraph.kvcache import past_inputs
+    model = load_model(folder / "model.onnx")
+    graph = ModelState(model).graph
+    runs = calib.load_calibration(lines, model, tokenizer=str(folder), graph=graph).batches
+    packed = calib.pack_prompts(runs, past_inputs(graph), length=64)
+    lengths = [run["input_ids"].shape[1] for run in runs]
+    assert len(packed) < len(runs) and sum(p["input_ids"].shape[1] for p in packed) == sum(lengths)
+    assert all(p["input_ids"].shape[1] <= 64 for p in packed if len(p) > 1)
+    session = ort.InferenceSession(str(folder / "model.onnx"))
+    first = session.run(["logits"], runs[0])[0][0]
+    joined = session.run(["logits"], packed[0])[0][0]
+    assert joined.shape[0] > lengths[0]
+    np.testing.assert_allclose(joined[:lengths[0]], first, rtol=1e-4, atol=1e-4 * np.abs(first).max())
+    assert calib.pack_prompts(runs, {}) is runs  # a model without a cache: runs as they are
 
 
 @pytest.mark.parametrize("name,options", [("defaults", []), ("calib", ["--calib", "LINES"]),

@@ -51,18 +51,22 @@ void Transform::MultiplySmall(float* x, bool transpose) const {
 }
 
 // Normalized Walsh-Hadamard transform over the power axis of x viewed as [power, odd].
+// Rows j and j + h of [power, odd] for j in [i, i + h) are two contiguous runs of h·odd values, so
+// each butterfly stage is a loop over contiguous memory the compiler vectorizes (a loop per row
+// would be one value long when odd = 1).
 void Transform::Walsh(float* x) const {
-  for (int64_t h = 1; h < power; h *= 2)
-    for (int64_t i = 0; i < power; i += 2 * h)
-      for (int64_t j = i; j < i + h; ++j) {
-        float* a = x + j * odd;
-        float* b = x + (j + h) * odd;
-        for (int64_t o = 0; o < odd; ++o) {
-          const float u = a[o], v = b[o];
-          a[o] = u + v;
-          b[o] = u - v;
-        }
+  for (int64_t h = 1; h < power; h *= 2) {
+    const int64_t run = h * odd;
+    for (int64_t i = 0; i < power; i += 2 * h) {
+      float* __restrict a = x + i * odd;
+      float* __restrict b = a + run;
+      for (int64_t t = 0; t < run; ++t) {
+        const float u = a[t], v = b[t];
+        a[t] = u + v;
+        b[t] = u - v;
       }
+    }
+  }
   const float norm = 1.f / std::sqrt(static_cast<float>(power));
   for (int64_t i = 0; i < n; ++i) x[i] *= norm;
 }
