@@ -14,7 +14,7 @@ ratio to fp32; prefill tokens/s (one 128-token prompt) and decode tokens/s (64 n
 the peak resident memory of a process that loads the folder and runs a prompt, over the bytes of
 the model and its data; build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
 
-    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|llamacpp|lrq-bpw4,...] [--out genai.md]
+    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|low-bits|lrq-bpw4,...] [--out genai.md]
 """
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, I
 QUICK = ["builder-int4", "lrq-default", "lrq-calib"]
 # each under 30 minutes here (the default is the first)
 GROUPS = {"defaults": ["builder-int4", "builder-int4-kqm", "lrq-default", "lrq-float", "lrq-clip", "lrq-calib"],
-          "allocations": ["builder-int4", "lrq-bpw4", "lrq-size", "lrq-bpw3-lrq"],
-          "llamacpp": ["builder-int4", *llamacpp.KINDS]}
+          "allocations": ["builder-int4", "lrq-bpw4", "lrq-size"],
+          "low-bits": ["builder-int4", "lrq-bpw3-lrq", *llamacpp.KINDS]}
 # The builder (0.18) reads a flat rope_parameters and rope_local_base_freq, while transformers 5
 # gives Gemma 3 one rope_parameters entry per attention type: the builder runs with its config
 # flattened back (global theta for full attention, local theta for the sliding layers).

@@ -20,6 +20,7 @@ import onnx
 import lrqgraph.calib as calib
 from lrqgraph.hessian import HessianPart, collect_hessian_parts
 from lrqgraph.io import cache_dir
+from lrqgraph.kvcache import past_inputs
 from lrqgraph.numerics.patches import ConvPatches
 from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, register_pass
 
@@ -68,7 +69,11 @@ def hessian_parts(ctx: Context, config) -> list[HessianPart]:
                     "fitted on all of them, so one-layer measurements are in-sample", data.samples, measured)
     parts = [head, rest] if split else [list(data.batches)]
     what = f"{data.samples} samples of {data.source}" + (f" (the {measured} measured ones apart)" if split else "")
-    return _hessians(ctx, parts, f"{data.digest}|parts{[calib.count_samples(p) for p in parts]}", what)
+    key = f"{data.digest}|parts{[calib.count_samples(p) for p in parts]}"
+    past = past_inputs(ctx.model.graph)
+    if past:  # a cached decoder's lines joined into prompts: the same tokens in a few long runs
+        parts, key = [calib.pack_prompts(p, past) for p in parts], f"{key}|joined"
+    return _hessians(ctx, parts, key, what)
 
 
 def measured_samples(ctx: Context, config) -> int:
