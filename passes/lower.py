@@ -9,8 +9,10 @@ Targets:
 Lowering is a table of rules, one per (representation form, target) (see Representation.form):
  1. dense / lowrank / dense+lowrank / chains on ort and std: each chain becomes a chain of
     MatMulNBits (ort) or DequantizeLinear + MatMul (std) from X; chains are summed with Add.
- 2. dense on lrq: one ``lrq::QMatMul``; lowrank and dense+lowrank: one ``lrq::QLowRankMatMul``;
-    chains: QMatMul chains; codebook (Kashin with Hadamard transforms, k-means): ``lrq::KashinMatMul``.
+ 2. dense on lrq: one ``lrq::QMatMul``; lowrank and dense+lowrank: one ``lrq::QLowRankMatMul``
+    (both rotate a rotated representation's input themselves); chains: QMatMul chains; codebook
+    (Kashin with Hadamard transforms, k-means): ``lrq::KashinMatMul``. Other targets rotate the
+    input with plain ops (Emitter.rotated), once per input and rotation.
  3. A form with no rule for the target is refused, naming the layer and the lowering that runs it.
 Around the rule, per node:
  4. Gemm: alpha becomes a Mul after the sum; beta·C becomes the last node's bias input when the
@@ -19,9 +21,9 @@ Around the rule, per node:
     every new node and tensor gets a name no part of the graph uses.
  6. Embedding tables (a layer with Gather nodes, see discover rule 6) take one dense 4- or 8-bit
     grid whose blocks divide the embedding dimension: ``ort`` (and ``lrq``, whose ops have no
-    lookup) reads it with ``com.microsoft::GatherBlockQuantized`` over the bytes MatMulNBits reads,
-    so a tied lm_head and its table share one copy in the file; ``std`` gathers rows of
-    Transpose(DequantizeLinear(codes)).
+    lookup) reads it with ``com.microsoft::GatherBlockQuantized`` over the bytes MatMulNBits (or,
+    on ``lrq``, QMatMul: see layer_target) reads, so a tied lm_head and its table share one copy
+    in the file; ``std`` gathers rows of Transpose(DequantizeLinear(codes)).
  7. Convolutions (a layer with ``kernel``, see discover rule 2) are standard ONNX on every target:
     each chain's factors dequantized from int4/int8 codes by ops onnxruntime folds when the session
     loads (so the file holds the codes and the convolutions run at float speed, the weights float
@@ -96,6 +98,7 @@ class Emitter:
         self.stored_bytes = 0
         self.constants: list[gs.Constant] = []  # what stored_bytes counts: spilled once the layer is done
         self.nodes = 0
+        self.table = False  # an embedding table's layer: its products read the codes its lookups read
 
     def array(self, name: str, array: np.ndarray) -> gs.Constant:
         name = self.model.unique_name(name)
@@ -315,8 +318,20 @@ rule(("chains",), ("lrq",))(_chains(_lrq_matmul))
 
 @rule(("dense",), ("lrq",), fuses_bias=True, rotates=True)
 def _lrq_dense(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -> gs.Variable:
-    """One lrq::QMatMul node for (X·F)·W (+ bias)."""
-    return _lrq_matmul(em, x, rep.chains[0][0], (0, 0), tag, bias, rep.rotation)
+    """One lrq::QMatMul node for (X·F)·W (+ bias); a table's tied lm_head reads the initializers
+    its GatherBlockQuantized reads (rule 6): the codes, and the scales as stored."""
+    q = rep.chains[0][0]
+    if not em.table:
+        return _lrq_matmul(em, x, q, (0, 0), tag, bias, rep.rotation)
+    codes, scales = em.once((0, 0), lambda name: em.ort_factor(name, q))[:2]
+    if not isinstance(scales, gs.Constant):  # the load-time Cast of float16 scales: the op takes them as stored
+        scales = scales.inputs[0].inputs[0]
+    named = {"X": x, "B_codes": codes, "B_scales": scales}
+    if bias is not None:
+        named["bias"] = em.bias(tag, bias, np.float32)
+    k, n = q.shape
+    return lrq_node(em, "QMatMul", tag, named, {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
+                                                 "accuracy_level": em.accuracy_level})
 
 
 @rule(("lowrank", "dense+lowrank"), ("lrq",), fuses_bias=True, rotates=True)
@@ -375,13 +390,24 @@ def check_ort_compatible(name: str, rep: Representation) -> None:
 TABLE_BITS = (4, 8)  # what GatherBlockQuantized reads
 
 
-def layer_target(layer: Layer, target: str) -> str:
-    """The lowering a layer gets: lrq's ops have no row lookup, so tables (and a tied lm_head, to
-    share the table's bytes) use onnxruntime's own ops; convolutions (rule 7) are standard ONNX
-    on every target (MatMulNBits and the lrq ops multiply matrices only)."""
+def layer_target(layer: Layer, target: str, rep: Representation | None = None) -> str:
+    """The lowering a layer gets: convolutions (rule 7) are standard ONNX on every target
+    (MatMulNBits and the lrq ops multiply matrices only). lrq's ops have no row lookup, so a table
+    is read by onnxruntime's GatherBlockQuantized; its tied lm_head multiplies by the same codes
+    with lrq::QMatMul where that op takes them as they are (symmetric codes of up to 4 bits, the
+    widths its int8 kernels multiply on every CPU, in a float32 layer), else with MatMulNBits."""
     if layer.kernel:
         return "std"
-    return "ort" if target == "lrq" and layer.gathers else target
+    if target == "lrq" and layer.gathers and not (rep is not None and lrq_reads_table(layer, rep)):
+        return "ort"
+    return target
+
+
+def lrq_reads_table(layer: Layer, rep: Representation) -> bool:
+    """Whether lrq::QMatMul can read a table's codes and scales as GatherBlockQuantized reads them."""
+    q = rep.chains[0][0]
+    return (rep.form == "dense" and rep.rotation is None and q.zero_points is None and q.bits <= 4
+            and np.dtype(layer.dtype) == np.float32)
 
 
 CONV_FORMS = ("dense", "lowrank", "dense+lowrank", "chains")
@@ -423,7 +449,7 @@ def check_form(layer: Layer, rep: Representation) -> None:
 def check_layer(layer: Layer, rep: Representation, target: str) -> None:
     """check_lowerable for a layer as ``lower`` will emit it (tables and convolutions included)."""
     check_form(layer, rep)
-    check_lowerable(layer.name, rep, layer_target(layer, target), layer.dtype)
+    check_lowerable(layer.name, rep, layer_target(layer, target, rep), layer.dtype)
 
 
 def check_lowerable(name: str, rep: Representation, target: str, io_dtype: str) -> None:
@@ -570,12 +596,13 @@ def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: st
                 accuracy_level: int | None) -> LoweredLayer:
     """Rewrite every node of ``layer`` (the replaced nodes are dropped; cleanup removes the rest)."""
     check_layer(layer, rep, target)
-    if accuracy_level is None and target == "lrq":  # its tables run on MatMulNBits, at lrq's int8 activations
+    if accuracy_level is None and target == "lrq":  # tables on MatMulNBits too, at lrq's int8 activations
         accuracy_level = 4
-    target = layer_target(layer, target)
+    target = layer_target(layer, target, rep)
     # float16 scales of a float32 layer are stored as float16 and cast once when onnxruntime loads
     # the model (Emitter.stored_scales); the lrq ops take either scale type as they are
     em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, io_dtype=np.dtype(layer.dtype))
+    em.table = bool(layer.gathers)
     for node, label in zip(layer.nodes, layer.labels):
         if node.op == "Conv":
             rewrite_conv(em, node, rep, label, layer.kernel)

@@ -1,6 +1,7 @@
 """Embedding tables as layers: discover's rule 6, lower's rule 6 (GatherBlockQuantized, std
 DequantizeLinear + Gather), a tied lm_head sharing the table's codes, and tables in an allocation."""
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
@@ -69,16 +70,17 @@ def test_tied_table_lowers_to_one_copy_of_codes_read_by_both(lowering, bits, gem
     ctx = _lower(model, lowering, bits)
     out = ctx.model.to_onnx()
     ops = {n.op_type for n in out.graph.node}
-    assert ops == ({"DequantizeLinear", "Transpose", "Gather", "MatMul", "Tanh"} if lowering == "std" else
-                   {"GatherBlockQuantized", "Reshape", "MatMulNBits", "Tanh"})
+    product = {"std": "MatMul", "ort": "MatMulNBits", "lrq": "QMatMul"}[lowering]
+    assert ops == ({"DequantizeLinear", "Transpose", "Gather", product, "Tanh"} if lowering == "std" else
+                   {"GatherBlockQuantized", "Reshape", product, "Tanh"})
     ids = np.array([0, 5, 95, 3]) if gemm else np.array([[0, 5, 95], [3, 3, 7]])
     got = session(out.SerializeToString()).run(None, {"ids": ids})[0]
     table = _dequantized_table(ctx)
     expected = np.tanh(table[ids]) @ table.T
-    levels = {a.i for n in out.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    levels = {a.i for n in out.graph.node if n.op_type == product for a in n.attribute if a.name == "accuracy_level"}
     if lowering == "lrq":
-        # lrq's int8 activations reach the table's MatMulNBits too: the difference is their rounding
-        # per block of 32 (measured 2.4e-3 of the largest output)
+        # lrq's int8 activations reach the lm_head reading the table's codes too: the difference is
+        # their rounding per block of 32 (measured 2.4e-3 of the largest output)
         assert levels == {4}
         assert np.abs(got - expected).max() <= 1e-2 * np.abs(expected).max()
     else:
@@ -153,3 +155,19 @@ def test_a_table_in_the_budget_competes_for_its_bits():
 def test_target_bpw_on_a_table_alone_says_how_to_reach_it():
     with pytest.raises(lrqgraph.LrqError, match="--target-size, or --tables-in-budget"):
         _allocated(builders.tied_lm_head_model(vocab=512, dim=64), target_bpw=4)
+
+
+def test_lrq_lm_head_reading_the_table_converts_back(tmp_path):
+    """On lrq a tied lm_head is a QMatMul over the table's codes; `lrqgraph lower --to ort` makes it
+    MatMulNBits again with the same outputs (float activations: summation order only)."""
+    from lrqgraph.cli import main
+    model = builders.tied_lm_head_model(vocab=96, dim=64)
+    cfg = OptimizeConfig(lowering="lrq", accuracy_level=0, factorize=FactorizeConfig(bits=4), select=TABLES)
+    src, dst = tmp_path / "lrq.onnx", tmp_path / "ort.onnx"
+    onnx.save(lrqgraph.api.run(model, cfg).model, src)
+    assert main(["lower", str(src), "-o", str(dst), "--to", "ort", "-q"]) == 0
+    assert {n.op_type for n in onnx.load(str(dst)).graph.node} == {"GatherBlockQuantized", "Reshape", "MatMulNBits",
+                                                                    "Tanh"}
+    ids = np.array([[0, 5, 95], [3, 3, 7]])
+    want, got = (session(str(p)).run(None, {"ids": ids})[0] for p in (src, dst))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())  # measured 4.6e-7

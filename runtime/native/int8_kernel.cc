@@ -70,15 +70,10 @@ Int8Layout Pack(const WeightSpec& s) {
   const bool uniform = std::all_of(s.zero_points.begin(), s.zero_points.end(),
                                    [&](uint8_t z) { return z == s.zero_points[0]; });
   const int blob = s.blob();
-  // codes of column n, all of K, one byte each (padding: code 0 meets activation 0)
-  std::vector<uint8_t> columns(static_cast<size_t>(w.panels) * kPanel * w.Kp, 0);
-  for (int64_t n = 0; n < w.N; ++n)
-    for (int b = 0; b < w.blocks; ++b) {
-      const uint8_t* src = s.codes + (static_cast<size_t>(n) * w.blocks + b) * blob;
-      const int64_t k0 = static_cast<int64_t>(b) * w.block;
-      const int count = static_cast<int>(std::min<int64_t>(w.block, w.K - k0));
-      for (int i = 0; i < count; ++i) columns[n * w.Kp + k0 + i] = static_cast<uint8_t>(CodeAt(src, s.bits, i));
-    }
+  // one tile's codes, column by column, all of K, one byte each (padding: code 0 meets activation
+  // 0); a tile at a time, so the unpacked bytes never exceed 64 columns' (a 262144-word lm_head
+  // would need K·N of them)
+  std::vector<uint8_t> columns(static_cast<size_t>(kTile) * kPanel * w.Kp);
   w.codes.assign(static_cast<size_t>(w.tiles) * w.quads * kTile * w.gbytes, 0);
   const size_t cells = static_cast<size_t>(w.tiles) * w.blocks * kTile * kPanel;  // [tile, block, panel, 16]
   w.half_scales ? w.half.assign(cells, 0) : w.scales.assign(cells, 0.f);
@@ -86,9 +81,19 @@ Int8Layout Pack(const WeightSpec& s) {
   uint8_t group[64];
   for (int64_t t = 0; t < w.tiles; ++t) {
     const int np = w.Panels(t);
+    const int64_t first = t * kTile * kPanel;
+    std::fill(columns.begin(), columns.end(), 0);
+    for (int64_t n = first; n < std::min<int64_t>(w.N, first + kTile * kPanel); ++n)
+      for (int b = 0; b < w.blocks; ++b) {
+        const uint8_t* src = s.codes + (static_cast<size_t>(n) * w.blocks + b) * blob;
+        const int64_t k0 = static_cast<int64_t>(b) * w.block;
+        const int count = static_cast<int>(std::min<int64_t>(w.block, w.K - k0));
+        uint8_t* column = columns.data() + (n - first) * w.Kp + k0;
+        for (int i = 0; i < count; ++i) column[i] = static_cast<uint8_t>(CodeAt(src, s.bits, i));
+      }
     for (int64_t q = 0; q < w.quads; ++q)
       for (int p = 0; p < np; ++p) {
-        const int64_t n0 = (t * kTile + p) * kPanel;
+        const int64_t n0 = p * kPanel;  // within the tile
         for (int j = 0; j < kPanel; ++j)
           for (int i = 0; i < 4; ++i) group[4 * j + i] = columns[(n0 + j) * w.Kp + 4 * q + i];
         PackGroup(group, w.sb, w.codes.data() + w.CodeOffset(t, q, p));
