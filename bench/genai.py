@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows per text")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     parser.add_argument("--keep", help="keep lrqgraph's folders under this folder")
+    parser.add_argument("--cold", action="store_true",
+                        help="each lrqgraph build starts from an empty cache (LRQGRAPH_CACHE), as on a fresh machine: "
+                             "its build time then includes the calibration statistics")
     parser.add_argument("--out", help="also write the table here")
     args = parser.parse_args()
     import onnxruntime_genai as og
@@ -227,12 +230,14 @@ def main() -> None:
         start = time.perf_counter()
         print(f"{name}: lrqgraph optimize {' '.join(options)}", flush=True)
         # lrqgraph's progress log goes to this script's stderr as it runs
+        env = {**os.environ, "LRQGRAPH_CACHE": str(work / f"{name}-cache")} if args.cold else None
         done = subprocess.run([sys.executable, "-m", "lrqgraph", "optimize", str(fp32), "-o", str(out), *options],
-                              stdout=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, env=env)
         if done.returncode != 0:
             print(f"{name}: lrqgraph failed (exit {done.returncode}); see its log above", flush=True)
             continue
-        folders[name] = (label, out, time.perf_counter() - start)
+        folders[name] = (label + (" (cold)" if args.cold else ""), out, time.perf_counter() - start)
+        shutil.rmtree(work / f"{name}-cache", ignore_errors=True)
         print(f"{name}: built in {folders[name][2]:.0f} s", flush=True)
 
     ggufs = {}

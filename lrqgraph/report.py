@@ -132,6 +132,9 @@ def _short(name: str, width: int) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
+SHOWN_OUTPUTS = 4  # outputs the summary shows one by one; more get one line together
+
+
 def summary(report: dict) -> str:
     m = report.get("model", {})
     lines = []
@@ -145,13 +148,22 @@ def summary(report: dict) -> str:
                      f"(codes + scales + zero points); whole model {m['model_bpw']} bits per parameter")
     v = report.get("verify")
     if v:
-        for name, o in v["outputs"].items():
+        outputs = list(v["outputs"].items())
+        shown, rest = (outputs, []) if len(outputs) <= SHOWN_OUTPUTS else \
+            (outputs[:SHOWN_OUTPUTS - 1], outputs[SHOWN_OUTPUTS - 1:])
+        for name, o in shown:
             if "cosine_mean" in o:
                 lines.append(f"verify '{name}': max |Δ| {o['max_abs']:.3g}, max rel {o['max_rel']:.3g}, "
                              f"cosine mean {o['cosine_mean']:.5f} min {o['cosine_min']:.5f} "
                              f"({v['samples']} samples, {v['inputs']})")
             else:
                 lines.append(f"verify '{name}': {o['mismatches']} mismatching elements")
+        if rest:  # a decoder's KV cache: dozens of present.* outputs, one line for all
+            floating = [o for _, o in rest if "cosine_mean" in o]
+            worst = (f": worst max rel {max(o['max_rel'] for o in floating):.3g}, worst cosine min "
+                     f"{min(o['cosine_min'] for o in floating):.5f}") if floating else ""
+            lines.append(f"verify {len(rest)} more outputs ('{rest[0][0]}' ... '{rest[-1][0]}'){worst} "
+                         f"(every output in the JSON report)")
     a = report.get("allocation")
     if a:
         goal = ", ".join(f"{k} {v}" for k, v in a["goal"].items())

@@ -301,3 +301,18 @@ def test_the_builders_tied_table_is_measured_as_one_weight(folder):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     original = ort.InferenceSession(model.SerializeToString()).run(["logits"], feeds)[0]
     assert np.abs(got - original).max() > 0.1 * np.abs(original).max()
+
+
+def test_the_summary_gives_a_kv_cache_one_line():
+    """A decoder has an output per cached key and value (36 for Gemma 3 270M): the summary shows the
+    first outputs one by one and the rest in one line with their worst figures."""
+    from lrqgraph.report import summary
+    outputs = {"logits": {"max_abs": 1.0, "max_rel": 0.1, "cosine_mean": 0.99, "cosine_min": 0.95, "non_finite": 0}}
+    for i in range(18):
+        for kind in ("key", "value"):
+            outputs[f"present.{i}.{kind}"] = {"max_abs": 0.5, "max_rel": 0.01 * (i + 1), "cosine_mean": 0.999,
+                                              "cosine_min": 0.99 - 0.001 * i, "non_finite": 0}
+    lines = summary({"verify": {"outputs": outputs, "samples": 16, "inputs": "16 lines"}}).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("verify 'logits'")
+    assert "34 more outputs ('present.1.key' ... 'present.17.value')" in lines[-1]
+    assert "worst max rel 0.18" in lines[-1] and "worst cosine min 0.97300" in lines[-1]
