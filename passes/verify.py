@@ -125,7 +125,6 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
     if data is not None:
         runs = calib.split_runs(data.batches, cfg.calib_verify_samples)[0]
         samples = calib.count_samples(runs)
-        runs = calib.pack_prompts(runs, kvcache.past_inputs(graph))  # a cached decoder: lines joined into prompts
         source = f"{samples} of {data.samples} samples of calibration data {data.source}"
     else:
         feeds = calib.synthesize(signature, graph, cfg.samples, cfg.seed)
