@@ -14,7 +14,8 @@ ratio to fp32; prefill tokens/s (one 128-token prompt) and decode tokens/s (64 n
 the peak resident memory of a process that loads the folder and runs a prompt, over the bytes of
 the model and its data; build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
 
-    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|low-bits|lrq-bpw4,...] [--out genai.md]
+    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|low-bits|lrq-bpw4,...]
+        [--cold] [--out genai.md]      (the low-bits group also needs: pip install llama-cpp-python)
 """
 from __future__ import annotations
 
