@@ -180,9 +180,10 @@ def pack_prompts(runs: list[dict[str, np.ndarray]], past: dict[str, PastShape], 
     a fraction of 15 runs of 35 (per-run overhead, and GEMMs of a few rows). Later lines then
     read earlier ones as context, as text does. Runs of other shapes are returned as they are."""
     def prompt(run: dict[str, np.ndarray]) -> int | None:
+        """The run's token count when every input but the past is one [1, tokens] row."""
         shapes = {np.shape(v) for k, v in run.items() if k not in past}
-        return shapes.pop()[1] if len(shapes) == 1 and len(next(iter(shapes))) == 2 and \
-            next(iter(shapes))[0] == 1 else None
+        shape = shapes.pop() if len(shapes) == 1 else ()
+        return shape[1] if len(shape) == 2 and shape[0] == 1 else None
 
     lengths = [prompt(run) for run in runs]
     if not past or None in lengths:

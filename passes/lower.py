@@ -87,7 +87,7 @@ class Emitter:
     every name unique in the model."""
 
     def __init__(self, model: ModelState, target: str, prefix: str, dtype: np.dtype,
-                 accuracy_level: int | None = None, io_dtype: np.dtype | None = None):
+                 accuracy_level: int | None = None, io_dtype: np.dtype | None = None, table: bool = False):
         self.model, self.graph, self.target, self.prefix = model, model.graph, target, prefix
         self.dtype = np.dtype(dtype)
         self.io_dtype = np.dtype(io_dtype or dtype)  # the layer's own activations
@@ -98,7 +98,7 @@ class Emitter:
         self.stored_bytes = 0
         self.constants: list[gs.Constant] = []  # what stored_bytes counts: spilled once the layer is done
         self.nodes = 0
-        self.table = False  # an embedding table's layer: its products read the codes its lookups read
+        self.table = table  # an embedding table's layer: its products read the codes its lookups read
 
     def array(self, name: str, array: np.ndarray) -> gs.Constant:
         name = self.model.unique_name(name)
@@ -276,8 +276,10 @@ def _std_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bi
 
 
 def _lrq_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias,
-                rotation: Rotation | None = None) -> gs.Variable:
-    codes, scales, zp = em.once(key, lambda name: em.lrq_factor(name, q))
+                rotation: Rotation | None = None, factors: list[gs.Tensor] | None = None) -> gs.Variable:
+    """One lrq::QMatMul node; ``factors`` (codes, scales[, zero points]): initializers another
+    node already reads, else this weight's own (made once)."""
+    codes, scales, zp = [*(factors or em.once(key, lambda name: em.lrq_factor(name, q))), gs.Variable.empty()][:3]
     named = {"X": x, "B_codes": codes, "B_scales": scales, "B_zero_points": zp}
     if bias is not None:
         named["bias"] = em.bias(tag, bias, np.float32)
@@ -326,12 +328,7 @@ def _lrq_dense(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -
     codes, scales = em.once((0, 0), lambda name: em.ort_factor(name, q))[:2]
     if not isinstance(scales, gs.Constant):  # the load-time Cast of float16 scales: the op takes them as stored
         scales = scales.inputs[0].inputs[0]
-    named = {"X": x, "B_codes": codes, "B_scales": scales}
-    if bias is not None:
-        named["bias"] = em.bias(tag, bias, np.float32)
-    k, n = q.shape
-    return lrq_node(em, "QMatMul", tag, named, {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size,
-                                                 "accuracy_level": em.accuracy_level})
+    return _lrq_matmul(em, x, q, (0, 0), tag, bias, factors=[codes, scales])
 
 
 @rule(("lowrank", "dense+lowrank"), ("lrq",), fuses_bias=True, rotates=True)
@@ -601,8 +598,8 @@ def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: st
     target = layer_target(layer, target, rep)
     # float16 scales of a float32 layer are stored as float16 and cast once when onnxruntime loads
     # the model (Emitter.stored_scales); the lrq ops take either scale type as they are
-    em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, io_dtype=np.dtype(layer.dtype))
-    em.table = bool(layer.gathers)
+    em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, io_dtype=np.dtype(layer.dtype),
+                 table=bool(layer.gathers))
     for node, label in zip(layer.nodes, layer.labels):
         if node.op == "Conv":
             rewrite_conv(em, node, rep, label, layer.kernel)

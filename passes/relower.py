@@ -59,15 +59,14 @@ def read_factor(node: gs.Node, prefix: str, k: int, n: int, bits: int, block: in
 
 def read_rotation(node: gs.Node, k: int) -> Rotation | None:
     """The input rotation of an lrq node: drawn again from its seed, checked against its signs."""
-    signs = _input(node, OPS[node.op].index("rotation_signs")) if node.op in ("QMatMul", "QLowRankMatMul") else None
-    if signs is None:
+    index = OPS[node.op].index("rotation_signs")
+    if _input(node, index) is None:
         return None
     if "rotation_seed" not in node.attrs:
         raise LrqError(f"node '{node.name}' ({node.op}): a rotation without its rotation_seed; only models written "
                        f"by lrqgraph's lrq lowering can be converted")
     rotation = Rotation(k, int(node.attrs["rotation_seed"]))
-    if not np.array_equal(_constant(node, OPS[node.op].index("rotation_signs"), "rotation signs").astype(np.float32),
-                          rotation.axis.signs):
+    if not np.array_equal(_constant(node, index, "rotation signs").astype(np.float32), rotation.axis.signs):
         raise LrqError(f"node '{node.name}' ({node.op}): its rotation_signs are not those of its rotation_seed")
     return rotation
 
