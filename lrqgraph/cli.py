@@ -103,6 +103,14 @@ def _add_allocate_options(p: argparse.ArgumentParser) -> None:
                         "layer (default: they take a fixed grid outside it, 8-bit from 4 bits per weight up, else 4-bit; "
                         "--target-size and the quality goals "
                         "always let them compete)")
+    g.add_argument("--latency-budget", choices=("on", "off"), default="on",
+                   help="on (default): drop candidates whose kernels run slower than the layer as onnxruntime's "
+                        "4-bit RTN model runs it (timed on this machine, cached); off: choose on bytes and error alone")
+    g.add_argument("--max-latency", type=float, metavar="RATIO",
+                   help="also drop candidates slower than RATIO x the float layer (e.g. 0.8)")
+    g.add_argument("--latency-rows", type=lambda t: tuple(int(r) for r in t.split(",") if r.strip()), metavar="M1,M2",
+                   help="rows per call the latency budget holds at (default: one calibration sample's and eight "
+                        "samples'; a decoder's 1 and 128)")
     g.add_argument("--report-html", help="write a self-contained HTML report with plots here")
 
 
@@ -136,6 +144,9 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
                    f"(default {VerifyConfig.calib_verify_samples})")
     g.add_argument("--max-error", type=float,
                    help="fail when max |Δ| / max |reference| of any output exceeds this")
+    g.add_argument("--time-seconds", type=float, default=VerifyConfig.time_seconds,
+                   help="seconds spent timing the original and the output in turns, per batch size "
+                        f"(default {VerifyConfig.time_seconds:g}; 0: no timing)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 def verify_config(args: argparse.Namespace) -> VerifyConfig:
     return VerifyConfig(samples=args.samples, calib=args.calib, tokenizer=args.tokenizer,
                         calib_samples=args.calib_samples, calib_verify_samples=args.verify_samples,
-                        max_error=args.max_error)
+                        max_error=args.max_error, time_seconds=getattr(args, "time_seconds", VerifyConfig.time_seconds))
 
 
 def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
@@ -221,7 +232,10 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
     allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
                                                                       "max_kl", "labels")},
                               families=getattr(args, "families", None) or (), measure=getattr(args, "measure", None),
-                              tables_in_budget=getattr(args, "tables_in_budget", None))
+                              tables_in_budget=getattr(args, "tables_in_budget", None),
+                              latency_budget=getattr(args, "latency_budget", "on") == "on",
+                              max_latency=getattr(args, "max_latency", None),
+                              latency_rows=getattr(args, "latency_rows", None) or ())
     return OptimizeConfig(select=select, factorize=factorize, verify=verify, allocate=allocate,
                           lowering=getattr(args, "lowering", "ort"),
                           accuracy_level=getattr(args, "accuracy_level", None), calib=getattr(args, "calib", None),

@@ -53,10 +53,15 @@ class VerifyConfig:
     calib_verify_samples: int = 16
     max_error: float | None = None  # fail when max |Δ| / max |ref| over outputs exceeds this
     seed: int = 0
+    # seconds spent timing the original and the rewritten model in turns, per batch size (one
+    # sample, and one calibration batch of up to 8); 0: no timing
+    time_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         if self.calib_verify_samples < 1:
             raise LrqError(f"--verify-samples must be at least 1, got {self.calib_verify_samples}")
+        if self.time_seconds < 0:
+            raise LrqError(f"--time-seconds must be 0 (no timing) or more, got {self.time_seconds}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,13 @@ class AllocateConfig:
     # with the table at 8 bits outside the budget: 1.15x / 1.49x (bench/RESULTS.md)
     tables_in_budget: bool | None = None
     polish_sweeps: int = 4       # coordinate-descent sweeps on each chosen GPTQ candidate
+    # run time as a cost (passes/latency_budget.py): a candidate whose lowered form runs slower than
+    # its layer as onnxruntime's 4-bit RTN writes it (or than max_latency x the float layer) is
+    # dropped, at the rows latency_rows lists (() = one calibration sample's and eight samples';
+    # a decoder's 1 and 128); False: choices on bytes and error alone
+    latency_budget: bool = True
+    max_latency: float | None = None
+    latency_rows: tuple[int, ...] = ()
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
 
     def __post_init__(self) -> None:
@@ -132,6 +144,10 @@ class AllocateConfig:
             raise LrqError(f"check_layers must be at least 1 (or None: every layer), got {self.check_layers}")
         if (self.measure_samples is not None and self.measure_samples < 1) or self.repair_steps < 0:
             raise LrqError("measure_samples must be at least 1 and repair_steps at least 0")
+        if self.max_latency is not None and self.max_latency <= 0:
+            raise LrqError(f"--max-latency must be a positive ratio to the float model, got {self.max_latency}")
+        if any(int(r) < 1 for r in self.latency_rows):
+            raise LrqError(f"--latency-rows must be positive row counts, got {list(self.latency_rows)}")
         if self.measure not in (None, "cosine", "kl"):
             raise LrqError(f"--metric must be cosine or kl, got {self.measure}")
         if (self.measure == "kl" and self.min_cosine is not None) or (self.measure == "cosine" and self.max_kl):

@@ -33,13 +33,14 @@ METRICS = ("cosine", "kl")
 _IN_MEMORY_LIMIT = 1 << 30  # larger models reach onnxruntime through a temporary file
 
 
-def open_session(model: onnx.ModelProto | str | Path):
+def open_session(model: onnx.ModelProto | str | Path, options=None):
+    """An onnxruntime session (lrqgraph.runtime.session) of a path or an in-memory model."""
     if not isinstance(model, onnx.ModelProto):
-        return session(str(model))
+        return session(str(model), options)
     if tensor_bytes(model) < _IN_MEMORY_LIMIT:
-        return session(model.SerializeToString())
+        return session(model.SerializeToString(), options)
     with tempfile.TemporaryDirectory(prefix="lrqgraph-eval-") as tmp:
-        return session(save_model(model, Path(tmp) / "model.onnx", external_data=True))
+        return session(save_model(model, Path(tmp) / "model.onnx", external_data=True), options)
 
 
 def per_sample(x: np.ndarray) -> np.ndarray:

@@ -164,6 +164,11 @@ def summary(report: dict) -> str:
                      f"{min(o['cosine_min'] for o in floating):.5f}") if floating else ""
             lines.append(f"verify {len(rest)} more outputs ('{rest[0][0]}' ... '{rest[-1][0]}'){worst} "
                          f"(every output in the JSON report)")
+        timed = v.get("latency") or {}
+        if timed:
+            lines.append("latency (onnxruntime CPU, in turns): " + ", ".join(
+                f"{t['ratio']:.2f}x the original at {label} ({t['rewritten_ms']:.3g} vs {t['original_ms']:.3g} ms)"
+                for label, t in timed.items()))
     a = report.get("allocation")
     if a:
         goal = ", ".join(f"{k} {v}" for k, v in a["goal"].items())
@@ -182,6 +187,16 @@ def summary(report: dict) -> str:
             if rho:
                 lines.append("proxy check per family (Spearman predicted/measured one-layer degradation): "
                              + ", ".join(f"{f} {r:.3f}" for f, r in rho.items()))
+        budget = a.get("latency")
+        if budget:
+            limit = f"{budget['reference']}" + (f" and {budget['max_latency']:g}x float" if budget["max_latency"] else "")
+            dropped = budget["dropped"]
+            estimate = "; ".join(
+                f"{e['chosen'] / e['float']:.2f}x float at {rows} rows (reference {e['reference'] / e['float']:.2f}x)"
+                for rows, e in budget["estimate_ms"].items() if e["float"] > 0)
+            lines.append(f"latency budget (no slower than {limit}): {sum(dropped.values())} candidates dropped"
+                         + (f" ({', '.join(f'{f} {n}' for f, n in sorted(dropped.items()))})" if dropped else "")
+                         + (f"; rewritten layers estimated {estimate}" if estimate else ""))
     if report.get("calibration"):
         lines.append(f"calibration: {report['calibration']}")
     return "\n".join(lines)

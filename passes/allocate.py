@@ -40,6 +40,8 @@ from lrqgraph.plan import LayerPlan
 from lrqgraph.progress import progress
 
 from .factorize import factorize_weight
+from .latency_budget import screen
+from .lower import widened
 from .tolerance import LayerTolerance, allocation_scales, spearman, stored_layout
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class AllocationSummary:
     families: dict              # family -> its layers' count in the choice, its own frontier and its
                                 # own allocation at the same goal (measured), for the joint-vs-alone comparison
     labelled: dict | None = None  # the lossless goal: samples, accuracy and log-loss per half, original and chosen
+    latency: dict | None = None   # the latency budget: rows, reference, candidates dropped, estimated ms per rows
 
 
 def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
@@ -80,6 +83,9 @@ def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
 # (measured: 270 to 330 bytes a layer), and the padding that aligns a tensor of 1 MiB or more in
 # the external data (less than external.ALIGN each; codes and, for a table, scales)
 NODE_BYTES = 512
+# ... and for codes widened when the session loads (lower.widened): 12 more nodes (measured: about
+# 900 bytes a layer), plus their integer constants once per code width
+WIDEN_BYTES, WIDEN_CONSTANT_BYTES = 1280, 512
 
 
 def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
@@ -87,7 +93,18 @@ def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
     and padding, and the metadata lrqgraph.api writes (the config, the pipeline: 512 bytes and more)."""
     big = sum(1 for t in tols if max((c.bits for c in t.candidates if c.rep is not None), default=0) / 8 >= ALIGN_FROM)
     metadata = len(json.dumps(describe_config(config), sort_keys=True, default=str)) + 1024
-    return NODE_BYTES * len(tols) + 2 * ALIGN * big + metadata
+    widths = {q.bits for t in tols for c in t.candidates if c.rep is not None for chain in c.rep.chains
+              for q in chain if widened(q)} if config.lowering == "ort" else set()
+    return NODE_BYTES * len(tols) + 2 * ALIGN * big + metadata + WIDEN_CONSTANT_BYTES * len(widths)
+
+
+def knapsack_costs(config, tols: list[LayerTolerance]) -> list[np.ndarray]:
+    """Each candidate's bits, and for --target-size also the nodes that widen its codes (WIDEN_BYTES)."""
+    def widens(c) -> bool:
+        return (config.lowering == "ort" and c.rep is not None
+                and any(widened(q) for chain in c.rep.chains for q in chain))
+    extra = 8 * WIDEN_BYTES if config.allocate.target_size is not None else 0
+    return [np.array([c.bits + (extra if widens(c) else 0) for c in t.candidates], np.float64) for t in tols]
 
 
 def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
@@ -193,18 +210,19 @@ class Allocate(Pass):
         if not cfg.active:
             raise LrqError("allocate needs a goal: --target-bpw, --target-size, --min-cosine, --max-kl or --labels")
         # a layer with no candidate but keep stays in: the goal counts it at its float size
-        tols = list(ctx.analysis("tolerance", allocate=cfg))
+        measured_tols = list(ctx.analysis("tolerance", allocate=cfg))  # every candidate, for the proxy checks
+        tols, latency = screen(ctx, cfg, measured_tols)
         layers = [layer for layer in ctx.analysis("layers") if layer.rewrite]
         params, fixed = budgeted_params(tols)
         if tols and not params:
             raise LrqError("every selected layer is an embedding table, which --target-bpw keeps at a fixed grid "
                            "outside its budget; give --target-size, or --tables-in-budget")
-        if not any(len(t.candidates) > 1 for t in tols):
+        if not any(len(t.candidates) > 1 for t in measured_tols):
             ctx.plans = {layer.weight: LayerPlan(layer, None, "allocate: no candidate is smaller than the weight")
                          for layer in layers}
             return PassResult(modified=False)
         measure = _Measurer(ctx.analysis("degradation", allocate=cfg))
-        costs = [np.array([c.bits for c in t.candidates], np.float64) for t in tols]
+        costs = knapsack_costs(dataclasses.replace(ctx.config, allocate=cfg), tols)
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
 
         def per_weight(cost: float) -> float:
@@ -221,9 +239,11 @@ class Allocate(Pass):
         if kind == "budget":
             if found is None:
                 cheapest = per_weight(sum(c.min() for c in costs))
+                within = " within the latency budget" if latency is not None else ""
+                advice = "; raise the target" + (", --max-latency, or give --latency-budget off" if within else "")
                 raise LrqError(f"the goal leaves {per_weight(target):.3f} bits per weight for the selected layers, below "
-                               f"the cheapest choice "
-                               f"({cheapest:.3f} bits per weight over the selected layers); raise the target")
+                               f"the cheapest choice{within} "
+                               f"({cheapest:.3f} bits per weight over the selected layers){advice}")
         elif found is None:  # unreachable: keeping every layer predicts zero loss
             raise LrqError("no choice of representations meets the quality goal")
         choice = [int(i) for i in found.choice]
@@ -239,7 +259,7 @@ class Allocate(Pass):
         families = {}  # each family alone at the same goal, measured: the comparison the report shows
         joint = measured
         for family in dict.fromkeys(c.family for t in tols for c in t.candidates if c.rep is not None):
-            alone = _family_alone(tols, family, kind, target) if kind != "lossless" else None
+            alone = _family_alone(tols, costs, family, kind, target) if kind != "lossless" else None
             entry = {"alone": None}
             if alone is not None:
                 picks = [int(i) for i in alone.choice]
@@ -253,7 +273,7 @@ class Allocate(Pass):
             families[family] = entry
         for family, entry in families.items():
             entry["layers"] = sum(t.candidates[c].family == family for t, c in zip(tols, choice))
-            entry["frontier"] = [(per_weight(cost), loss) for cost, loss in frontier(*_restricted(tols, family))]
+            entry["frontier"] = [(per_weight(cost), loss) for cost, loss in frontier(*_restricted(tols, costs, family))]
         held_out = measured
         uniform = _uniform(measure, tols, per_weight)
         hessians = ctx.analysis("hessians")
@@ -277,7 +297,7 @@ class Allocate(Pass):
                         measured, target, repairs)
         self._apply(ctx, tols, choice)
         self._report(ctx, cfg, tols, choice, costs, per_weight, kind, target, (measured, joint, held_out), repairs, met,
-                     measure, families, uniform, labelled)
+                     measure, families, uniform, labelled, latency, measured_tols)
         return PassResult(modified=False, preserved=None)
 
     @staticmethod
@@ -301,7 +321,7 @@ class Allocate(Pass):
 
     @staticmethod
     def _report(ctx, cfg, tols, choice, costs, per_weight, kind, target, measured, repairs, met, measure, families,
-                uniform, labelled=None):
+                uniform, labelled=None, latency=None, measured_tols=None):
         measured, joint, held_out = measured
         losses = [np.array([c.predicted for c in t.candidates], np.float64) for t in tols]
         metric = measure.metric
@@ -315,9 +335,12 @@ class Allocate(Pass):
             measured=measured, joint_measured=joint, held_out=held_out, target_loss=target if kind == "loss" else None, met=met,
             repairs=repairs,
             spearman=spearman([c[1] for c in checks], [c[2] for c in checks]) if len(checks) > 2 else None,
-            spearman_by_family=_spearman_by_family(tols),
+            spearman_by_family=_spearman_by_family(measured_tols or tols),
             frontier=[(per_weight(cost), loss) for cost, loss in frontier(costs, losses)], uniform=uniform,
-            families=families, labelled=labelled)
+            families=families, labelled=labelled,
+            latency=None if latency is None else {"rows": list(latency.rows), "reference": latency.reference,
+                                                  "max_latency": latency.max_latency, "dropped": latency.dropped,
+                                                  "estimate_ms": latency.estimate(tols, choice)})
         log.info("allocate: %.3f bits per weight, predicted %s %.4g, measured %.4g%s; families %s",
                  ctx.allocation.bpw, metric, ctx.allocation.predicted, measured, "" if met else " (goal missed)",
                  ", ".join(f"{f} {v['layers']}" for f, v in families.items()))
@@ -364,16 +387,16 @@ def _family_of(t: LayerTolerance, label: str) -> str:
     return next(c.family for c in t.candidates if c.label == label)
 
 
-def _restricted(tols: list[LayerTolerance], family: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _restricted(tols: list[LayerTolerance], all_costs: list[np.ndarray], family: str
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Costs and losses with every candidate outside ``family`` (and keep) priced out of reach; a
     layer that has no candidate of the family (an embedding table: dense grids only) keeps its dense ones."""
-    costs, losses = [], []
+    losses = []
     for t in tols:
         allowed = {family, "keep"} if any(c.family == family for c in t.candidates) else {"dense", "keep"}
         inside = np.array([c.family in allowed for c in t.candidates])
-        costs.append(np.array([c.bits for c in t.candidates], np.float64))
         losses.append(np.where(inside, [c.predicted for c in t.candidates], np.inf))
-    return costs, losses
+    return all_costs, losses
 
 
 def _lossless_search(tols: list[LayerTolerance], costs: list[np.ndarray], losses: list[np.ndarray], lost,
@@ -432,6 +455,6 @@ def _solve(kind: str, target: float, costs: list[np.ndarray], losses: list[np.nd
     return found if found is not None and np.isfinite(found.loss) else None
 
 
-def _family_alone(tols: list[LayerTolerance], family: str, kind: str, target: float):
+def _family_alone(tols: list[LayerTolerance], costs: list[np.ndarray], family: str, kind: str, target: float):
     """The allocation at the same goal with only ``family``'s candidates (and keep) allowed."""
-    return _solve(kind, target, *_restricted(tols, family))
+    return _solve(kind, target, *_restricted(tols, costs, family))

@@ -42,17 +42,19 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper, version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from lrqgraph.config import OptimizeConfig
 from lrqgraph.errors import LrqError
 from lrqgraph.external import stored_nbytes
 from lrqgraph.graph import constant_values
+from lrqgraph.latency import float_model
 from lrqgraph.methods import LOWERINGS
 from lrqgraph.methods.kashin import transform_refusal
 from lrqgraph.model import IR_VERSION_INT4, ModelState
 from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits
 from lrqgraph.numerics.kashin import KashinTensor
 from lrqgraph.numerics.rotation import Rotation
-from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
-from lrqgraph.plan import Layer, LoweredLayer, loaded
+from lrqgraph.passmanager import Context, Pass, PassManager, PassResult, register_pass
+from lrqgraph.plan import Layer, LoweredLayer, loaded, use_plans
 from lrqgraph.runtime.native_ops import library_path
 from lrqgraph.runtime.op_schema import DOMAIN, OPS
 from lrqgraph.version import __version__
@@ -60,7 +62,7 @@ from lrqgraph.version import __version__
 log = logging.getLogger(__name__)
 
 STD_OPSET = 21            # DequantizeLinear with block_size and int4 types
-ORT_BITS = (2, 4, 8)      # MatMulNBits code widths onnxruntime's CPU kernel accepts
+ORT_BITS = (2, 3, 4, 8)   # MatMulNBits code widths (symmetric 2 and 3 bits run as 4: see widened)
 TARGETS = LOWERINGS
 
 
@@ -194,10 +196,52 @@ class Emitter:
 
     def ort_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
         packed, _, _ = q.packed_columns()  # MatMulNBits stores row n = column n of W, blocks along K
-        tensors = [self.array(f"{name}.q", packed), self.stored_scales(f"{name}.scales", q.scales.T.reshape(-1))]
+        codes = self.widened_codes(name, q, packed) if widened(q) else self.array(f"{name}.q", packed)
+        tensors = [codes, self.stored_scales(f"{name}.scales", q.scales.T.reshape(-1))]
         if q.zero_points is not None:
             tensors.append(self.array(f"{name}.zp", pack_bits(q.zero_points.T, q.bits)))
         return tensors
+
+    def widened_codes(self, name: str, q: QuantizedTensor, packed: np.ndarray) -> gs.Tensor:
+        """Symmetric 2- or 3-bit codes stored at their width and widened to MatMulNBits' 4-bit layout
+        by integer ops on constants, which onnxruntime folds when the session loads: the file holds
+        b bits a weight, the fast 4-bit kernel runs them. Each group of ``g`` stored bytes (least
+        significant bit first, pack_bits) holds 8g/b codes; the codes move by 8 - 2^(b-1) so that
+        the 4-bit kernel's implicit zero point 8 stands for theirs. The integer constants are shared
+        by every layer of that width (and count as structure, WIDEN_BYTES)."""
+        b = q.bits
+        stored = self.array(f"{name}.q{b}", packed.reshape(-1))
+        self._folded.append(stored)  # counted as stored; the widened bytes exist only in the session
+        c = self.widen_constants(b)
+        x = self.node("Reshape", "widen", [stored, c["groups"]], dtype=np.uint8)
+        x = self.cast(x, np.int32, "widen")
+        x = self._reduce_sum(self.node("Mul", "widen", [x, c["bytes"]], dtype=np.int32), c["axes"], 1)
+        x = self.node("Div", "widen", [x, c["shifts"]], dtype=np.int32)
+        x = self.node("Mod", "widen", [x, c["range"]], dtype=np.int32)
+        x = self.node("Add", "widen", [x, c["offset"]], dtype=np.int32)
+        x = self.node("Reshape", "widen", [x, c["pairs"]], dtype=np.int32)
+        x = self._reduce_sum(self.node("Mul", "widen", [x, c["nibbles"]], dtype=np.int32), c["axes"], 0)
+        x = self.cast(x, np.uint8, "widen")
+        n, blocks, _ = packed.shape
+        shape = self.array(f"{name}.widen_shape", np.array([n, blocks, q.block_size // 2], np.int64))
+        return self.node("Reshape", "widen", [x, shape], dtype=np.uint8)
+
+    def widen_constants(self, b: int) -> dict[str, gs.Constant]:
+        key = ("widen", b)
+        if key not in self.model.shared_values:
+            group = 3 if b == 3 else 1
+            i32 = lambda v: np.asarray(v, np.int32)  # noqa: E731
+            values = {"groups": np.array([-1, group], np.int64), "bytes": i32([256 ** i for i in range(group)]),
+                      "shifts": i32([1 << (b * j) for j in range(8 * group // b)]), "range": i32([1 << b]),
+                      "offset": i32([8 - (1 << (b - 1))]), "pairs": np.array([-1, 2], np.int64),
+                      "nibbles": i32([1, 16]), "axes": np.array([-1], np.int64)}
+            self.model.shared_values[key] = {k: self.array(f"widen{b}.{k}", v) for k, v in values.items()}
+        return self.model.shared_values[key]
+
+    def _reduce_sum(self, x: gs.Tensor, axes: gs.Constant, keepdims: int) -> gs.Variable:
+        if self.model.opset >= 13:
+            return self.node("ReduceSum", "widen", [x, axes], {"keepdims": keepdims}, dtype=np.int32)
+        return self.node("ReduceSum", "widen", [x], {"axes": [-1], "keepdims": keepdims}, dtype=np.int32)
 
     def lrq_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
         """codes, scales, zero points (or an empty placeholder): the three inputs of an lrq weight."""
@@ -256,6 +300,12 @@ def rule(forms: tuple[str, ...], targets: tuple[str, ...], fuses_bias: bool = Fa
     return wrap
 
 
+def widened(q: QuantizedTensor) -> bool:
+    """Whether ``ort`` runs these codes through the 4-bit kernel (Emitter.widened_codes): symmetric
+    2- and 3-bit grids (onnxruntime's own 2-bit CPU kernel dequantizes on every call)."""
+    return q.bits in (2, 3) and q.symmetric and q.codebook is None
+
+
 def _ort_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias) -> gs.Variable:
     factors = em.once(key, lambda name: em.ort_factor(name, q))
     inputs = [x, *factors[:2], factors[2] if len(factors) > 2 else gs.Variable.empty()]
@@ -265,7 +315,7 @@ def _ort_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bi
     if level is None:  # 8-bit codes only have a fast CPU path with int8 activations
         level = 4 if q.bits == 8 else 0
     k, n = q.shape
-    attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size, "accuracy_level": level}
+    attrs = {"K": k, "N": n, "bits": 4 if widened(q) else q.bits, "block_size": q.block_size, "accuracy_level": level}
     return em.node("MatMulNBits", tag, inputs, attrs, domain="com.microsoft")
 
 
@@ -376,7 +426,7 @@ def _lrq_codebook(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias
 def check_ort_compatible(name: str, rep: Representation) -> None:
     for chain in rep.chains:
         for q in chain:
-            if q.bits not in ORT_BITS:
+            if q.bits not in ORT_BITS or (q.bits == 3 and not widened(q)):
                 raise LrqError(f"layer '{name}': {q.bits}-bit codes have no MatMulNBits kernel "
                                f"(bits {', '.join(map(str, ORT_BITS))}); use --lowering std or lrq, or --bits 4")
             if q.block_size & (q.block_size - 1) or not 16 <= q.block_size <= 256:
@@ -643,13 +693,12 @@ class Lower(Pass):
         for layer, rep in todo:  # every refusal before the first rewrite (a spilled rep is read one at a time)
             rep = loaded(rep)
             check_layer(layer, rep, target)
-            two_bit |= any(q.bits == 2 for chain in rep.chains for q in chain)
+            two_bit |= any(q.bits == 2 and not widened(q) for chain in rep.chains for q in chain)
         if target == "lrq":
             library_path()  # a clear error now if the native ops are missing
         if target == "ort" and two_bit:
-            log.warning("2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
-                        "dequantizes the weight on every call; --lowering std runs 2-bit codes "
-                        "(stored as int4) through the fast 4-bit kernel")
+            log.warning("asymmetric 2-bit MatMulNBits has no fast onnxruntime CPU kernel at float accuracy: it "
+                        "dequantizes the weight on every call (symmetric 2-bit codes run through the 4-bit kernel)")
         std_layers = target == "std" or any(layer.kernel for layer, _ in todo)  # rule 7 is std on every target
         if std_layers:
             upgrade_opset(ctx)
@@ -667,6 +716,24 @@ class Lower(Pass):
         ctx.lowered = lowered
         log.info("lower(%s): rewrote %d layers", target, len(lowered))
         return PassResult(modified=True)
+
+
+def layer_model(rep: Representation, target: str, accuracy_level: int | None, dtype: str = "float32"
+                ) -> onnx.ModelProto:
+    """y = x[M, K] @ W lowered as ``rep`` for ``target``: one layer, as the latency table times it."""
+    k, n = rep.shape
+    model = float_model(k, n, dtype)
+    ctx = Context(ModelState(model), OptimizeConfig(lowering=target, accuracy_level=accuracy_level), original=model)
+    quiet = logging.getLogger("lrqgraph")  # the passes' lines about this scratch model are noise
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        PassManager("discover").run(ctx)
+        use_plans(ctx, {"W": rep})
+        PassManager("lower,cleanup").run(ctx)
+    finally:
+        quiet.setLevel(level)
+    return ctx.model.to_onnx()
 
 
 def upgrade_opset(ctx: Context) -> None:

@@ -19,6 +19,7 @@ from lrqgraph.blocks import run_blocks, split_blocks
 from lrqgraph.config import VerifyConfig, with_fields
 from lrqgraph.errors import LrqError, VerificationError
 from lrqgraph.evaluate import cosines, open_session, per_sample
+from lrqgraph.latency import models_latency_ms
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,30 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
               "outputs": outputs, "max_rel": worst}
     if boundaries:  # streamed: where the error grows, block by block
         report["blocks"] = {name: c.result() for name, c in boundaries.items()}
+    if cfg.time_seconds > 0 and not streamed:
+        report["latency"] = time_both(original, rewritten, feeds[0], runs[0], cfg.time_seconds)
     log.info("verify: max relative error %.3g over %d output(s) (%s)", worst, len(outputs), source)
     if cfg.max_error is not None and worst > cfg.max_error:
         bad = max(outputs, key=lambda n: outputs[n].get("max_rel", 0.0))
         raise VerificationError(f"verification failed: max relative error {worst:.4g} on output '{bad}' "
                                 f"exceeds --max-error {cfg.max_error:g}")
     return report
+
+
+def time_both(original, rewritten, one: dict, batch: dict, seconds: float) -> dict[str, dict[str, float]]:
+    """Original and rewritten timed in turns on one sample and on one calibration batch (when it
+    holds more than one): ms each and their ratio."""
+    out = {}
+    sizes = {"batch 1": one}
+    rows = max((len(v) for v in batch.values() if np.ndim(v) > 0), default=1)
+    if rows > 1:
+        sizes[f"batch {rows}"] = batch
+    for label, feed in sizes.items():
+        before, after = models_latency_ms([original, rewritten], feed, seconds)
+        out[label] = {"original_ms": float(f"{before:.4g}"), "rewritten_ms": float(f"{after:.4g}"),
+                      "ratio": round(after / before, 3)}
+        log.info("verify: %s: %.3g ms, %.3fx the original's %.3g ms", label, after, after / before, before)
+    return out
 
 
 @register_pass

@@ -58,11 +58,16 @@ def test_quality_mode_fits_the_budget_and_lowers_what_it_chose(tmp_path):
     assert run(tmp_path, target_bpw=6).report["allocation"]["predicted"] < alloc["predicted"]
 
 
+# Tests of the knapsack, the accounting and the families give latency_budget=False: on layers this
+# small a multi-node form (Q + L·R, a rotation) is slower than one MatMulNBits, so the budget
+# (tested in test_latency.py) would leave them nothing to choose from.
+
+
 def test_a_layer_without_candidates_counts_at_its_float_size(tmp_path):
     """--families qlr on a model whose square 64x64 layer has no Q + L·R candidate: the budget
     over the selected layers still holds, with that layer kept at 32 bits (a lower goal is refused)."""
     cfg = OptimizeConfig(calib=mlp_calib(tmp_path, samples=1024, k=512),
-                         allocate=AllocateConfig(target_bpw=8.0, families=("qlr",)))
+                         allocate=AllocateConfig(target_bpw=8.0, families=("qlr",), latency_budget=False))
     result = lrqgraph.run(builders.mlp_model((512, 1024, 64, 64)), cfg)
     layers = {e["name"]: e for e in result.report["layers"] if "choice" in e}
     assert layers["mm2"]["choice"] == "keep" and layers["mm0"]["family"] == "qlr"
@@ -128,7 +133,8 @@ def test_unmeasured_layers_take_their_roles_sensitivity_at_their_depth(tmp_path)
     # and interpolating the rest must land near what measuring all six gives
     model = builders.mlp_model(dims=(64,) * 7)
     def sensitivities(probe_layers):
-        cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(target_bpw=4, probe_layers=probe_layers))
+        cfg = OptimizeConfig(calib=mlp_calib(tmp_path), allocate=AllocateConfig(target_bpw=4, probe_layers=probe_layers,
+                                                                                 latency_budget=False))
         layers = [e for e in lrqgraph.run(model, cfg).report["layers"] if "choice" in e]
         return [e["sensitivity"] for e in layers], [e["probe_estimated"] for e in layers]
     measured, none_estimated = sensitivities(None)
@@ -257,7 +263,8 @@ def test_target_size_bounds_the_written_file(tmp_path, target):
     # 122,880 float bytes of weights under a graph of about 1 KB: the file, graph and all, fits the target
     src, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
     save_model(builders.mlp_model(), src)
-    code = main(["optimize", str(src), "-o", str(out), "--calib", mlp_calib(tmp_path), "--target-size", str(target), "-q"])
+    code = main(["optimize", str(src), "-o", str(out), "--calib", mlp_calib(tmp_path), "--target-size", str(target), "-q",
+                 "--latency-budget", "off"])
     assert code == 0
     assert 0.8 * target <= out.stat().st_size <= target  # and the budget is used
 
@@ -296,7 +303,7 @@ def test_each_family_alone_goes_through_allocate_and_lower(tmp_path, family, low
     # more samples than inputs: with a rank-deficient H the whitened factors of L·R blow up in the
     # directions no sample spans, and the test inputs (verify's) would find them
     cfg = OptimizeConfig(calib=mlp_calib(tmp_path, samples=1024, k=dims[0]), lowering=lowering,
-                         allocate=AllocateConfig(target_bpw=6.0, families=(family,)))
+                         allocate=AllocateConfig(target_bpw=6.0, families=(family,), latency_budget=False))
     result = lrqgraph.run(builders.mlp_model(dims), cfg)
     chosen = [e for e in result.report["layers"] if e.get("action") == "rewrite"]
     assert chosen and {e["family"] for e in chosen} == {family}

@@ -54,7 +54,7 @@ def assert_close(actual, expected):
 @pytest.mark.parametrize("factorize", METHODS, ids=lambda f: "-".join(f"{k}{v}" for k, v in f.items()))
 def test_matmul_computes_the_planned_weight(lowering, factorize):
     model = builders.matmul_model(200, 96, batch_dims=("b", "s"))  # K not a multiple of the block
-    if lowering == "ort" and factorize.get("bits") not in (None, 2, 4, 8):
+    if lowering == "ort" and factorize.get("bits") not in (None, 2, 3, 4, 8):
         pytest.skip("no MatMulNBits kernel for these bits")
     result = run(model, lowering, **factorize)
     onnx.checker.check_model(result.model)
@@ -133,8 +133,25 @@ def test_codebook_methods_need_the_native_ops(method):
 
 
 def test_ort_lowering_rejects_bits_without_a_kernel():
-    with pytest.raises(lrqgraph.LrqError, match="3-bit codes have no MatMulNBits kernel"):
-        run(builders.matmul_model(), "ort", bits=3)
+    with pytest.raises(lrqgraph.LrqError, match="5-bit codes have no MatMulNBits kernel"):
+        run(builders.matmul_model(), "ort", bits=5)
+    with pytest.raises(lrqgraph.LrqError, match="3-bit codes have no MatMulNBits kernel"):  # asymmetric: not widened
+        run(builders.matmul_model(), "ort", bits=3, symmetric=False)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_ort_stores_narrow_codes_and_runs_them_on_the_4bit_kernel(bits):
+    model = builders.matmul_model(200, 96, batch_dims=("b", "s"))  # K not a multiple of the block
+    result = run(model, "ort", bits=bits, block_size=32)
+    (node,) = [n for n in result.model.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in node.attribute}["bits"] == 4
+    (codes,) = [t for t in result.model.graph.initializer if t.name.endswith(f".q{bits}")]
+    assert codes.data_type == onnx.TensorProto.UINT8 and len(codes.raw_data) == 96 * 7 * 32 * bits // 8
+    (entry,) = [e for e in result.report["layers"] if e.get("action") == "rewrite"]
+    expected = quantize(np.zeros((200, 96), np.float32), QuantSpec(bits, 32, True)).storage_bits() / 8
+    assert entry["stored_bytes"] == expected  # what the allocation counts is what the file holds
+    x = np.random.default_rng(0).standard_normal((2, 5, 200)).astype(np.float32)
+    assert_close(outputs(result.model, {"x": x}), x @ planned_weight(model, bits=bits, block_size=32))
 
 
 def test_output_is_deterministic():

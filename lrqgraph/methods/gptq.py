@@ -14,11 +14,12 @@ from lrqgraph.numerics.representation import OUTPUT_ERROR
 from .base import GridConfig, Method, register_method
 from .rtn import dense_storage
 
-# (bits, block[, symmetric]) menus per lowering: MatMulNBits runs 2/4/8-bit codes; the native ops
-# any width; standard DequantizeLinear int4/int8. Asymmetric grids pay a zero point per block.
+# (bits, block[, symmetric]) menus per lowering: MatMulNBits runs 2/4/8-bit codes (symmetric 2- and
+# 3-bit codes through its 4-bit kernel, widened when the session loads: lower.widened); the native
+# ops any width; standard DequantizeLinear int4/int8. Asymmetric grids pay a zero point per block.
 MENUS = {
-    "ort": ((2, 128), (2, 64), (2, 64, False), (2, 32), (2, 16), (4, 256), (4, 128), (4, 128, False), (4, 64),
-            (4, 32), (8, 128)),
+    "ort": ((2, 128), (2, 64), (2, 64, False), (2, 32), (2, 16), (3, 128), (3, 64), (3, 32), (4, 256), (4, 128),
+            (4, 128, False), (4, 64), (4, 32), (8, 128)),
     "lrq": ((2, 64), (2, 64, False), (2, 32), (2, 16), (3, 128), (3, 64), (3, 64, False), (3, 32), (4, 128),
             (4, 128, False), (4, 64), (4, 32), (8, 128)),
     "std": ((4, 128), (4, 128, False), (4, 64), (4, 32), (8, 128)),
@@ -56,7 +57,7 @@ def factorize_many(w, cfgs: list[GPTQConfig], scale_dtype: str, h=None) -> list:
 
 
 # grids also offered after a randomized Hadamard rotation of the input dimension (family "rotated")
-ROTATED_MENUS = {"ort": ((2, 64), (4, 128), (4, 64), (4, 32)), "std": ((4, 128), (4, 64)),
+ROTATED_MENUS = {"ort": ((2, 64), (3, 128), (3, 64), (4, 128), (4, 64), (4, 32)), "std": ((4, 128), (4, 64)),
                  "lrq": ((2, 64), (3, 128), (3, 64), (4, 128), (4, 64))}
 
 
