@@ -33,8 +33,12 @@ from lrqgraph.cache import cache_dir
 log = logging.getLogger(__name__)
 
 FLOAT = "float"      # a form's kind for the layer kept as a float MatMul
-TARGET_SECONDS = 0.04  # time spent per model and round while measuring (a few calls on small layers)
-ROUNDS = 3
+FOLDED = "fold"      # the lowering whose weight onnxruntime rebuilds in float when the session loads
+TARGET_SECONDS = 0.05  # time spent per model and round while measuring (a few calls on small layers)
+ROUNDS = 5
+# a kernel's time is its fastest calls': other load on the machine only adds (the median of one
+# shape's group moved by 20% between runs on this VM, its 20th percentile by a few %)
+QUANTILE = 0.2
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ def form_of(rep, target: str, level: int | None, dtype: str = "float32") -> Form
         return f"{q.shape[0]}x{q.shape[1]}:{q.bits}/{block}/{kind}"
 
     k, n = rep.shape
+    if target == FOLDED:  # after the session folds it, the layer is the float MatMul itself
+        return float_form(k, n, dtype)
     chains = tuple(tuple(factor(q) for q in chain) for chain in rep.chains)
     rotation = rep.rotation.k if rep.rotation is not None else 0
     return Form(target, level, dtype, k, n, chains, rotation)
@@ -90,7 +96,7 @@ def machine_key() -> str:
         pass
     library = library_path()
     kernels = hashlib.sha256(Path(library).read_bytes()).hexdigest()[:12] if library else "none"
-    text = f"{cpu}|{os.cpu_count()}|onnxruntime {onnxruntime.__version__}|{kernels}"
+    text = f"{cpu}|{os.cpu_count()}|onnxruntime {onnxruntime.__version__}|{kernels}|q{QUANTILE}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -150,7 +156,7 @@ class CostTable:
                 x = np.random.default_rng(0).standard_normal((m, k)).astype(dtype)
                 runs = _runs(k, n, m)
                 times = interleaved_latency_ms([paths[f] for f in [reference, *forms]], {"x": x}, runs * ROUNDS,
-                                               threads=threads, rounds=ROUNDS, warmup=1)
+                                               threads=threads, rounds=ROUNDS, warmup=2, quantile=QUANTILE)
                 self.ratios[self.entry(reference, m)] = round(times[0], 5)  # the float form's entry holds ms
                 for form, ms in zip(forms, times[1:]):
                     self.ratios[self.entry(form, m)] = round(ms / times[0], 4)
@@ -168,9 +174,9 @@ class CostTable:
 
 
 def _runs(k: int, n: int, m: int) -> int:
-    """Calls per model and round: about TARGET_SECONDS of float work (at ~20 GFLOP/s), 2 to 20."""
+    """Calls per model and round: about TARGET_SECONDS of float work (at ~20 GFLOP/s), 3 to 20."""
     seconds = 2.0 * m * k * n / 20e9
-    return int(np.clip(round(TARGET_SECONDS / max(seconds, 1e-6)), 2, 20))
+    return int(np.clip(round(TARGET_SECONDS / max(seconds, 1e-6)), 3, 20))
 
 
 def float_model(k: int, n: int, dtype: str = "float32", seed: int = 0) -> onnx.ModelProto:

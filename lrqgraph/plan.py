@@ -152,6 +152,7 @@ class LayerPlan:
     act_error: float | None = None
     seconds: float | None = None
     allocation: dict[str, Any] | None = None           # choice, predicted, sensitivity, probe, check
+    lowering: str | None = None  # this layer's own lowering (the allocation's "fold"); None: the lower pass's
 
     @property
     def rewrite(self) -> bool:

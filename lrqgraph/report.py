@@ -194,9 +194,12 @@ def summary(report: dict) -> str:
             estimate = "; ".join(
                 f"{e['chosen'] / e['float']:.2f}x float at {rows} rows (reference {e['reference'] / e['float']:.2f}x)"
                 for rows, e in budget["estimate_ms"].items() if e["float"] > 0)
+            folded = budget.get("folded_layers") or 0
             lines.append(f"latency budget (no slower than {limit}): {sum(dropped.values())} candidates dropped"
                          + (f" ({', '.join(f'{f} {n}' for f, n in sorted(dropped.items()))})" if dropped else "")
-                         + (f"; rewritten layers estimated {estimate}" if estimate else ""))
+                         + (f"; rewritten layers estimated {estimate}" if estimate else "")
+                         + (f"; {folded} layers rebuilt in float when the session loads (their products are "
+                            f"compute-bound: the file holds the codes, memory holds floats)" if folded else ""))
     if report.get("calibration"):
         lines.append(f"calibration: {report['calibration']}")
     return "\n".join(lines)

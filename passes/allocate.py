@@ -41,7 +41,7 @@ from lrqgraph.progress import progress
 
 from .factorize import factorize_weight
 from .latency_budget import screen
-from .lower import widened
+from .lower import FOLD, widened
 from .tolerance import LayerTolerance, allocation_scales, spearman, stored_layout
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ NODE_BYTES = 512
 # ... and for codes widened when the session loads (lower.widened): 12 more nodes (measured: about
 # 900 bytes a layer), plus their integer constants once per code width
 WIDEN_BYTES, WIDEN_CONSTANT_BYTES = 1280, 512
+# ... and for a weight rebuilt when the session loads (lower.FOLD): about 15 nodes and 200 bytes of
+# shapes a factor (measured: 1.5 to 2 KB a one-factor layer); its integer constants count as above
+FOLD_BYTES = 2560
 
 
 def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
@@ -94,17 +97,22 @@ def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
     big = sum(1 for t in tols if max((c.bits for c in t.candidates if c.rep is not None), default=0) / 8 >= ALIGN_FROM)
     metadata = len(json.dumps(describe_config(config), sort_keys=True, default=str)) + 1024
     widths = {q.bits for t in tols for c in t.candidates if c.rep is not None for chain in c.rep.chains
-              for q in chain if widened(q)} if config.lowering == "ort" else set()
+              for q in chain if widened(q) or c.lowering == FOLD}
     return NODE_BYTES * len(tols) + 2 * ALIGN * big + metadata + WIDEN_CONSTANT_BYTES * len(widths)
 
 
 def knapsack_costs(config, tols: list[LayerTolerance]) -> list[np.ndarray]:
-    """Each candidate's bits, and for --target-size also the nodes that widen its codes (WIDEN_BYTES)."""
-    def widens(c) -> bool:
-        return (config.lowering == "ort" and c.rep is not None
-                and any(widened(q) for chain in c.rep.chains for q in chain))
-    extra = 8 * WIDEN_BYTES if config.allocate.target_size is not None else 0
-    return [np.array([c.bits + (extra if widens(c) else 0) for c in t.candidates], np.float64) for t in tols]
+    """Each candidate's bits, and for --target-size also the nodes that widen its codes (WIDEN_BYTES)
+    or rebuild its weight when the session loads (FOLD_BYTES a factor)."""
+    def structure(c) -> int:
+        if c.rep is None:
+            return 0
+        factors = [q for chain in c.rep.chains for q in chain]
+        if c.lowering == FOLD:
+            return FOLD_BYTES * len(factors)
+        return WIDEN_BYTES if config.lowering == "ort" and any(widened(q) for q in factors) else 0
+    size = config.allocate.target_size is not None
+    return [np.array([c.bits + (8 * structure(c) if size else 0) for c in t.candidates], np.float64) for t in tols]
 
 
 def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
@@ -315,8 +323,10 @@ class Allocate(Pass):
             q = cand.rep.chains[0][0]
             settings = {"method": cand.rep.method, "family": cand.family, "rank": cand.rep.rank, "bits": q.bits,
                         "block": getattr(q, "block_size", None), "symmetric": getattr(q, "symmetric", None)}
+            if cand.lowering:
+                settings["lowering"] = cand.lowering
             plans[t.layer.weight] = LayerPlan(t.layer, cand.rep, "", settings, act_error=round(cand.error, 6),
-                                              allocation=allocation)
+                                              allocation=allocation, lowering=cand.lowering)
         ctx.plans = plans
 
     @staticmethod
@@ -340,7 +350,9 @@ class Allocate(Pass):
             families=families, labelled=labelled,
             latency=None if latency is None else {"rows": list(latency.rows), "reference": latency.reference,
                                                   "max_latency": latency.max_latency, "dropped": latency.dropped,
-                                                  "estimate_ms": latency.estimate(tols, choice)})
+                                                  "estimate_ms": latency.estimate(tols, choice),
+                                                  "folded_layers": sum(t.candidates[c].lowering == FOLD
+                                                                       for t, c in zip(tols, choice))})
         log.info("allocate: %.3f bits per weight, predicted %s %.4g, measured %.4g%s; families %s",
                  ctx.allocation.bpw, metric, ctx.allocation.predicted, measured, "" if met else " (goal missed)",
                  ", ".join(f"{f} {v['layers']}" for f, v in families.items()))

@@ -33,6 +33,7 @@ Factor initializers are created once per weight, so shared weights stay shared.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
@@ -46,7 +47,7 @@ from lrqgraph.config import OptimizeConfig
 from lrqgraph.errors import LrqError
 from lrqgraph.external import stored_nbytes
 from lrqgraph.graph import constant_values
-from lrqgraph.latency import float_model
+from lrqgraph.latency import FOLDED, float_model
 from lrqgraph.methods import LOWERINGS
 from lrqgraph.methods.kashin import transform_refusal
 from lrqgraph.model import IR_VERSION_INT4, ModelState
@@ -133,11 +134,12 @@ class Emitter:
         to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         return self.node("Cast", tag, [x], {"to": to}, dtype=np.dtype(dtype))
 
-    def rotated(self, x: gs.Tensor, rotation: Rotation, tag: str) -> gs.Variable:
+    def rotated(self, x: gs.Tensor, rotation: Rotation, tag: str, inverse: bool = False) -> gs.Variable:
         """X·R in plain ONNX ops, emitted once per (input, rotation) in the model: signs, the odd
         block, then the Walsh-Hadamard transform as two small MatMuls over a reshaped X (the
-        layout of numerics/rotation.py). Its constants count as this layer's stored bytes."""
-        key = ("rotation", x.name, rotation)
+        layout of numerics/rotation.py). Its constants count as this layer's stored bytes.
+        ``inverse``: X·Rᵀ (the odd block transposed, the signs last)."""
+        key = ("rotation", x.name, rotation, inverse)
         if key in self.model.shared_values:
             return self.model.shared_values[key]
         io = self.io_dtype
@@ -154,10 +156,12 @@ class Emitter:
         shape = lambda *dims: self.array(f"{tag}.rotation_shape", np.array(lead + list(dims), np.int64))  # noqa: E731
         p1, p2 = len(factors["h1"]), len(factors["h2"])
         odd = rotation.k // (p1 * p2)
-        y = self.node("Mul", f"{tag}/rotate", [x, f["signs"]], dtype=io)
+        y = x if inverse else self.node("Mul", f"{tag}/rotate", [x, f["signs"]], dtype=io)
         y = self.node("Reshape", f"{tag}/rotate", [y, shape(p1 * p2, odd)], dtype=io)
         if "small" in f:
-            y = self.node("MatMul", f"{tag}/rotate", [y, f["small"]], dtype=io)
+            small = self.node("Transpose", f"{tag}/rotate", [f["small"]], {"perm": [1, 0]}, dtype=io) \
+                if inverse else f["small"]
+            y = self.node("MatMul", f"{tag}/rotate", [y, small], dtype=io)
         if p1 > 1:
             y = self.node("Reshape", f"{tag}/rotate", [y, shape(p1, p2 * odd)], dtype=io)
             y = self.node("MatMul", f"{tag}/rotate", [f["h1"], y], dtype=io)
@@ -166,6 +170,8 @@ class Emitter:
             y = self.node("MatMul", f"{tag}/rotate", [f["h2"], y], dtype=io)
         x_shape = self.node("Shape", f"{tag}/rotate", [x], dtype=np.int64)
         y = self.node("Reshape", f"{tag}/rotate", [y, x_shape], dtype=io)
+        if inverse:
+            y = self.node("Mul", f"{tag}/rotate", [y, f["signs"]], dtype=io)
         self.model.shared_values[key] = y
         return y
 
@@ -238,10 +244,83 @@ class Emitter:
             self.model.shared_values[key] = {k: self.array(f"widen{b}.{k}", v) for k, v in values.items()}
         return self.model.shared_values[key]
 
-    def _reduce_sum(self, x: gs.Tensor, axes: gs.Constant, keepdims: int) -> gs.Variable:
+    def _reduce_sum(self, x: gs.Tensor, axes: gs.Constant, keepdims: int, dtype: type = np.int32) -> gs.Variable:
         if self.model.opset >= 13:
-            return self.node("ReduceSum", "widen", [x, axes], {"keepdims": keepdims}, dtype=np.int32)
-        return self.node("ReduceSum", "widen", [x], {"axes": [-1], "keepdims": keepdims}, dtype=np.int32)
+            return self.node("ReduceSum", "widen", [x, axes], {"keepdims": keepdims}, dtype=dtype)
+        return self.node("ReduceSum", "widen", [x], {"axes": [-1], "keepdims": keepdims}, dtype=dtype)
+
+    def folded_weight(self, name: str, rep: Representation) -> gs.Variable:
+        """Ŵ [K, N] in the layer's dtype from the stored codes, by ops on constants only (the FOLD
+        rule): each factor dequantized, chains multiplied and summed, a rotation applied as R·W'."""
+        total = None
+        for ci, chain in enumerate(rep.chains):
+            w = None
+            for fi, q in enumerate(chain):
+                f = self.folded_factor(f"{name}{ci}_{fi}", q)
+                w = f if w is None else self.node("MatMul", "fold", [w, f])
+            total = w if total is None else self.node("Add", "fold", [total, w])
+        if rep.rotation is not None:  # R·W' = (W'ᵀ·Rᵀ)ᵀ: the rows of W'ᵀ through the inverse rotation
+            t = self.node("Transpose", "fold", [total], {"perm": [1, 0]})
+            t = self.rotated(t, rep.rotation, "fold", inverse=True)
+            total = self.node("Transpose", "fold", [t], {"perm": [1, 0]})
+        return total
+
+    def folded_factor(self, name: str, q: QuantizedTensor) -> gs.Variable:
+        """(codes − zero points) · scales of one uniform grid as [K, N], the codes and zero points
+        stored as one bit stream each (never more bytes than the per-block packing counted)."""
+        k, n = q.shape
+        blocks = q.scales.shape[0]
+        width = blocks * q.block_size
+        codes = q.codes.T
+        if width != k:  # the last block padded with its zero point, as packed_columns does
+            codes = np.concatenate([codes, np.broadcast_to(q.zero_point_array().T[:, -1:], (n, width - k))], axis=1)
+        shape = lambda *dims: self.array(f"{name}.shape", np.array(dims, np.int64))  # noqa: E731
+        w = self.cast(self.node("Reshape", "fold", [self.unpacked(f"{name}.q", codes, q.bits),
+                                                     shape(n, blocks, q.block_size)], dtype=np.int32),
+                      self.dtype, "fold")
+        if q.zero_points is None:
+            zero = self.array(f"{name}.zero", np.array(1 << (q.bits - 1), self.dtype))
+        else:
+            zero = self.cast(self.node("Reshape", "fold", [self.unpacked(f"{name}.zp", q.zero_points.T, q.bits),
+                                                            shape(n, blocks, 1)], dtype=np.int32), self.dtype, "fold")
+        scales = self.node("Reshape", "fold", [self.stored_scales(f"{name}.scales", np.ascontiguousarray(q.scales.T)),
+                                                shape(n, blocks, 1)])
+        w = self.node("Mul", "fold", [self.node("Sub", "fold", [w, zero]), scales])
+        w = self.node("Reshape", "fold", [w, shape(n, width)])
+        if width != k:
+            w = self.node("Slice", "fold", [w, shape(0), shape(k), shape(1)])
+        return self.node("Transpose", "fold", [w], {"perm": [1, 0]})
+
+    def unpacked(self, name: str, codes: np.ndarray, bits: int) -> gs.Variable:
+        """int32 codes [count] from one stored stream of ``bits``-bit codes (pack_bits order), by
+        integer ops on the constant: groups of g bytes (8g/bits codes each) read as one integer."""
+        count = codes.size
+        group = bits // np.gcd(bits, 8)
+        stream = pack_bits(codes.reshape(1, -1), bits)[0]
+        stream = np.concatenate([stream, np.zeros(-len(stream) % group, np.uint8)])
+        stored = self.array(name, stream)
+        self._folded.append(stored)  # counted as stored; the unpacked codes exist only in the session
+        if bits == 8:
+            return self.cast(stored, np.int32, "fold")
+        wide = np.int32 if group <= 3 else np.int64  # 8 codes of 5 or 7 bits span 40 or 56 bits
+        c = self.unpack_constants(bits, group, wide)
+        x = self.cast(self.node("Reshape", "fold", [stored, c["groups"]], dtype=np.uint8), wide, "fold")
+        x = self._reduce_sum(self.node("Mul", "fold", [x, c["bytes"]], dtype=wide), c["axes"], 1, wide)
+        x = self.node("Mod", "fold", [self.node("Div", "fold", [x, c["shifts"]], dtype=wide), c["range"]], dtype=wide)
+        x = self.node("Reshape", "fold", [x, c["flat"]], dtype=wide)
+        x = self.node("Slice", "fold", [x, c["start"], self.array(f"{name}.count", np.array([count], np.int64))],
+                      dtype=wide)
+        return self.cast(x, np.int32, "fold") if wide != np.int32 else x
+
+    def unpack_constants(self, bits: int, group: int, wide: type) -> dict[str, gs.Constant]:
+        key = ("unpack", bits)
+        if key not in self.model.shared_values:
+            values = {"groups": np.array([-1, group], np.int64), "bytes": np.array([256 ** i for i in range(group)], wide),
+                      "shifts": np.array([1 << (bits * j) for j in range(8 * group // bits)], wide),
+                      "range": np.array([1 << bits], wide), "axes": np.array([-1], np.int64),
+                      "flat": np.array([-1], np.int64), "start": np.array([0], np.int64)}
+            self.model.shared_values[key] = {k: self.array(f"unpack{bits}.{k}", v) for k, v in values.items()}
+        return self.model.shared_values[key]
 
     def lrq_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
         """codes, scales, zero points (or an empty placeholder): the three inputs of an lrq weight."""
@@ -366,6 +445,19 @@ rule(("dense",), ("ort",), fuses_bias=True)(_chains(_ort_matmul))
 rule(("lowrank", "dense+lowrank", "chains"), ("ort",))(_chains(_ort_matmul))
 rule(("dense", "lowrank", "dense+lowrank", "chains"), ("std",))(_chains(_std_matmul))
 rule(("chains",), ("lrq",))(_chains(_lrq_matmul))
+
+
+FOLD = FOLDED  # a per-layer lowering (LayerPlan.lowering), never a model's: see _fold
+
+
+@rule(("dense", "lowrank", "dense+lowrank", "chains"), (FOLD,), rotates=True)
+def _fold(em: Emitter, x: gs.Tensor, rep: Representation, tag: str, bias) -> gs.Variable:
+    """X·Ŵ with Ŵ rebuilt from the stored codes by ops on constants (Emitter.folded_weight), which
+    onnxruntime folds into a float initializer when the session loads: the file holds the codes,
+    the layer runs as the float MatMul does, in float memory. Where a layer's products are
+    compute-bound (many rows: encoders, prefill), no quantized kernel beats that."""
+    w = em.once("folded", lambda name: {"w": em.folded_weight(name, rep)})["w"]
+    return em.node("MatMul", tag, [x, w])
 
 
 @rule(("dense",), ("lrq",), fuses_bias=True, rotates=True)
@@ -689,10 +781,11 @@ class Lower(Pass):
         todo = [(p.layer, p.rep) for p in ctx.plans.values() if p.rep is not None]
         if not todo:
             return PassResult(modified=False)
+        own = {p.layer.weight: p.lowering for p in ctx.plans.values() if p.lowering}  # per-layer lowerings
         two_bit = False
         for layer, rep in todo:  # every refusal before the first rewrite (a spilled rep is read one at a time)
             rep = loaded(rep)
-            check_layer(layer, rep, target)
+            check_layer(layer, rep, own.get(layer.weight, target))
             two_bit |= any(q.bits == 2 and not widened(q) for chain in rep.chains for q in chain)
         if target == "lrq":
             library_path()  # a clear error now if the native ops are missing
@@ -707,7 +800,7 @@ class Lower(Pass):
         level = self.params.get("accuracy_level", ctx.config.accuracy_level)
         lowered = {}
         for layer, rep in todo:
-            lowered[layer.weight] = lower_layer(ctx.model, layer, loaded(rep), target, level)
+            lowered[layer.weight] = lower_layer(ctx.model, layer, loaded(rep), own.get(layer.weight, target), level)
         ctx.model.graph.toposort()  # new nodes were appended at the end
         if std_layers:
             ctx.model.min_ir_version = max(ctx.model.min_ir_version, IR_VERSION_INT4)
@@ -723,13 +816,16 @@ def layer_model(rep: Representation, target: str, accuracy_level: int | None, dt
     """y = x[M, K] @ W lowered as ``rep`` for ``target``: one layer, as the latency table times it."""
     k, n = rep.shape
     model = float_model(k, n, dtype)
-    ctx = Context(ModelState(model), OptimizeConfig(lowering=target, accuracy_level=accuracy_level), original=model)
+    config = OptimizeConfig(lowering="ort" if target == FOLD else target, accuracy_level=accuracy_level)
+    ctx = Context(ModelState(model), config, original=model)
     quiet = logging.getLogger("lrqgraph")  # the passes' lines about this scratch model are noise
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         PassManager("discover").run(ctx)
         use_plans(ctx, {"W": rep})
+        if target == FOLD:
+            ctx.plans = {"W": dataclasses.replace(ctx.plans["W"], lowering=FOLD)}
         PassManager("lower,cleanup").run(ctx)
     finally:
         quiet.setLevel(level)

@@ -72,6 +72,7 @@ class Candidate:
     polished: bool = False           # coordinate descent applied (after being chosen)
     family: str = "keep"             # dense, rotated, qlr, lowrank, kashin, kmeans (Method.family_of), or keep
     settings: tuple[str, dict] | None = None  # (method, fields) it was made with: the final refit remakes it
+    lowering: str | None = None      # its own lowering when the latency budget picks one (lower.FOLD)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from typing import Any, Sequence
 
@@ -81,8 +80,9 @@ def session(path_or_bytes: str | os.PathLike | bytes, sess_options: ort.SessionO
 
 
 def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int, threads: int = 2,
-                           rounds: int = 5, warmup: int = 3, copies: list[int] | None = None) -> list[float]:
-    """Median wall time (ms) of one ``run`` call per model.
+                           rounds: int = 5, warmup: int = 3, copies: list[int] | None = None,
+                           quantile: float = 0.5) -> list[float]:
+    """Median (or another ``quantile``) wall time (ms) of one ``run`` call per model.
 
     The models take turns, ``runs / rounds`` calls each per round, so that noise from other load
     on the machine falls on all of them alike and their ratios stay meaningful. ``copies[i]``
@@ -106,4 +106,4 @@ def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int,
                 start = time.perf_counter()
                 sess.run(None, feeds)
                 bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
+    return [float(np.quantile(t, quantile)) * 1e3 for t in times]

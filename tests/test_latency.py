@@ -90,10 +90,9 @@ def test_a_layer_whose_chosen_candidate_is_slow_gets_another(tmp_path, cache):
     path.write_text(json.dumps({k: 50.0 if not k.startswith("float|") and grid_of(k) in slow else v
                                 for k, v in ratios.items()}))
     second = optimize(tmp_path, 3.5)
-    after = {(e["bits"], e["block"]) for e in second.report["layers"] if e.get("action") == "rewrite"}
-    assert after and not after & slow, (after, slow)
-    dropped = sum(second.report["allocation"]["latency"]["dropped"].values())
-    assert dropped > sum(first.report["allocation"]["latency"]["dropped"].values())
+    after = {(e["bits"], e["block"], e.get("lowering")) for e in second.report["layers"] if e.get("action") == "rewrite"}
+    # each such layer took another grid, or the same codes rebuilt in float when the session loads
+    assert after and not {(bits, block) for bits, block, lowering in after if lowering != "fold"} & slow, (after, slow)
     # without the budget, bytes and error alone choose, whatever the timings
     again = optimize(tmp_path, 3.5, latency_budget=False)
     assert choices(again) == off and again.report["allocation"]["latency"] is None
