@@ -14,7 +14,7 @@ ratio to fp32; prefill tokens/s (one 128-token prompt) and decode tokens/s (64 n
 the peak resident memory of a process that loads the folder and runs a prompt, over the bytes of
 the model and its data; build time. lrqgraph calibrates on 128 KJV verses (the ``--calib`` rows).
 
-    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|low-bits|lrq-bpw4,...]
+    pip install -e '.[decoder]' && python bench/genai.py [--quick] [--rows defaults|allocations|latency|low-bits|lrq-bpw4,...]
         [--cold] [--out genai.md]      (the low-bits group also needs: pip install llama-cpp-python)
 """
 from __future__ import annotations
@@ -55,6 +55,8 @@ LRQ_ROWS = {  # name: (label, lrqgraph options; CALIB is the calibration text, I
     "lrq-clip": ("lrqgraph --clip-search (per-block MSE clipping)", ["--clip-search"]),
     "lrq-calib": ("lrqgraph --calib (GPTQ 4-bit b32)", ["--calib", "CALIB"]),
     "lrq-bpw4": ("lrqgraph --target-bpw 4 --calib", ["--target-bpw", "4", "--calib", "CALIB"]),
+    "lrq-bpw4-lrq": ("lrqgraph --target-bpw 4 --lowering lrq --calib",
+                     ["--target-bpw", "4", "--lowering", "lrq", "--calib", "CALIB"]),
     "lrq-size": ("lrqgraph --target-size <builder int4 model bytes> --calib", ["--target-size", "INT4_BYTES", "--calib", "CALIB"]),
     "lrq-bpw3-lrq": ("lrqgraph --target-bpw 3 --lowering lrq --calib",
                      ["--target-bpw", "3", "--lowering", "lrq", "--calib", "CALIB"]),
@@ -63,6 +65,7 @@ QUICK = ["builder-int4", "lrq-default", "lrq-calib"]
 # each under 30 minutes here (the default is the first)
 GROUPS = {"defaults": ["builder-int4", "builder-int4-kqm", "lrq-default", "lrq-float", "lrq-clip", "lrq-calib"],
           "allocations": ["builder-int4", "lrq-bpw4", "lrq-size"],
+          "latency": ["builder-int4", "lrq-bpw4", "lrq-bpw4-lrq"],
           "low-bits": ["builder-int4", "lrq-bpw3-lrq", *llamacpp.KINDS]}
 # The builder (0.18) reads a flat rope_parameters and rope_local_base_freq, while transformers 5
 # gives Gemma 3 one rope_parameters entry per attention type: the builder runs with its config

@@ -6,11 +6,15 @@ per factor its shape, code width, block and zero points. The values never matter
 measurement serves every layer and every model with that form.
 
 A cost is a ratio: the form's time over the float MatMul of the same shape at the same rows, the
-two timed in turns (runtime.interleaved_latency_ms) so that load on the machine falls on both.
-Ratios from different runs stay comparable where absolute times would not. The table lives in
-``cache_dir("latency")``, one file per machine (CPU model and count, onnxruntime's version, the
-lrq library's bytes); a form met for the first time is timed then, one group per shape and row
-count (about a tenth of a second per form on small layers).
+two timed in turns (runtime.interleaved_latency_ms, the 20th percentile of the calls) so that load
+on the machine falls on both. Ratios from different runs stay comparable where absolute times
+would not. For a model larger than the last-level cache the forms are timed cold (the caches
+evicted before each call), as its layers run. A layer whose weight is rebuilt in float when the
+session loads (FOLDED) is, once loaded, the float MatMul itself: its form is the float form.
+
+The table lives in ``cache_dir("latency")``, one file per machine (CPU model and count,
+onnxruntime's version, the lrq library's bytes); a form met for the first time is timed then, one
+group per shape and row count (a tenth of a second to a second per form).
 """
 from __future__ import annotations
 
@@ -103,17 +107,19 @@ def machine_key() -> str:
 class CostTable:
     """Measured cost ratios by (form, rows), read from and written to this machine's cache file."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, cold: bool = False):
+        """``cold``: forms are timed with the caches evicted before each call (evict_bytes), as the
+        layers of a model larger than the last-level cache run."""
         self.path = Path(path) if path is not None else cache_dir("latency") / f"{machine_key()}.json"
+        self.cold = cold
         try:
             self.ratios: dict[str, float] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.ratios = {}
         self.measured = 0  # forms x rows timed by this table (not read from the cache)
 
-    @staticmethod
-    def entry(form: Form, rows: int) -> str:
-        return f"{form.key}|M{rows}"
+    def entry(self, form: Form, rows: int) -> str:
+        return f"{form.key}|M{rows}" + ("|cold" if self.cold else "")
 
     def ratio(self, form: Form, rows: int) -> float:
         """The form's time over the float MatMul's at ``rows`` (1.0 for the float form itself)."""
@@ -156,7 +162,8 @@ class CostTable:
                 x = np.random.default_rng(0).standard_normal((m, k)).astype(dtype)
                 runs = _runs(k, n, m)
                 times = interleaved_latency_ms([paths[f] for f in [reference, *forms]], {"x": x}, runs * ROUNDS,
-                                               threads=threads, rounds=ROUNDS, warmup=2, quantile=QUANTILE)
+                                               threads=threads, rounds=ROUNDS, warmup=2, quantile=QUANTILE,
+                                               evict_bytes=2 * last_level_cache_bytes() if self.cold else 0)
                 self.ratios[self.entry(reference, m)] = round(times[0], 5)  # the float form's entry holds ms
                 for form, ms in zip(forms, times[1:]):
                     self.ratios[self.entry(form, m)] = round(ms / times[0], 4)
@@ -171,6 +178,18 @@ class CostTable:
         with os.fdopen(fd, "w") as f:
             json.dump(self.ratios, f, sort_keys=True, indent=0)
         os.replace(tmp, self.path)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 << 20)
 
 
 def _runs(k: int, n: int, m: int) -> int:

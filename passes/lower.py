@@ -382,7 +382,7 @@ def rule(forms: tuple[str, ...], targets: tuple[str, ...], fuses_bias: bool = Fa
 def widened(q: QuantizedTensor) -> bool:
     """Whether ``ort`` runs these codes through the 4-bit kernel (Emitter.widened_codes): symmetric
     2- and 3-bit grids (onnxruntime's own 2-bit CPU kernel dequantizes on every call)."""
-    return q.bits in (2, 3) and q.symmetric and q.codebook is None
+    return isinstance(q, QuantizedTensor) and q.codebook is None and q.bits in (2, 3) and q.symmetric
 
 
 def _ort_matmul(em: Emitter, x: gs.Tensor, q: QuantizedTensor, key, tag: str, bias) -> gs.Variable:

@@ -210,13 +210,15 @@ def candidates_for(layer: Layer, menu: list[tuple[str, dict]], method_cfg: Metho
     return out
 
 
-def guard_menu(target_bpw: float | None) -> list[tuple[str, dict]]:
+def guard_menu(target_bpw: float | None, tied_and_timed: bool = False) -> list[tuple[str, dict]]:
     """An embedding table's grid outside a --target-bpw budget (AllocateConfig.tables_in_budget):
     8 bits (the cheapest block its dimension takes) from 4 bits per weight up, where Gemma 3 270M
     measured 1.15x / 1.49x fp32 perplexity against 1.44x / 2.02x with its table competing at 4
     bits; below, the 4-bit grid of onnxruntime-genai's int4 (block 32, else 16): an 8-bit table would make
-    a 3-bit model larger than a 4-bit one and, as a tied lm_head, slower on every token."""
-    if target_bpw is not None and target_bpw < 4:
+    a 3-bit model larger than a 4-bit one and, as a tied lm_head, slower on every token. The same
+    4-bit grid for a tied lm_head under the latency budget (``tied_and_timed``): at 8 bits it reads
+    twice the bytes of onnxruntime's 4-bit one on every token."""
+    if tied_and_timed or (target_bpw is not None and target_bpw < 4):
         return [("gptq", {"bits": 4, "block_size": block, "symmetric": True, "sweeps": 0}) for block in (32, 16)]
     return [("gptq", {"bits": 8, "block_size": block, "symmetric": True, "sweeps": 0}) for block in (128, 64, 32)]
 
@@ -286,7 +288,7 @@ def layer_tolerance(ctx: Context, config) -> list[LayerTolerance]:
     # (layer, its menu, its method config, its H): the menus are solved on the executor, in order,
     # while this loop measures the layers already solved
     guarded = [not cfg.tables_join and bool(layer.gathers) for layer in layers]  # tables at a fixed grid
-    work = [(layer, guard_menu(cfg.target_bpw) if guard else menus[layer_target(layer, config.lowering) if layer.kernel
+    work = [(layer, guard_menu(cfg.target_bpw, bool(layer.matmuls) and cfg.latency_budget) if guard else menus[layer_target(layer, config.lowering) if layer.kernel
                                                    else config.lowering],  # convolutions: std
              config.factorize.for_layer(layer.name, layer.weight), hessians.get(layer.weight))
             for layer, guard in zip(layers, guarded)]

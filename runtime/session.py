@@ -81,15 +81,18 @@ def session(path_or_bytes: str | os.PathLike | bytes, sess_options: ort.SessionO
 
 def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int, threads: int = 2,
                            rounds: int = 5, warmup: int = 3, copies: list[int] | None = None,
-                           quantile: float = 0.5) -> list[float]:
+                           quantile: float = 0.5, evict_bytes: int = 0) -> list[float]:
     """Median (or another ``quantile``) wall time (ms) of one ``run`` call per model.
 
     The models take turns, ``runs / rounds`` calls each per round, so that noise from other load
     on the machine falls on all of them alike and their ratios stay meaningful. ``copies[i]``
     sessions of model i are called in rotation, so that with enough copies each call finds its
-    weights evicted from the caches by the others (cold, memory-bound calls).
+    weights evicted from the caches by the others (cold, memory-bound calls). ``evict_bytes``:
+    before each timed call, a buffer that large is written (untimed), which evicts the caches as
+    a model larger than them does between one use of a layer and the next.
     """
     copies = copies or [1] * len(paths)
+    scratch = np.zeros(evict_bytes // 4, np.float32) if evict_bytes else None
     # Idle sessions' worker threads would spin and steal the cores from the one being timed.
     sessions = [[session(str(p), session_options(threads, {"session.intra_op.allow_spinning": "0"}))
                  for _ in range(c)] for p, c in zip(paths, copies)]
@@ -103,6 +106,8 @@ def interleaved_latency_ms(paths: list, feeds: dict[str, np.ndarray], runs: int,
         for group, bucket in zip(sessions, times):
             for i in range(per_round):
                 sess = group[i % len(group)]
+                if scratch is not None:
+                    scratch[::16] += 1.0  # one write per 64-byte cache line
                 start = time.perf_counter()
                 sess.run(None, feeds)
                 bucket.append(time.perf_counter() - start)

@@ -221,13 +221,13 @@ def onnxruntime_session(path):
 def test_lower_cli_rejects_what_ort_cannot_run(tmp_path, capsys):
     from lrqgraph.cli import main
 
-    cfg = OptimizeConfig(lowering="lrq", factorize=FactorizeConfig(method="rtn", bits=3, block_size=32),
+    cfg = OptimizeConfig(lowering="lrq", factorize=FactorizeConfig(method="rtn", bits=5, block_size=32),
                          select=SelectConfig(min_params=1))
-    src = tmp_path / "lrq3.onnx"
+    src = tmp_path / "lrq5.onnx"
     onnx.save(lrqgraph.run(builders.mlp_model(), cfg).model, src)
     assert main(["lower", str(src), "-o", str(tmp_path / "out.onnx"), "--to", "ort"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "3-bit codes have no MatMulNBits kernel" in err[0]
+    assert len(err) == 1 and "5-bit codes have no MatMulNBits kernel" in err[0]
     assert not (tmp_path / "out.onnx").exists()
     assert main(["lower", str(src), "-o", str(tmp_path / "std.onnx"), "--to", "std", "-q"]) == 0
 
