@@ -29,8 +29,8 @@ from .tolerance import LayerTolerance
 log = logging.getLogger(__name__)
 
 REFERENCE = "onnxruntime's 4-bit RTN (MatMulNBits block 32)"
-# a form within this fraction above the limit still passes: repeated timings of one form spread
-# by about 3% on this 2-core VM (bench/RESULTS.md), and two forms within it are not told apart
+# a form within this fraction above the limit still passes: repeated tables time one form a few %
+# apart on this 2-core VM (lrqgraph.latency.QUANTILE), and two forms within it are not told apart
 SLACK = 0.05
 # a one-layer timing of a compute-bound form misses its time inside the model by up to 10-20%
 # (MiniLM's FFN MatMulNBits: 0.93-1.02x the float layer alone, 1.2x in the model): the target's
@@ -47,7 +47,7 @@ class LatencyBudget:
     reference: str
     max_latency: float | None
     dropped: dict[str, int]                # candidates dropped, by family
-    layers: list[tuple[Form, Form, Form]]  # timed layers: (float, reference, ...) forms; see estimate
+    layers: list[tuple[Form, Form] | None]  # per layer: its (float, reference) forms; None: not timed
     table: CostTable = dataclasses.field(repr=False)
     forms: dict[tuple[int, str], Form] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -69,12 +69,15 @@ class LatencyBudget:
 
 def rows_for(ctx: Context) -> tuple[int, ...]:
     """The row counts the budget holds at: a decoder's (DECODER_ROWS), else one calibration sample's
-    rows (the median over layers, rounded up to a power of two) and eight samples'."""
+    rows (the median over the matrix products, rounded up to a power of two) and eight samples'."""
     if kvcache.past_inputs(ctx.model.graph):
         return DECODER_ROWS
     data = ctx.analysis("calib_data")
     parts = ctx.analysis("hessian_parts") if data is not None else []
-    per_layer = [sum(p.rows.get(w, 0) or 0 for p in parts) / max(data.samples, 1) for w in parts[0].rows] if parts else []
+    # matrix products only: a convolution's rows are its pixels
+    timed = {layer.weight for layer in ctx.analysis("layers") if layer.matmuls and not layer.kernel}
+    per_layer = [sum(p.rows.get(w, 0) or 0 for p in parts) / max(data.samples, 1)
+                 for w in (parts[0].rows if parts else ()) if w in timed]
     one = int(2 ** np.ceil(np.log2(max(np.median(per_layer), 1.0)))) if per_layer else 1
     return (one, 8 * one)
 
@@ -157,7 +160,6 @@ def screen(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[list[LayerTol
              " and ".join(map(str, rows)), sum(dropped.values()),
              ", ".join(f"{f} {n}" for f, n in sorted(dropped.items())) or "none")
     return screened, budget
-
 
 
 def conv_screen(t: LayerTolerance, dropped: dict[str, int]) -> LayerTolerance:
