@@ -83,12 +83,14 @@ def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:
 # (measured: 270 to 330 bytes a layer), and the padding that aligns a tensor of 1 MiB or more in
 # the external data (less than external.ALIGN each; codes and, for a table, scales)
 NODE_BYTES = 512
-# ... and for codes widened when the session loads (lower.widened): 12 more nodes (measured: about
-# 900 bytes a layer), plus their integer constants once per code width
-WIDEN_BYTES, WIDEN_CONSTANT_BYTES = 1280, 512
-# ... and for a weight rebuilt when the session loads (lower.FOLD): about 15 nodes and 200 bytes of
-# shapes a factor (measured: 1.5 to 2 KB a one-factor layer); its integer constants count as above
+# ... and for codes widened when the session loads (lower.widened): up to 8 more nodes a layer,
+# plus the ops that make the lookup tables, once per model (Emitter.lookup_tables: about 4 KB)
+WIDEN_BYTES, WIDEN_TABLE_BYTES = 1280, 4096
+# ... and for a weight rebuilt when the session loads (lower.FOLD): about 10 nodes and 200 bytes of
+# shapes a factor; the ops that make its table of levels once per code width (Emitter.level_table,
+# about 1.5 KB; other widths' integer constants under 512 bytes)
 FOLD_BYTES = 2560
+LEVEL_TABLE_BYTES = {2: 1536, 4: 1536, 8: 1536}
 
 
 def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
@@ -96,9 +98,11 @@ def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
     and padding, and the metadata lrqgraph.api writes (the config, the pipeline: 512 bytes and more)."""
     big = sum(1 for t in tols if max((c.bits for c in t.candidates if c.rep is not None), default=0) / 8 >= ALIGN_FROM)
     metadata = len(json.dumps(describe_config(config), sort_keys=True, default=str)) + 1024
-    widths = {q.bits for t in tols for c in t.candidates if c.rep is not None for chain in c.rep.chains
-              for q in chain if widened(q) or c.lowering == FOLD}
-    return NODE_BYTES * len(tols) + 2 * ALIGN * big + metadata + WIDEN_CONSTANT_BYTES * len(widths)
+    factors = [(c, q) for t in tols for c in t.candidates if c.rep is not None for chain in c.rep.chains for q in chain]
+    widen = {q.bits for c, q in factors if widened(q) and config.lowering == "ort" and c.lowering != FOLD}
+    fold = {q.bits for c, q in factors if c.lowering == FOLD}
+    tables = (WIDEN_TABLE_BYTES if widen else 0) + sum(LEVEL_TABLE_BYTES.get(b, 512) for b in fold)
+    return NODE_BYTES * len(tols) + 2 * ALIGN * big + metadata + tables
 
 
 def knapsack_costs(config, tols: list[LayerTolerance]) -> list[np.ndarray]:

@@ -51,7 +51,7 @@ from lrqgraph.latency import FOLDED, float_model
 from lrqgraph.methods import LOWERINGS
 from lrqgraph.methods.kashin import transform_refusal
 from lrqgraph.model import IR_VERSION_INT4, ModelState
-from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits
+from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits, unpack_bits
 from lrqgraph.numerics.kashin import KashinTensor
 from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassManager, PassResult, register_pass
@@ -210,39 +210,79 @@ class Emitter:
 
     def widened_codes(self, name: str, q: QuantizedTensor, packed: np.ndarray) -> gs.Tensor:
         """Symmetric 2- or 3-bit codes stored at their width and widened to MatMulNBits' 4-bit layout
-        by integer ops on constants, which onnxruntime folds when the session loads: the file holds
-        b bits a weight, the fast 4-bit kernel runs them. Each group of ``g`` stored bytes (least
-        significant bit first, pack_bits) holds 8g/b codes; the codes move by 8 - 2^(b-1) so that
-        the 4-bit kernel's implicit zero point 8 stands for theirs. The integer constants are shared
-        by every layer of that width (and count as structure, WIDEN_BYTES)."""
-        b = q.bits
-        stored = self.array(f"{name}.q{b}", packed.reshape(-1))
-        self._folded.append(stored)  # counted as stored; the widened bytes exist only in the session
-        c = self.widen_constants(b)
-        x = self.node("Reshape", "widen", [stored, c["groups"]], dtype=np.uint8)
-        x = self.cast(x, np.int32, "widen")
-        x = self._reduce_sum(self.node("Mul", "widen", [x, c["bytes"]], dtype=np.int32), c["axes"], 1)
-        x = self.node("Div", "widen", [x, c["shifts"]], dtype=np.int32)
-        x = self.node("Mod", "widen", [x, c["range"]], dtype=np.int32)
-        x = self.node("Add", "widen", [x, c["offset"]], dtype=np.int32)
-        x = self.node("Reshape", "widen", [x, c["pairs"]], dtype=np.int32)
-        x = self._reduce_sum(self.node("Mul", "widen", [x, c["nibbles"]], dtype=np.int32), c["axes"], 0)
-        x = self.cast(x, np.uint8, "widen")
+        by table lookups on constants (lookup_tables), which onnxruntime folds when the session
+        loads: the file holds b bits a weight, the fast 4-bit kernel runs them, and loading holds
+        about 4.5 bytes a weight on top for a moment (integer arithmetic over the codes held 30).
+        The codes move by 8 - 2^(b-1) so that the 4-bit kernel's implicit zero point 8 stands for
+        theirs. 2 bits: each stored byte (4 codes) is looked up as its 2 bytes of nibbles. 3 bits:
+        two streams, the low 2 bits of each code (4 a byte) and its high bit (8 a byte); a low byte
+        and the 4 high bits of its codes index a 4096-entry table."""
         n, blocks, _ = packed.shape
+        codes = unpack_bits(packed, q.bits, q.block_size).reshape(-1)  # MatMulNBits order
+        tables = self.lookup_tables()
+        if q.bits == 2:
+            low = self.array(f"{name}.q2", pack_bits(codes[None, :], 2)[0])
+            self._folded.append(low)  # counted as stored; the widened bytes exist only in the session
+            x = self.node("Gather", "widen", [tables["w2"], self.cast(low, np.int32, "widen")], {"axis": 0},
+                          dtype=np.uint8)
+        else:
+            low = self.array(f"{name}.q3lo", pack_bits(codes[None, :] & 3, 2)[0])
+            high = self.array(f"{name}.q3hi", pack_bits(codes[None, :] >> 2, 1)[0])
+            self._folded.extend([low, high])
+            nibbles = self.node("Gather", "widen", [tables["halves"], self.cast(high, np.int32, "widen")], {"axis": 0},
+                                dtype=np.int32)  # [bytes, 2]: the high bits of 4 codes each
+            nibbles = self.node("Reshape", "widen", [nibbles, tables["flat"]], dtype=np.int32)
+            index = self.node("Mul", "widen", [self.cast(low, np.int32, "widen"), tables["sixteen"]], dtype=np.int32)
+            index = self.node("Add", "widen", [index, nibbles], dtype=np.int32)
+            x = self.node("Gather", "widen", [tables["w3"], index], {"axis": 0}, dtype=np.uint8)
         shape = self.array(f"{name}.widen_shape", np.array([n, blocks, q.block_size // 2], np.int64))
         return self.node("Reshape", "widen", [x, shape], dtype=np.uint8)
 
-    def widen_constants(self, b: int) -> dict[str, gs.Constant]:
-        key = ("widen", b)
+    def lookup_tables(self) -> dict[str, gs.Tensor]:
+        """The widening tables, made once per model from Range by ops onnxruntime folds (the file
+        holds a few scalars): w2 [256, 2] (a byte of four 2-bit codes as two bytes of 4-bit
+        nibbles), halves [256, 2] (a byte's two nibbles), w3 [4096, 2] (4 codes' low bits · 16 +
+        their high bits as two bytes of nibbles)."""
+        key = ("widen tables",)
         if key not in self.model.shared_values:
-            group = 3 if b == 3 else 1
-            i32 = lambda v: np.asarray(v, np.int32)  # noqa: E731
-            values = {"groups": np.array([-1, group], np.int64), "bytes": i32([256 ** i for i in range(group)]),
-                      "shifts": i32([1 << (b * j) for j in range(8 * group // b)]), "range": i32([1 << b]),
-                      "offset": i32([8 - (1 << (b - 1))]), "pairs": np.array([-1, 2], np.int64),
-                      "nibbles": i32([1, 16]), "axes": np.array([-1], np.int64)}
-            self.model.shared_values[key] = {k: self.array(f"widen{b}.{k}", v) for k, v in values.items()}
+            byte = self.index_column(256)
+            index = self.index_column(4096)
+            low = self.node("Div", "table", [index, self.ints("table.16", [16])], dtype=np.int32)
+            high = self.node("Mod", "table", [index, self.ints("table.16", [16])], dtype=np.int32)
+            three = self.node("Add", "table", [self.digits(low, 4, 4), self.node(
+                "Mul", "table", [self.digits(high, 2, 4), self.ints("table.4", [4])], dtype=np.int32)], dtype=np.int32)
+            self.model.shared_values[key] = {
+                "w2": self.nibble_pairs(self.digits(byte, 4, 4), 6), "w3": self.nibble_pairs(three, 4),
+                "halves": self.digits(byte, 16, 2),
+                "sixteen": self.ints("widen.sixteen", [16]), "flat": self.array("widen.flat", np.array([-1], np.int64))}
         return self.model.shared_values[key]
+
+    def ints(self, name: str, values: list[int]) -> gs.Constant:
+        return self.array(name, np.asarray(values, np.int32))
+
+    def index_column(self, count: int) -> gs.Variable:
+        """[count, 1] int32: 0, 1, ..., count - 1 (Range, folded when the session loads)."""
+        def scalar(name: str, value: int) -> gs.Constant:  # (array() makes one-element vectors)
+            name = self.model.unique_name(name)
+            return _const(name, numpy_helper.from_array(np.array(value, np.int32), name))
+        r = self.node("Range", "table", [scalar("table.start", 0), scalar("table.count", count),
+                                         scalar("table.step", 1)], dtype=np.int32)
+        return self.node("Unsqueeze" if self.model.opset >= 13 else "Reshape", "table",
+                         [r, self.array("table.axis", np.array([1], np.int64)) if self.model.opset >= 13 else
+                          self.array("table.column", np.array([-1, 1], np.int64))], dtype=np.int32)
+
+    def digits(self, x: gs.Tensor, base: int, count: int) -> gs.Variable:
+        """[m, count] int32: the base-``base`` digits of x [m, 1], least significant first."""
+        x = self.node("Div", "table", [x, self.ints("table.powers", [base ** j for j in range(count)])], dtype=np.int32)
+        return self.node("Mod", "table", [x, self.ints("table.base", [base])], dtype=np.int32)
+
+    def nibble_pairs(self, codes: gs.Tensor, offset: int) -> gs.Variable:
+        """[m, 4] codes -> [m, 2] uint8 bytes of two 4-bit nibbles (code + offset), low nibble first."""
+        x = self.node("Add", "table", [codes, self.ints("table.offset", [offset])], dtype=np.int32)
+        x = self.node("Reshape", "table", [x, self.array("table.pairs", np.array([-1, 2, 2], np.int64))], dtype=np.int32)
+        x = self._reduce_sum(self.node("Mul", "table", [x, self.ints("table.nibbles", [1, 16])], dtype=np.int32),
+                             self.array("table.last", np.array([-1], np.int64)), 0)
+        return self.cast(x, np.uint8, "table")
 
     def _reduce_sum(self, x: gs.Tensor, axes: gs.Constant, keepdims: int, dtype: type = np.int32) -> gs.Variable:
         if self.model.opset >= 13:
@@ -266,30 +306,44 @@ class Emitter:
         return total
 
     def folded_factor(self, name: str, q: QuantizedTensor) -> gs.Variable:
-        """(codes − zero points) · scales of one uniform grid as [K, N], the codes and zero points
-        stored as one bit stream each (never more bytes than the per-block packing counted)."""
+        """(codes − zero points) · scales of one uniform grid as [K, N], blocks along K: the codes
+        stored row-major as one bit stream (never more bytes than the per-block packing counted),
+        2-, 4- and 8-bit codes turned into their levels by one table lookup per byte (loading holds
+        about 10 bytes a weight on top for a moment), other widths by integer arithmetic."""
         k, n = q.shape
         blocks = q.scales.shape[0]
         width = blocks * q.block_size
-        codes = q.codes.T
+        codes = q.codes
         if width != k:  # the last block padded with its zero point, as packed_columns does
-            codes = np.concatenate([codes, np.broadcast_to(q.zero_point_array().T[:, -1:], (n, width - k))], axis=1)
+            codes = np.concatenate([codes, np.broadcast_to(q.zero_point_array()[-1:], (width - k, n))])
         shape = lambda *dims: self.array(f"{name}.shape", np.array(dims, np.int64))  # noqa: E731
-        w = self.cast(self.node("Reshape", "fold", [self.unpacked(f"{name}.q", codes, q.bits),
-                                                     shape(n, blocks, q.block_size)], dtype=np.int32),
-                      self.dtype, "fold")
-        if q.zero_points is None:
-            zero = self.array(f"{name}.zero", np.array(1 << (q.bits - 1), self.dtype))
+        center = 0 if q.zero_points is not None else 1 << (q.bits - 1)
+        if q.bits in (2, 4, 8):
+            stored = self.array(f"{name}.q{q.bits}", pack_bits(codes.reshape(1, -1), q.bits)[0])
+            self._folded.append(stored)  # counted as stored; the float weight exists only in the session
+            w = self.node("Gather", "fold", [self.level_table(q.bits, center), self.cast(stored, np.int32, "fold")],
+                          {"axis": 0})
         else:
-            zero = self.cast(self.node("Reshape", "fold", [self.unpacked(f"{name}.zp", q.zero_points.T, q.bits),
-                                                            shape(n, blocks, 1)], dtype=np.int32), self.dtype, "fold")
-        scales = self.node("Reshape", "fold", [self.stored_scales(f"{name}.scales", np.ascontiguousarray(q.scales.T)),
-                                                shape(n, blocks, 1)])
-        w = self.node("Mul", "fold", [self.node("Sub", "fold", [w, zero]), scales])
-        w = self.node("Reshape", "fold", [w, shape(n, width)])
-        if width != k:
-            w = self.node("Slice", "fold", [w, shape(0), shape(k), shape(1)])
-        return self.node("Transpose", "fold", [w], {"perm": [1, 0]})
+            w = self.node("Sub", "fold", [self.cast(self.unpacked(f"{name}.q", codes, q.bits), self.dtype, "fold"),
+                                          self.array(f"{name}.center", np.array(center, self.dtype))])
+        w = self.node("Reshape", "fold", [w, shape(blocks, q.block_size, n)])
+        if q.zero_points is not None:
+            zero = self.node("Reshape", "fold", [self.unpacked(f"{name}.zp", q.zero_points, q.bits), shape(blocks, 1, n)],
+                             dtype=np.int32)
+            w = self.node("Sub", "fold", [w, self.cast(zero, self.dtype, "fold")])
+        scales = self.node("Reshape", "fold", [self.stored_scales(f"{name}.scales", q.scales), shape(blocks, 1, n)])
+        w = self.node("Reshape", "fold", [self.node("Mul", "fold", [w, scales]), shape(width, n)])
+        return self.node("Slice", "fold", [w, shape(0), shape(k), shape(0)]) if width != k else w
+
+    def level_table(self, bits: int, center: int) -> gs.Tensor:
+        """[256, 8 / bits] in the layer's dtype: the codes of a byte (least significant first), less
+        ``center``; made once per model from Range by ops onnxruntime folds."""
+        key = ("levels", bits, center, str(self.dtype))
+        if key not in self.model.shared_values:
+            levels = self.node("Sub", "table", [self.digits(self.index_column(256), 1 << bits, 8 // bits),
+                                                self.ints("table.center", [center])], dtype=np.int32)
+            self.model.shared_values[key] = self.cast(levels, self.dtype, "table")
+        return self.model.shared_values[key]
 
     def unpacked(self, name: str, codes: np.ndarray, bits: int) -> gs.Variable:
         """int32 codes [count] from one stored stream of ``bits``-bit codes (pack_bits order), by

@@ -153,7 +153,8 @@ def test_unreachable_goals_are_clear_errors(tmp_path):
     with pytest.raises(lrqgraph.LrqError, match="one goal"):
         AllocateConfig(target_bpw=3, min_cosine=0.9)
     with pytest.raises(lrqgraph.LrqError, match="below the cheapest choice"):
-        run(tmp_path, target_size=7000)  # above the graph and metadata (6 KB), below 2 bits a weight (7.7 KB)
+        # above the graph, metadata and the ops a rewrite may add (9 KB), below them and 2 bits a weight (7.7 KB)
+        run(tmp_path, target_size=10_000)
     with pytest.raises(lrqgraph.LrqError, match="outside the selected layers"):  # the embedding table
         lrqgraph.run(builders.token_model(), OptimizeConfig(allocate=AllocateConfig(target_size=1000)))
 
@@ -254,13 +255,14 @@ def test_cli_allocates_and_writes_json_and_html_reports(tmp_path, capsys):
     html = page.read_text()
     assert html.count("<img") == 3 and "spearman" in html
     capsys.readouterr()
-    assert main(["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--target-size", "7KB", "-q"]) == 2
+    assert main(["optimize", str(src), "-o", str(tmp_path / "x.onnx"), "--target-size", "10KB", "-q"]) == 2
     assert "below the cheapest choice" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
 
 
-@pytest.mark.parametrize("target", [12_000, 20_000, 40_000])
+@pytest.mark.parametrize("target", [24_000, 32_000, 40_000])
 def test_target_size_bounds_the_written_file(tmp_path, target):
     # 122,880 float bytes of weights under a graph of about 1 KB: the file, graph and all, fits the target
+    # (below 24 KB, the 5 KB kept for the lookup tables narrow codes may need is a fifth of it)
     src, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
     save_model(builders.mlp_model(), src)
     code = main(["optimize", str(src), "-o", str(out), "--calib", mlp_calib(tmp_path), "--target-size", str(target), "-q",
