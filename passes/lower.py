@@ -134,12 +134,11 @@ class Emitter:
         to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         return self.node("Cast", tag, [x], {"to": to}, dtype=np.dtype(dtype))
 
-    def rotated(self, x: gs.Tensor, rotation: Rotation, tag: str, inverse: bool = False) -> gs.Variable:
+    def rotated(self, x: gs.Tensor, rotation: Rotation, tag: str) -> gs.Variable:
         """X·R in plain ONNX ops, emitted once per (input, rotation) in the model: signs, the odd
         block, then the Walsh-Hadamard transform as two small MatMuls over a reshaped X (the
-        layout of numerics/rotation.py). Its constants count as this layer's stored bytes.
-        ``inverse``: X·Rᵀ (the odd block transposed, the signs last)."""
-        key = ("rotation", x.name, rotation, inverse)
+        layout of numerics/rotation.py). Its constants count as this layer's stored bytes."""
+        key = ("rotation", x.name, rotation)
         if key in self.model.shared_values:
             return self.model.shared_values[key]
         io = self.io_dtype
@@ -156,12 +155,10 @@ class Emitter:
         shape = lambda *dims: self.array(f"{tag}.rotation_shape", np.array(lead + list(dims), np.int64))  # noqa: E731
         p1, p2 = len(factors["h1"]), len(factors["h2"])
         odd = rotation.k // (p1 * p2)
-        y = x if inverse else self.node("Mul", f"{tag}/rotate", [x, f["signs"]], dtype=io)
+        y = self.node("Mul", f"{tag}/rotate", [x, f["signs"]], dtype=io)
         y = self.node("Reshape", f"{tag}/rotate", [y, shape(p1 * p2, odd)], dtype=io)
         if "small" in f:
-            small = self.node("Transpose", f"{tag}/rotate", [f["small"]], {"perm": [1, 0]}, dtype=io) \
-                if inverse else f["small"]
-            y = self.node("MatMul", f"{tag}/rotate", [y, small], dtype=io)
+            y = self.node("MatMul", f"{tag}/rotate", [y, f["small"]], dtype=io)
         if p1 > 1:
             y = self.node("Reshape", f"{tag}/rotate", [y, shape(p1, p2 * odd)], dtype=io)
             y = self.node("MatMul", f"{tag}/rotate", [f["h1"], y], dtype=io)
@@ -170,8 +167,6 @@ class Emitter:
             y = self.node("MatMul", f"{tag}/rotate", [f["h2"], y], dtype=io)
         x_shape = self.node("Shape", f"{tag}/rotate", [x], dtype=np.int64)
         y = self.node("Reshape", f"{tag}/rotate", [y, x_shape], dtype=io)
-        if inverse:
-            y = self.node("Mul", f"{tag}/rotate", [y, f["signs"]], dtype=io)
         self.model.shared_values[key] = y
         return y
 
@@ -299,11 +294,20 @@ class Emitter:
                 f = self.folded_factor(f"{name}{ci}_{fi}", q)
                 w = f if w is None else self.node("MatMul", "fold", [w, f])
             total = w if total is None else self.node("Add", "fold", [total, w])
-        if rep.rotation is not None:  # R·W' = (W'ᵀ·Rᵀ)ᵀ: the rows of W'ᵀ through the inverse rotation
-            t = self.node("Transpose", "fold", [total], {"perm": [1, 0]})
-            t = self.rotated(t, rep.rotation, "fold", inverse=True)
-            total = self.node("Transpose", "fold", [t], {"perm": [1, 0]})
+        if rep.rotation is not None:  # R·W', R = I·R made once per rotation (one product holds the weight
+            total = self.node("MatMul", "fold", [self.rotation_matrix(rep.rotation), total])  # once more)
         return total
+
+    def rotation_matrix(self, rotation: Rotation) -> gs.Variable:
+        """R [K, K] as the rows of the identity through the rotation's plain ops (folded at load)."""
+        key = ("rotation matrix", rotation)
+        if key not in self.model.shared_values:
+            k = rotation.k
+            zeros = self.node("ConstantOfShape", "fold", [self.array("fold.square", np.array([k, k], np.int64))],
+                              {"value": numpy_helper.from_array(np.zeros(1, self.dtype))})
+            eye = self.node("EyeLike", "fold", [zeros])
+            self.model.shared_values[key] = self.rotated(eye, rotation, "fold")
+        return self.model.shared_values[key]
 
     def folded_factor(self, name: str, q: QuantizedTensor) -> gs.Variable:
         """(codes − zero points) · scales of one uniform grid as [K, N], blocks along K: the codes

@@ -6,7 +6,7 @@ import pytest
 
 import lrqgraph
 from lrqgraph import FactorizeConfig, OptimizeConfig, SelectConfig
-from lrqgraph.numerics import QuantSpec, quantize
+from lrqgraph.numerics import QuantizedTensor, QuantSpec, quantize
 from lrqgraph.runtime import session
 
 import builders
@@ -165,3 +165,33 @@ def test_provenance_is_recorded_in_metadata():
     meta = {p.key: p.value for p in lrqgraph.optimize(builders.matmul_model()).metadata_props}
     assert meta["lrqgraph.lowering"] == "ort" and "factorize" in meta["lrqgraph.pipeline"]
     assert meta["lrqgraph.version"] == lrqgraph.__version__
+
+
+def _grid(k, n, bits, block, rng, symmetric=True):
+    return QuantizedTensor(codes=rng.integers(0, 1 << bits, (k, n), dtype=np.uint8),
+                           scales=(rng.random((-(-k // block), n)) * 0.1).astype(np.float16),
+                           zero_points=None if symmetric else rng.integers(0, 1 << bits, (-(-k // block), n),
+                                                                           dtype=np.uint8),
+                           bits=bits, block_size=block)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("form", ["dense", "asymmetric", "rotated", "q+lr"])
+def test_folded_weight_is_the_planned_weight(bits, form):
+    """lower.FOLD: the codes stored as they are, the float weight rebuilt by ops onnxruntime folds
+    at load; K = 200 leaves a part block. The file holds no more than the codes' accounted bytes
+    (and the few shapes and tables the rebuilding needs)."""
+    from lrqgraph.numerics import Representation
+    from lrqgraph.numerics.rotation import Rotation
+    from lrqgraph.passes.lower import FOLD, layer_model
+    rng = np.random.default_rng(bits)
+    q = _grid(200, 48, bits, 32, rng, symmetric=form != "asymmetric")
+    chains = ((q,), (_grid(200, 8, 4, 16, rng), _grid(8, 48, 8, 8, rng))) if form == "q+lr" else ((q,),)
+    rep = Representation(chains, "rtn", rotation=Rotation(200, 3) if form == "rotated" else None)
+    model = layer_model(rep, FOLD, None)
+    assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    x = rng.standard_normal((5, 200)).astype(np.float32)
+    assert_close(session(model.SerializeToString()).run(None, {"x": x})[0], x @ rep.dequantize())
+    stored = sum(len(t.raw_data) for t in model.graph.initializer if ".q" in t.name or ".zp" in t.name)
+    codes = sum(q.storage_bits() for chain in chains for q in chain) / 8  # with scales: an upper bound
+    assert 0 < stored <= codes
