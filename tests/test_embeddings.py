@@ -130,11 +130,12 @@ def _allocated(model, **goal):
     return result, {e["name"]: e for e in result.report["layers"]}
 
 
-@pytest.mark.parametrize("bpw, table_bits", [(4, 8), (3, 4)])
-def test_target_bpw_keeps_the_tied_table_outside_its_budget_at_a_fixed_grid(bpw, table_bits):
+@pytest.mark.parametrize("bpw, timed, table_bits", [(4, False, 8), (3, False, 4), (4, True, 4)])
+def test_target_bpw_keeps_the_tied_table_outside_its_budget_at_a_fixed_grid(bpw, timed, table_bits):
     model = builders.tied_lm_head_model(vocab=512, dim=64, hidden=2)
-    result, entries = _allocated(model, target_bpw=bpw)
-    # 8 bits from 4 bits per weight up; below, the 4-bit grid (an 8-bit table would outweigh the savings)
+    result, entries = _allocated(model, target_bpw=bpw, latency_budget=timed)
+    # 8 bits from 4 bits per weight up; below, the 4-bit grid (an 8-bit table would outweigh the
+    # savings), and under the latency budget (an 8-bit lm_head reads twice the bytes a token)
     assert entries["embed"]["bits"] == table_bits
     hidden = [entries[f"mm{i}"] for i in range(2)]
     assert all(e["action"] == "rewrite" for e in hidden)
