@@ -51,7 +51,7 @@ from lrqgraph.latency import FOLDED, float_model
 from lrqgraph.methods import LOWERINGS
 from lrqgraph.methods.kashin import transform_refusal
 from lrqgraph.model import IR_VERSION_INT4, ModelState
-from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits, unpack_bits
+from lrqgraph.numerics import QuantizedTensor, Representation, pack_bits
 from lrqgraph.numerics.kashin import KashinTensor
 from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassManager, PassResult, register_pass
@@ -196,14 +196,16 @@ class Emitter:
         return self.cast(stored, self.dtype, name)
 
     def ort_factor(self, name: str, q: QuantizedTensor) -> list[gs.Tensor]:
-        packed, _, _ = q.packed_columns()  # MatMulNBits stores row n = column n of W, blocks along K
-        codes = self.widened_codes(name, q, packed) if widened(q) else self.array(f"{name}.q", packed)
+        if widened(q):
+            codes = self.widened_codes(name, q)
+        else:  # MatMulNBits stores row n = column n of W, blocks along K
+            codes = self.array(f"{name}.q", q.packed_columns()[0])
         tensors = [codes, self.stored_scales(f"{name}.scales", q.scales.T.reshape(-1))]
         if q.zero_points is not None:
             tensors.append(self.array(f"{name}.zp", pack_bits(q.zero_points.T, q.bits)))
         return tensors
 
-    def widened_codes(self, name: str, q: QuantizedTensor, packed: np.ndarray) -> gs.Tensor:
+    def widened_codes(self, name: str, q: QuantizedTensor) -> gs.Tensor:
         """Symmetric 2- or 3-bit codes stored at their width and widened to MatMulNBits' 4-bit layout
         by table lookups on constants (lookup_tables), which onnxruntime folds when the session
         loads: the file holds b bits a weight, the fast 4-bit kernel runs them, and loading holds
@@ -212,8 +214,8 @@ class Emitter:
         theirs. 2 bits: each stored byte (4 codes) is looked up as its 2 bytes of nibbles. 3 bits:
         two streams, the low 2 bits of each code (4 a byte) and its high bit (8 a byte); a low byte
         and the 4 high bits of its codes index a 4096-entry table."""
-        n, blocks, _ = packed.shape
-        codes = unpack_bits(packed, q.bits, q.block_size).reshape(-1)  # MatMulNBits order
+        n, blocks = q.shape[1], q.scales.shape[0]
+        codes = q.padded_codes().T.reshape(-1)  # MatMulNBits order: column by column, blocks along K
         tables = self.lookup_tables()
         if q.bits == 2:
             low = self.array(f"{name}.q2", pack_bits(codes[None, :], 2)[0])
@@ -281,8 +283,8 @@ class Emitter:
 
     def _reduce_sum(self, x: gs.Tensor, axes: gs.Constant, keepdims: int, dtype: type = np.int32) -> gs.Variable:
         if self.model.opset >= 13:
-            return self.node("ReduceSum", "widen", [x, axes], {"keepdims": keepdims}, dtype=dtype)
-        return self.node("ReduceSum", "widen", [x], {"axes": [-1], "keepdims": keepdims}, dtype=dtype)
+            return self.node("ReduceSum", "unpack", [x, axes], {"keepdims": keepdims}, dtype=dtype)
+        return self.node("ReduceSum", "unpack", [x], {"axes": [-1], "keepdims": keepdims}, dtype=dtype)
 
     def folded_weight(self, name: str, rep: Representation) -> gs.Variable:
         """Ŵ [K, N] in the layer's dtype from the stored codes, by ops on constants only (the FOLD
@@ -317,9 +319,7 @@ class Emitter:
         k, n = q.shape
         blocks = q.scales.shape[0]
         width = blocks * q.block_size
-        codes = q.codes
-        if width != k:  # the last block padded with its zero point, as packed_columns does
-            codes = np.concatenate([codes, np.broadcast_to(q.zero_point_array()[-1:], (width - k, n))])
+        codes = q.padded_codes()
         shape = lambda *dims: self.array(f"{name}.shape", np.array(dims, np.int64))  # noqa: E731
         center = 0 if q.zero_points is not None else 1 << (q.bits - 1)
         if q.bits in (2, 4, 8):

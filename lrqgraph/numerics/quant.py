@@ -104,15 +104,18 @@ class QuantizedTensor:
         """The MatMulNBits / lrq-op layout (blocks along K): codes [N, blocks, blob] packed low bits
         first (the last block padded with its zero point), scales [N, blocks], zero points [N, blocks]
         unpacked (None when symmetric)."""
-        k, n = self.shape
-        blocks = self.scales.shape[0]
-        codes = self.codes.T
-        if blocks * self.block_size != k:
-            fill = self.zero_point_array().T[:, -1:]
-            codes = np.concatenate([codes, np.broadcast_to(fill, (n, blocks * self.block_size - k))], axis=1)
+        n, blocks = self.shape[1], self.scales.shape[0]
         zero_points = None if self.zero_points is None else np.ascontiguousarray(self.zero_points.T)
-        return (pack_bits(codes.reshape(n, blocks, self.block_size), self.bits), np.ascontiguousarray(self.scales.T),
-                zero_points)
+        return (pack_bits(self.padded_codes().T.reshape(n, blocks, self.block_size), self.bits),
+                np.ascontiguousarray(self.scales.T), zero_points)
+
+    def padded_codes(self) -> np.ndarray:
+        """codes [blocks · block_size, N]: the last block padded with its zero point (axis 0 blocks)."""
+        k, n = self.shape
+        width = self.scales.shape[0] * self.block_size
+        if width == k:
+            return self.codes
+        return np.concatenate([self.codes, np.broadcast_to(self.zero_point_array()[-1:], (width - k, n))])
 
     def storage_bits(self) -> int:
         """Every stored bit: codes (packed per block when there are scales, as MatMulNBits pads
