@@ -12,12 +12,11 @@ uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import shutil
-import tempfile
 from typing import Any
 
+from .atomic import atomic_file
 from .cache import cache_dir
 
 
@@ -36,10 +35,8 @@ class LayerCheckpoints:
             return pickle.load(f)
 
     def put(self, index: int, result: Any) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(self.folder / f"{index}.pkl") as tmp, open(tmp, "wb") as f:
             pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self.folder / f"{index}.pkl")
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

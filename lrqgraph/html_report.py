@@ -10,11 +10,9 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from typing import Any
 
 from .errors import LrqError
-from .report import write_text
 
 
 def require_matplotlib() -> None:
@@ -134,8 +132,3 @@ def render(report: dict[str, Any]) -> str:
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:left}img{margin:0.5em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrqgraph report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-
-
-def write_html(report: dict[str, Any], path: str | os.PathLike) -> None:
-    require_matplotlib()
-    write_text(render(report), path)

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 
 from lrqgraph.cache import cache_dir
+from lrqgraph.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,7 @@ class CostTable:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.ratios, f, sort_keys=True, indent=0)
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(self.ratios, sort_keys=True, indent=0))
 
 
 def last_level_cache_bytes() -> int:

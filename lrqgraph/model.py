@@ -76,12 +76,6 @@ class ModelState:
     def opset(self) -> int:
         return int(self.graph.opset)
 
-    def set_opset(self, version: int) -> None:
-        self.graph.opset = version
-        for imp in self.graph.import_domains or []:
-            if imp.domain in ("", "ai.onnx"):
-                imp.version = version
-
     def set_metadata(self, key: str, value: str) -> None:
         for prop in self.shell.metadata_props:
             if prop.key == key:

@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -203,21 +199,3 @@ def summary(report: dict) -> str:
     if report.get("calibration"):
         lines.append(f"calibration: {report['calibration']}")
     return "\n".join(lines)
-
-
-def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write the report atomically."""
-    write_text(json.dumps(report, indent=2, default=str) + "\n", path)
-
-
-def write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a file atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".lrqgraph-report-", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

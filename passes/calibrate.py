@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 import lrqgraph.calib as calib
+from lrqgraph.atomic import atomic_file
 from lrqgraph.hessian import HessianPart, collect_hessian_parts
 from lrqgraph.io import cache_dir
 from lrqgraph.kvcache import past_inputs
@@ -125,12 +124,10 @@ def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[He
                     for p in range(len(parts))]
     model = ctx.model.to_onnx()
     hs = collect_hessian_parts(model, inputs, parts, mask_input=_mask_input(model), patches=patches)
-    fd, tmp_file = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
-    os.close(fd)
     arrays = {f"p{p}h{i}": part.h[name] for p, part in enumerate(hs) for i, name in enumerate(names)}
     arrays.update({f"p{p}n{i}": np.int64(part.rows[name]) for p, part in enumerate(hs) for i, name in enumerate(names)})
-    np.savez(tmp_file, **arrays)
-    os.replace(tmp_file, cached)
+    with atomic_file(cached, suffix=".npz") as tmp:  # (np.savez adds .npz to names without it)
+        np.savez(tmp, **arrays)
     log.info("calibrate: H for %d layers from %s", len(names), what)
     return hs
 

@@ -90,10 +90,9 @@ class Emitter:
     every name unique in the model."""
 
     def __init__(self, model: ModelState, target: str, prefix: str, dtype: np.dtype,
-                 accuracy_level: int | None = None, io_dtype: np.dtype | None = None, table: bool = False):
+                 accuracy_level: int | None = None, table: bool = False):
         self.model, self.graph, self.target, self.prefix = model, model.graph, target, prefix
-        self.dtype = np.dtype(dtype)
-        self.io_dtype = np.dtype(io_dtype or dtype)  # the layer's own activations
+        self.dtype = np.dtype(dtype)  # the layer's activations, in which its nodes compute
         # lrq: int8 activations unless told otherwise (its kernels are built for them)
         self.accuracy_level = 4 if accuracy_level is None and target == "lrq" else accuracy_level
         self._factors: dict[object, object] = {}
@@ -141,7 +140,7 @@ class Emitter:
         key = ("rotation", x.name, rotation)
         if key in self.model.shared_values:
             return self.model.shared_values[key]
-        io = self.io_dtype
+        io = self.dtype
         lead = [-1]  # every leading dimension in one: the input's rank need not be known
         factors = rotation.factors()
         stored = {name: self.array(f"rotation{rotation.k}_{rotation.seed}.{name}", v) for name, v in factors.items()}
@@ -687,12 +686,8 @@ def rewrite_node(em: Emitter, node: gs.Node, rep: Representation, tag: str) -> N
     node.outputs.clear()
     if rep.rotation is not None and key not in ROTATES:
         x = em.rotated(x, rep.rotation, tag)
-    if em.dtype != em.io_dtype:
-        x = em.cast(x, em.dtype, f"{tag}/in")
     h = RULES[key](em, x, rep, tag, vector_bias)
-    io = em.io_dtype
-    if em.dtype != io:
-        h = em.cast(h, io, f"{tag}/out")
+    io = em.dtype
     if alpha != 1.0:
         h = em.node("Mul", f"{tag}/alpha", [h, em.array(f"{tag}.alpha", np.array(alpha, io))], dtype=io)
     if c is not None and vector_bias is None:
@@ -726,8 +721,6 @@ def rewrite_gather(em: Emitter, node: gs.Node, rep: Representation, tag: str) ->
         inputs = [data, ids, scales] + ([factors[2]] if len(factors) > 2 else [])
         h = em.node("GatherBlockQuantized", tag, inputs, {"gather_axis": 0, "quantize_axis": 1, "bits": q.bits,
                                                           "block_size": q.block_size}, domain="com.microsoft")
-    if em.dtype != em.io_dtype:
-        h = em.cast(h, em.io_dtype, f"{tag}/out")
     producer = h.inputs[0]
     producer.outputs.clear()
     producer.outputs.append(y)
@@ -763,8 +756,6 @@ def rewrite_conv(em: Emitter, node: gs.Node, rep: Representation, tag: str, kern
                 if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
     node.inputs.clear()
     node.outputs.clear()
-    if em.dtype != em.io_dtype:
-        x = em.cast(x, em.dtype, f"{tag}/in")
     sums = []
     for ci, chain in enumerate(rep.chains):
         h = x
@@ -775,15 +766,12 @@ def rewrite_conv(em: Emitter, node: gs.Node, rep: Representation, tag: str, kern
             shape = (n, *kernel[1:]) if fi == 0 else (n, k, 1, 1)
             w = em.node("Reshape", tag, [w, em.array(f"{tag}.kernel_shape", np.array(shape, np.int64))])
             last_of_first = ci == 0 and fi == len(chain) - 1
-            inputs = [h, w] + ([em.cast(bias, em.dtype, f"{tag}/bias") if em.dtype != em.io_dtype else bias]
-                               if last_of_first and bias is not None else [])
+            inputs = [h, w] + ([bias] if last_of_first and bias is not None else [])
             h = em.node("Conv", tag, inputs, geometry if fi == 0 else {})
         sums.append(h)
     out = sums[0]
     for other in sums[1:]:
         out = em.node("Add", tag, [out, other])
-    if em.dtype != em.io_dtype:
-        out = em.cast(out, em.io_dtype, f"{tag}/out")
     producer = out.inputs[0]
     producer.outputs.clear()
     producer.outputs.append(y)
@@ -798,8 +786,7 @@ def lower_layer(model: ModelState, layer: Layer, rep: Representation, target: st
     target = layer_target(layer, target, rep)
     # float16 scales of a float32 layer are stored as float16 and cast once when onnxruntime loads
     # the model (Emitter.stored_scales); the lrq ops take either scale type as they are
-    em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, io_dtype=np.dtype(layer.dtype),
-                 table=bool(layer.gathers))
+    em = Emitter(model, target, layer.weight, layer.dtype, accuracy_level, table=bool(layer.gathers))
     for node, label in zip(layer.nodes, layer.labels):
         if node.op == "Conv":
             rewrite_conv(em, node, rep, label, layer.kernel)

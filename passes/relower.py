@@ -118,8 +118,9 @@ class Relower(Pass):
         for node, rep, _ in read:
             check_lowerable(node.name, rep, target, "float32")
         for node, rep, bias in read:
-            em = Emitter(ctx.model, target, node.name, rep.chains[0][0].scales.dtype,
-                         self.params.get("accuracy_level"), io_dtype=np.float32)
+            # lrq ops take float32 layers (check_lowerable): the rebuilt nodes compute in float32,
+            # float16 scales stay stored as float16 and are cast when the session loads, as lower does
+            em = Emitter(ctx.model, target, node.name, np.float32, self.params.get("accuracy_level"))
             # rewrite_node reads a MatMul (or a Gemm with its bias as C): present the node as one
             node.op, node.domain, node.attrs = ("Gemm" if bias is not None else "MatMul"), "", {}
             x = node.inputs[0]

@@ -212,6 +212,32 @@ def test_lower_cli_converts_lrq_ops_back(tmp_path, target, method, op):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
+def test_lower_cli_keeps_float32_compute_with_float16_scales(tmp_path):
+    """Float16 scales are storage only: `lrqgraph lower --to ort` of an lrq model with float16 scales
+    computes in float32 as `lower(ort)` does (the scales cast once when the session loads), so the
+    MatMulNBits nodes read the float32 activations themselves and their outputs are the float32
+    layer's; computing in float16 would put Casts on the activations and miss by ~1e-3 relative."""
+    from lrqgraph.cli import main
+
+    cfg = OptimizeConfig(lowering="lrq", accuracy_level=0, select=SelectConfig(min_params=1),
+                         factorize=FactorizeConfig(method="rtn", bits=4, block_size=16, scale_dtype="float16"))
+    src, dst = tmp_path / "lrq.onnx", tmp_path / "ort.onnx"
+    onnx.save(lrqgraph.run(builders.mlp_model(), cfg).model, src)
+    assert main(["lower", str(src), "-o", str(dst), "--to", "ort", "-q"]) == 0
+    out = onnx.load(str(dst))
+    produced = {o: n for n in out.graph.node for o in n.output}
+    nbits = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 3
+    for node in nbits:  # x comes straight from the previous layer, not through a Cast
+        source = produced.get(node.input[0])
+        assert source is None or source.op_type != "Cast", node.name
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    want = session(str(src)).run(None, {"x": x})[0]
+    got = session(str(dst)).run(None, {"x": x})[0]
+    # the same float32 products summed in another order (measured: ~1e-6 of the largest output)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
 def onnxruntime_session(path):
     """A plain onnxruntime session: the converted model must not need lrqgraph's library."""
     import onnxruntime as ort

@@ -39,7 +39,8 @@ class MethodConfig:
     method: ClassVar[str] = ""
     bits: int = 4                  # code bits (of every factor for low-rank methods)
     scale_dtype: str = "auto"      # auto: the weight's float type; float16 halves scale storage of fp32
-                                   # models (the layer then computes in float16 between two Casts)
+                                   # models (stored as float16, cast once when the session loads: the
+                                   # layer still computes in float32)
     seed: int = 0
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (regex, fields) per layer
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from lrqgraph.atomic import atomic_file
 from lrqgraph.io import cache_dir
 
 
@@ -19,12 +18,6 @@ def cached_export(stem: str, packages: tuple[str, ...], recipe: str, export: Cal
     path = cache_dir() / f"{stem}-{key}.onnx"
     if path.exists():
         return path
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        export(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path, suffix=".onnx") as tmp:
+        export(str(tmp))
     return path

@@ -9,14 +9,12 @@ as a folder ``<cache>/llama-tiny-<key>/model.onnx`` (+ ``model.onnx.data``).
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from lrqgraph.atomic import atomic_folder
 from lrqgraph.io import cache_dir
 
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
@@ -30,15 +28,8 @@ def onnx_path() -> Path:
     key = hashlib.sha256(f"{versions}|{sorted(CONFIG.items())}|opset{OPSET}".encode()).hexdigest()[:12]
     folder = cache_dir() / f"llama-tiny-{key}"
     if not (folder / "model.onnx").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=".llama-", dir=cache_dir()))
-        try:
+        with atomic_folder(folder) as tmp:
             _export(tmp / "model.onnx")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
     return folder / "model.onnx"
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from lrqgraph.atomic import atomic_folder
 from lrqgraph.cache import cache_dir
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -36,13 +35,8 @@ def _cached_folder(name: str, build) -> Path:
     folder = cache_dir() / name
     if folder.exists():
         return folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir()))
-    try:
+    with atomic_folder(folder) as tmp:
         build(tmp)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from lrqgraph.atomic import atomic_folder
 from lrqgraph.cache import cache_dir
 
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
@@ -36,19 +36,14 @@ def folder(precision: str = "fp32") -> Path:
     target = cache_dir() / f"genai-llama-{precision}-{key}"
     if (target / "genai_config.json").exists():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=cache_dir()))
-    try:
-        _hf_folder(tmp / "hf")
-        build = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp / "hf"),
-                                "-o", str(tmp / "out"), "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")],
+    with tempfile.TemporaryDirectory(prefix=".genai-", dir=cache_dir()) as work, atomic_folder(target) as out:
+        work = Path(work)
+        _hf_folder(work / "hf")
+        build = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"),
+                                "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(work / "cache")],
                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if build.returncode != 0:
             raise RuntimeError(f"onnxruntime-genai's builder failed: {build.stderr[-2000:]}")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp / "out", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lrqgraph.evaluate import cosines  # noqa: F401  (row-wise cosines of embeddings, for this module's callers)
+
 from .cache import cached_export
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -92,7 +94,3 @@ def embed(model, sentences: list[str], batch: int = 32) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
-def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity."""
-    num = (reference * candidate).sum(axis=1)
-    return num / (np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))
