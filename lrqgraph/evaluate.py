@@ -28,6 +28,16 @@ from .runtime import session
 from .slicing import downstream_slice, with_outputs
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _fallback(speedup: str, reason: object) -> None:
+    """A measurement speed-up that cannot serve this model: the full model is measured instead
+    (slower, the same numbers). Said once per reason, at warning level: a bug there shows."""
+    key = (speedup, f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s: %s; measuring on the whole model instead (slower, same results)", *key)
 
 METRICS = ("cosine", "kl")
 _IN_MEMORY_LIMIT = 1 << 30  # larger models reach onnxruntime through a temporary file
@@ -303,10 +313,11 @@ class _VocabularyCut:
             made = cls(cut, session, head, words, [SoftmaxReference(z[..., words]) for z in logits], 1.0)
             got = made._logits(meter, {})
         except Exception as exc:  # noqa: BLE001 - a graph the cut does not fit: measure in full
-            log.debug("vocabulary cut: %s: measuring in full", exc)
+            _fallback("vocabulary cut", exc)
             return None
         if not all(np.allclose(g, z[..., words], rtol=1e-4, atol=1e-4 * float(np.abs(z).max()))
                    for g, z in zip(got, logits)):
+            _fallback("vocabulary cut", "the cut model's logits differ from the full model's")
             return None
         # the scale: full over cut KL for one small perturbation of every weight (a transposed alias
         # follows its table, as in every measurement): 1% of its spread times a seeded pattern of
@@ -405,7 +416,7 @@ class _Downstream:
             try:
                 sess = open_session(cut.typed(values[0] if values else {}))
             except Exception as exc:  # noqa: BLE001 - a slice onnxruntime refuses: measure in full
-                log.debug("downstream slice %d: %s: measuring in full", g, exc)
+                _fallback("downstream slice", exc)
                 continue
             names = [i.name for i in sess.get_inputs()]
             made = (sess, names, [{n: v[n] for n in cut.boundary} for v in values] if values else [{} for _ in feeds])
@@ -413,7 +424,7 @@ class _Downstream:
             if all(np.allclose(a, z, rtol=1e-4, atol=1e-4 * float(np.abs(z).max())) for a, z in zip(got, reference)):
                 sessions[g] = made
             else:
-                log.debug("downstream slice %d does not reproduce the model: measuring in full", g)
+                _fallback("downstream slice", "a slice's output differs from the full model's")
         if not sessions:
             return None
         log.info("downstream slices: one-layer measurements of %d of %d weights run part of the graph (%s nodes "

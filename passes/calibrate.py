@@ -2,13 +2,12 @@
 
 The model is run in onnxruntime on the calibration samples (in batches, streaming: only H is
 kept) and H is cached on disk, keyed by digests of the model (its graph and every weight, hashed
-tensor by tensor: no whole-model serialization) and of the data, so a second run with the same
-model and data reads it back. Without calibration data the analysis is empty and every method
-runs data-free; the report says which.
+tensor by tensor: no whole-model serialization), of the data and of the code that computes H
+(HESSIAN_CODE), so a second run with the same model, data and code reads it back. Without
+calibration data the analysis is empty and every method runs data-free; the report says which.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -18,12 +17,14 @@ import onnx
 import lrqgraph.calib as calib
 from lrqgraph.atomic import atomic_file
 from lrqgraph.hessian import HessianPart, collect_hessian_parts
-from lrqgraph.io import cache_dir
+from lrqgraph.cache import cache_dir, cache_key
 from lrqgraph.kvcache import past_inputs
 from lrqgraph.numerics.patches import ConvPatches
 from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, register_pass
 
 log = logging.getLogger(__name__)
+# the modules whose code makes the cached H: a change to any of them computes it anew
+HESSIAN_CODE = ("lrqgraph.hessian", "lrqgraph.calib", "lrqgraph.numerics.patches", __name__)
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,9 @@ def _hessians(ctx: Context, parts: list, data_digest: str, what: str) -> list[He
     inputs = {layer.weight: layer.matmuls[0].inputs[0].name for layer in layers}
     patches = {layer.weight: ConvPatches.of(layer.matmuls[0].attrs, layer.kernel[2:]) for layer in layers
                if layer.kernel}
-    digest = hashlib.sha256(f"{ctx.model.digest()}|{data_digest}|{'|'.join(sorted(inputs))}|{sorted(patches.items())}|rows"
-                            .encode())
-    cached = cache_dir("hessians") / f"{digest.hexdigest()[:24]}.npz"
+    key = cache_key(ctx.model.digest(), data_digest, "|".join(sorted(inputs)), sorted(patches.items()), "rows",
+                    code=HESSIAN_CODE)
+    cached = cache_dir("hessians") / f"{key}.npz"
     names = sorted(inputs)
     if ctx.model.streaming:  # H block by block into the spill folder, one file per input (no cache)
         hs = collect_hessian_parts(ctx.model.to_onnx(), inputs, parts, mask_input=_mask_input(ctx.model.signature()),

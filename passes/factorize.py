@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from lrqgraph.cache import cache_key
 from lrqgraph.config import describe_config
 from lrqgraph.errors import LrqError
 from lrqgraph.hessian import load_hessian
@@ -28,11 +29,12 @@ from lrqgraph.numerics.rotation import Rotation
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
 from lrqgraph.plan import Layer, LayerPlan, WeightFile, materialize
 from lrqgraph.progress import progress
-from lrqgraph.version import __version__
 
 from .lower import check_form
 
 log = logging.getLogger(__name__)
+# the code its checkpointed results come from: a change to it starts them anew
+FACTORIZE_CODE = ("lrqgraph.numerics", "lrqgraph.methods", __name__)
 
 
 def plan_settings(cfg: MethodConfig, rep: Representation) -> dict:
@@ -138,8 +140,8 @@ def factorize_key(ctx: Context, base: MethodConfig) -> str:
     """What the plans depend on, for their checkpoints: the model (streamed weights by file and
     modification time), the calibration data, the method as configured and the config."""
     data = ctx.analysis("calib_data")
-    return "|".join((ctx.model.identity(), data.digest if data is not None else "data-free", repr(base),
-                     json.dumps(describe_config(ctx.config), sort_keys=True, default=str), __version__))
+    return cache_key(ctx.model.identity(), data.digest if data is not None else "data-free", repr(base),
+                     json.dumps(describe_config(ctx.config), sort_keys=True, default=str), code=FACTORIZE_CODE)
 
 
 @register_pass

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import lrqgraph.calib as calib
+from lrqgraph.cache import cache_key
 from lrqgraph.config import describe_config
 from lrqgraph.errors import LrqError
 from lrqgraph.evaluate import Degradation
@@ -53,13 +54,14 @@ from lrqgraph.numerics.gptq import output_energy
 from lrqgraph.passmanager import Context, register_analysis
 from lrqgraph.plan import Layer
 from lrqgraph.progress import progress
-from lrqgraph.version import __version__
 
 from .calibrate import measured_samples
 from .factorize import factorize_weight, factorize_weights
 from .lower import TABLE_BITS, check_layer, layer_target
 
 log = logging.getLogger(__name__)
+# the code its checkpointed results come from: a change to it starts them anew
+TOLERANCE_CODE = ("lrqgraph.numerics", "lrqgraph.methods", "lrqgraph.evaluate", "lrqgraph.passes.factorize", __name__)
 
 
 @dataclass
@@ -358,8 +360,8 @@ def meter_key(ctx: Context, config) -> str:
     """What the tolerance step's results depend on: the model, the calibration data and the config
     (the executor and --resume aside), for its checkpoints."""
     data = ctx.analysis("calib_data")
-    return "|".join((ctx.model.digest(), data.digest if data is not None else "synthetic",
-                     json.dumps(describe_config(config), sort_keys=True, default=str), __version__))
+    return cache_key(ctx.model.digest(), data.digest if data is not None else "synthetic",
+                     json.dumps(describe_config(config), sort_keys=True, default=str), code=TOLERANCE_CODE)
 
 
 def screen_sample(layers: list[Layer], per_role: int | None) -> list[int]:

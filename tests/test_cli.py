@@ -13,6 +13,7 @@ from lrqgraph import Pass, register_pass
 from lrqgraph.cli import main
 
 import builders
+from conftest import restored_registries
 
 
 @pytest.fixture
@@ -195,7 +196,6 @@ def test_html_report_path_that_is_a_folder_is_refused(model_path, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-@register_pass
 class _Buggy(Pass):
     name = "test_buggy"
 
@@ -203,7 +203,14 @@ class _Buggy(Pass):
         return {}["missing"]  # a bug: KeyError
 
 
-def test_a_bug_in_a_pass_exits_3_naming_the_pass(model_path, tmp_path, capsys):
+@pytest.fixture
+def buggy_pass():
+    with restored_registries():
+        register_pass(_Buggy)
+        yield
+
+
+def test_a_bug_in_a_pass_exits_3_naming_the_pass(model_path, tmp_path, capsys, buggy_pass):
     out = tmp_path / "o.onnx"
     rc = main(["optimize", str(model_path), "-o", str(out), "--passes", "discover,test_buggy"])
     line = one_line_error(capsys, rc, expected_rc=3)

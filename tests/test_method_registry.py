@@ -16,6 +16,7 @@ from lrqgraph.numerics.quant import spec_storage_bits
 from lrqgraph.passes.lower import RULES
 
 import builders
+from conftest import restored_registries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,19 @@ def _toy_spec(cfg: ToyConfig, scale_dtype: str) -> QuantSpec:
     return QuantSpec(bits=cfg.bits, block_size=cfg.block_rows, scale_dtype=scale_dtype)
 
 
-TOY = register_method(Method(
+TOY = Method(
     "toy", ToyConfig,
     factorize=lambda w, cfg, scale_dtype, h: (Representation(((quantize(w, _toy_spec(cfg, scale_dtype)),),), "toy"),
                                               ""),
     storage=lambda cfg, k, n, scale_dtype: (spec_storage_bits(k, n, _toy_spec(cfg, scale_dtype)), "toy"),
-    forms=("dense",), summary="a test method"))
+    forms=("dense",), summary="a test method")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_method():
+    with restored_registries():
+        register_method(TOY)
+        yield
 
 
 def test_a_registered_method_runs_from_the_command_line(tmp_path):

@@ -7,18 +7,17 @@ from lrqgraph.model import ModelState
 from lrqgraph.passmanager import PASSES, parse_pipeline
 
 from builders import matmul_model
+from conftest import restored_registries
 
 CALLS = {"count": 0}
 SEEN = []
 
 
-@register_analysis("test_counter")
 def _counter(ctx):
     CALLS["count"] += 1
     return CALLS["count"]
 
 
-@register_pass
 class ReadCounter(Pass):
     name = "test_read"
 
@@ -27,7 +26,6 @@ class ReadCounter(Pass):
         return PassResult(False)
 
 
-@register_pass
 class Touch(Pass):
     name = "test_touch"
     positional = ("keep",)
@@ -37,12 +35,23 @@ class Touch(Pass):
         return PassResult(True, frozenset({"test_counter"}) if keep else frozenset())
 
 
-@register_pass
 class Boom(Pass):
     name = "test_boom"
 
     def run(self, ctx):
         raise ValueError("kaput")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_passes():
+    """The toy analyses and passes below, registered for this module's tests only."""
+    with restored_registries():
+        register_analysis("test_counter")(_counter)
+        register_analysis("test_base")(_base)
+        register_analysis("test_derived", requires=("test_base",), config=("select",))(_derived)
+        for cls in (ReadCounter, Touch, Boom, KeepDerivedOnly):
+            register_pass(cls)
+        yield
 
 
 def _ctx():
@@ -109,19 +118,16 @@ def test_check_each_pass_runs_the_checker_after_modifying_passes():
 BUILT = []
 
 
-@register_analysis("test_base")
 def _base(ctx):
     BUILT.append("base")
     return 1
 
 
-@register_analysis("test_derived", requires=("test_base",), config=("select",))
 def _derived(ctx, config):
     BUILT.append(f"derived:{config.select.min_params}")
     return ctx.analysis("test_base") + 1
 
 
-@register_pass
 class KeepDerivedOnly(Pass):
     name = "test_keep_derived"
 

