@@ -13,7 +13,6 @@ from lrqgraph import calib
 from lrqgraph.cli import main
 from lrqgraph.config import AllocateConfig, OptimizeConfig, VerifyConfig
 from lrqgraph.io import save_model
-from lrqgraph.passes.tolerance import spearman
 
 
 @pytest.fixture(autouse=True)
@@ -108,12 +107,17 @@ def test_tolerance_predicts_from_the_probe_and_checks_another_candidate(tmp_path
         probe_label, probe_measured = e["probe"]
         check_label, predicted, measured = e["check"]
         assert probe_label != check_label and probe_measured > measured >= 0 and predicted > 0
-    # the layers' weights grow 1.5x per layer (builders.mlp_model), and so do their sensitivities:
-    # the probe's predictions at the check candidates must rank the layers as measured
-    predicted = [e["check"][1] for e in layers]
-    measured = [e["check"][2] for e in layers]
-    assert result.report["allocation"]["spearman"] == pytest.approx(spearman(predicted, measured))
-    assert result.report["allocation"]["spearman"] > 0.4
+    # the allocator compares layers by their predictions: they must be proportional to what is
+    # measured. Measured here: predicted/measured 0.82, 0.87, 0.80 (spread 1.09x); the last layer is
+    # clearly the least sensitive (15% below the others, whose measurements are 3% apart) and must
+    # be predicted so; the report's Spearman is that of these pairs.
+    predicted = np.array([e["check"][1] for e in layers])
+    measured = np.array([e["check"][2] for e in layers])
+    ratios = predicted / measured
+    assert ratios.max() / ratios.min() < 1.25 and 0.5 < ratios.min(), (predicted, measured)
+    assert np.argmin(predicted) == np.argmin(measured) == 2
+    ranks = [np.argsort(np.argsort(v)) for v in (predicted, measured)]  # (no ties here)
+    assert result.report["allocation"]["spearman"] == pytest.approx(np.corrcoef(*ranks)[0, 1])
 
 
 def test_probe_sample_spreads_each_role_over_its_depth():

@@ -1,6 +1,7 @@
 """lrqgraph.executor: per-layer solves on worker processes give the same output as in-process ones."""
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,22 +146,30 @@ def test_process_with_one_worker_still_solves_apart_from_this_process():
     assert len(set(pids)) == 1 and pids[0] != os.getpid() and executor.describe()["workers"] == 1
 
 
-def started_and_ended(x: int, delay: float) -> tuple[int, float, float]:  # a task: its own start and end
-    start = time.time()
-    time.sleep(delay)
-    return x, start, time.time()
+def slow_or_quick(x: int, flag: str) -> tuple[int, bool]:
+    """Task 0 waits (up to 60 s) for task 6 to raise ``flag``; the others return at once, task 6
+    raising it. Task 0 sees the flag only if task 6 started while it ran: an order of events, not
+    of clock readings."""
+    if x == 6:
+        Path(flag).touch()
+    if x != 0:
+        return x, True
+    deadline = time.monotonic() + 60
+    while not Path(flag).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x, Path(flag).exists()
 
 
-def test_quick_tasks_behind_a_slow_one_keep_the_other_worker_busy_within_a_cost_window():
+def test_quick_tasks_behind_a_slow_one_keep_the_other_worker_busy_within_a_cost_window(tmp_path):
     # one slow task (cost 8) at the head, then quick ones (cost 1): by count, at most 4 tasks could be
     # ahead of the caller, so the 7th could not start before the slow one is done; by cost it can
-    tasks = [(0, 1.5)] + [(i, 0.0) for i in range(1, 9)]
+    flag = str(tmp_path / "task6-started")
+    tasks = [(i, flag) for i in range(9)]
     costs = [8.0] + [1.0] * 8
     with Executor(ExecutorConfig("process", workers=2)) as executor:
-        got = list(executor.map(started_and_ended, tasks, costs=costs))
-        assert [x for x, _, _ in got] == list(range(9))
-        slow_end = got[0][2]
-        assert got[6][1] < slow_end
+        got = list(executor.map(slow_or_quick, tasks, costs=costs))
+        assert [x for x, _ in got] == list(range(9))
+        assert got[0][1], "task 6 did not start while task 0 ran"
         # the window still bounds the work ahead: 2 workers x the largest cost (16 here)
         four = (16.0, [0, 8, 16, 24, 32])  # four tasks of cost 8
         assert executor._room(four, 1, 0) and not executor._room(four, 2, 0) and executor._room(four, 2, 1)

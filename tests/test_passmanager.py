@@ -1,4 +1,6 @@
 """The pass manager: pipeline strings, registry, analysis caching and invalidation, error messages."""
+import time
+
 import pytest
 
 import lrqgraph
@@ -26,6 +28,14 @@ class ReadCounter(Pass):
         return PassResult(False)
 
 
+class Wait(Pass):
+    name = "test_wait"
+
+    def run(self, ctx):
+        time.sleep(0.02)
+        return PassResult(False)
+
+
 class Touch(Pass):
     name = "test_touch"
     positional = ("keep",)
@@ -49,7 +59,7 @@ def toy_passes():
         register_analysis("test_counter")(_counter)
         register_analysis("test_base")(_base)
         register_analysis("test_derived", requires=("test_base",), config=("select",))(_derived)
-        for cls in (ReadCounter, Touch, Boom, KeepDerivedOnly):
+        for cls in (ReadCounter, Wait, Touch, Boom, KeepDerivedOnly, BreakGraph):
             register_pass(cls)
         yield
 
@@ -88,12 +98,15 @@ def test_analyses_are_cached_until_a_pass_invalidates_them():
 
 def test_managers_nest_and_time_every_pass():
     ctx = _ctx()
-    inner = PassManager("test_read,test_touch")
+    inner = PassManager("test_wait,test_touch")
     result = PassManager([inner, parse_pipeline("test_read")[0]]).run(ctx)
     assert result.modified
     # the inner manager's passes, then the inner manager itself as one pass of the outer one
-    assert [t.name for t in ctx.timings] == ["test_read", "test_touch", "test_read,test_touch", "test_read"]
-    assert all(t.seconds >= 0 for t in ctx.timings)
+    assert [t.name for t in ctx.timings] == ["test_wait", "test_touch", "test_wait,test_touch", "test_read"]
+    wait, touch, nested, _ = (t.seconds for t in ctx.timings)
+    # each pass's time covers its work (test_wait sleeps 20 ms), and the inner manager's entry spans
+    # its passes (timings are rounded to 0.1 ms: three roundings)
+    assert wait >= 0.02 and nested >= wait + touch - 1.5e-4
 
 
 def test_a_bug_in_a_pass_is_an_internal_error_naming_the_pass_and_those_before_it():
@@ -109,10 +122,25 @@ def test_unknown_pass_option_is_a_clear_error():
         lrqgraph.run(matmul_model(), passes="discover,factorize(bitz=3)")
 
 
+class BreakGraph(Pass):
+    """Drops the node that makes the graph's output: the model no longer passes onnx's checker."""
+    name = "test_break"
+    positional = ("report",)
+
+    def run(self, ctx):
+        produced = ctx.model.graph.outputs[0]
+        ctx.model.graph.nodes = [n for n in ctx.model.graph.nodes if produced not in n.outputs]
+        return PassResult(bool(self.params.get("report", True)), frozenset())
+
+
 def test_check_each_pass_runs_the_checker_after_modifying_passes():
-    cfg = OptimizeConfig(check_each_pass=True, select=lrqgraph.SelectConfig(min_params=1))
-    result = lrqgraph.run(matmul_model(), cfg, passes="discover,factorize,lower,cleanup")
-    assert any(n.op_type == "MatMulNBits" for n in result.model.graph.node)
+    checked = OptimizeConfig(check_each_pass=True, select=lrqgraph.SelectConfig(min_params=1))
+    result = lrqgraph.run(matmul_model(), checked, passes="discover,factorize,lower,cleanup")
+    assert any(n.op_type == "MatMulNBits" for n in result.model.graph.node)  # a sound pipeline passes
+    with pytest.raises(LrqError, match=r"graph check failed: .* \[in pass 'test_break' after discover\]"):
+        PassManager("discover,test_break", check_each=True).run(_ctx())
+    PassManager("discover,test_break", check_each=False).run(_ctx())  # unchecked: the broken graph goes on
+    PassManager("discover,test_break(false)", check_each=True).run(_ctx())  # a pass that says it changed nothing
 
 
 BUILT = []

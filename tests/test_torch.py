@@ -298,9 +298,12 @@ def test_the_onnx_ir_pass_runs_inside_a_dynamo_export(net, tmp_path):
     program.save(str(tmp_path / "m.onnx"))
     with torch.no_grad():
         want = net(x).numpy()
-    # 4-bit weights: the outputs move by the quantization, not by the pass plumbing
+    # the pass inside the export computes what lrqgraph.run writes for the same exported graph
     got = _ort(tmp_path / "m.onnx", x)
-    assert 0 < _max_rel(got, want) < 0.2
+    direct = lrqgraph.run(ir.serde.serialize_model(before), OptimizeConfig(factorize=FactorizeConfig("rtn")))
+    assert direct.report["model"]["layers_rewritten"] == 2  # (the pass left its input as it was)
+    np.testing.assert_allclose(got, _ort(direct.model, x), rtol=0, atol=1e-6 * np.abs(got).max())
+    assert _max_rel(got, want) > 1e-4  # 4-bit weights: the outputs did move
     untouched = OptimizePass(OptimizeConfig(select=lrqgraph.SelectConfig(min_params=10**9)))(before)
     assert not untouched.modified and len(untouched.model.graph) == len(before.graph)
 
@@ -341,4 +344,9 @@ def test_example_onnx_ir_pass_in_a_dynamo_export(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch", reason="needs the examples extra")
     result = _example("onnx_ir_pass").main(["--out", str(tmp_path), "--crops", "2"])
     assert result["layers_rewritten"] >= 37
-    assert (tmp_path / "efficientnet-lite0.onnx").exists()
+    onnx.checker.check_model(str(tmp_path / "efficientnet-lite0.onnx"))
+    # the saved file is the compressed network: top-1 agreement with the float module on 24 crops
+    # of other photos measured 0.50 (4-bit GPTQ: EfficientNet's convolutions lose there, issue [13]);
+    # a broken rewrite (weights scrambled, the pass not applied to the saved model) lands near 0 of
+    # 1000 classes or at 1.0
+    assert 0.35 <= result["top1_agreement"] < 1.0, result
