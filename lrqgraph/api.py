@@ -114,7 +114,7 @@ def compare_models(reference: str | os.PathLike, candidate: str | os.PathLike,
     """Run two models with the same signature on the same inputs and compare their outputs."""
     config = config or VerifyConfig()
     ref, cand = load_model(reference), load_model(candidate)
-    return compare_outputs(os.fspath(reference), os.fspath(candidate), cand, ModelState(ref).graph, config)
+    return compare_outputs(os.fspath(reference), os.fspath(candidate), cand, ModelState(ref).graph, config).as_report()
 
 
 def optimize_folder(folder: str | os.PathLike, output: str | os.PathLike, config: OptimizeConfig | None = None,

@@ -34,6 +34,8 @@ from .executor import Executor, ExecutorConfig
 from .io import default_opset
 from .model import ModelState
 from .ortops import as_contrib
+from .plan import Layer, LayerPlan, LoweredLayer
+from .results import AllocationSummary, CalibrationSummary, Verification
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,13 @@ class Context:
 
     model: ModelState
     config: OptimizeConfig = field(default_factory=OptimizeConfig)
-    original: Any = None      # the input model (path or ModelProto), for verification
-    discovered: list[Any] = field(default_factory=list)  # every Layer discover found, with its verdict
-    plans: dict[str, Any] = field(default_factory=dict)
-    lowered: dict[str, Any] = field(default_factory=dict)
-    calibration: Any = None
-    allocation: Any = None
-    verification: Any = None
+    original: str | onnx.ModelProto | None = None  # the input model (path or ModelProto), for verification
+    discovered: list[Layer] = field(default_factory=list)  # every layer discover found, with its verdict
+    plans: dict[str, LayerPlan] = field(default_factory=dict)  # weight name -> what to do with it
+    lowered: dict[str, LoweredLayer] = field(default_factory=dict)  # weight name -> what lower emitted
+    calibration: CalibrationSummary | None = None
+    allocation: AllocationSummary | None = None
+    verification: Verification | None = None
     timings: list[PassTiming] = field(default_factory=list)
     executor: Executor = field(default_factory=lambda: Executor(ExecutorConfig("local")))  # per-layer solves
     saved: dict[str, LayerCheckpoints] = field(default_factory=dict)  # per-layer checkpoints of long steps

@@ -74,7 +74,7 @@ def build_report(ctx, before: onnx.ModelProto, after: onnx.ModelProto, **extra: 
     if ctx.allocation is not None:
         report["allocation"] = dataclasses.asdict(ctx.allocation)
     if ctx.verification is not None:
-        report["verify"] = ctx.verification
+        report["verify"] = ctx.verification.as_report()
     return report
 
 

@@ -28,6 +28,7 @@ import logging
 import numpy as np
 
 from lrqgraph.config import AllocateConfig, describe_config, with_fields
+from lrqgraph.results import AllocationSummary
 from lrqgraph.errors import LrqError
 from lrqgraph.external import ALIGN, ALIGN_FROM
 from lrqgraph.labels import load_labelled
@@ -45,31 +46,6 @@ from .lower import FOLD, widened
 from .tolerance import LayerTolerance, allocation_scales, spearman, stored_layout
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class AllocationSummary:
-    """What ``allocate`` decided for the whole model (the report's "allocation" entry)."""
-
-    mode: str
-    metric: str
-    goal: dict
-    bpw: float                  # over the budgeted layers (tables and output layers only when they join), every stored bit counted
-    predicted: float
-    measured: float
-    joint_measured: float       # the joint knapsack's choice, out of sample (before the final refit)
-    held_out: float             # the choice, out of sample: its candidates were fitted without the measured samples
-    target_loss: float | None
-    met: bool
-    repairs: int
-    spearman: float | None      # predicted vs measured one-layer degradation at the check candidates
-    spearman_by_family: dict    # the same per family (dense: every layer; others: the sampled layers)
-    frontier: list              # (bits per weight, predicted degradation) of the knapsack's frontier
-    uniform: list               # one dense grid for every layer, measured: the baselines
-    families: dict              # family -> its layers' count in the choice, its own frontier and its
-                                # own allocation at the same goal (measured), for the joint-vs-alone comparison
-    labelled: dict | None = None  # the lossless goal: samples, accuracy and log-loss per half, original and chosen
-    latency: dict | None = None   # the latency budget: rows, reference, candidates dropped, estimated ms per rows
 
 
 def budgeted_params(tols: list[LayerTolerance]) -> tuple[int, int]:

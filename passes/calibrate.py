@@ -9,7 +9,6 @@ calibration data the analysis is empty and every method runs data-free; the repo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,21 +19,12 @@ from lrqgraph.hessian import HessianPart, collect_hessian_parts
 from lrqgraph.cache import cache_dir, cache_key
 from lrqgraph.kvcache import past_inputs
 from lrqgraph.numerics.patches import ConvPatches
+from lrqgraph.results import CalibrationSummary
 from lrqgraph.passmanager import Context, Pass, PassResult, register_analysis, register_pass
 
 log = logging.getLogger(__name__)
 # the modules whose code makes the cached H: a change to any of them computes it anew
 HESSIAN_CODE = ("lrqgraph.hessian", "lrqgraph.calib", "lrqgraph.numerics.patches", __name__)
-
-
-@dataclass(frozen=True)
-class CalibrationSummary:
-    layers: int
-    samples: int
-    source: str
-
-    def describe(self) -> str:
-        return f"H = XᵀX for {self.layers} layers from {self.samples} samples of {self.source}"
 
 
 def _mask_input(model: onnx.ModelProto) -> str | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -21,6 +20,7 @@ from lrqgraph.errors import LrqError, VerificationError
 from lrqgraph.evaluate import cosines, open_session, per_sample
 from lrqgraph.latency import models_latency_ms
 from lrqgraph.passmanager import Context, Pass, PassResult, register_pass
+from lrqgraph.results import Verification
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _blockwise_pairs(original, rewritten: onnx.ModelProto, feeds: list[dict], bo
 
 
 def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg: VerifyConfig,
-                    data: calib.CalibData | None = None, streamed: bool = False) -> dict[str, Any]:
+                    data: calib.CalibData | None = None, streamed: bool = False) -> Verification:
     """Run both models (paths or ModelProtos) on the same inputs, batch by batch; metrics per output.
     ``streamed``: run them block by block instead of as whole sessions.
 
@@ -143,18 +143,15 @@ def compare_outputs(original, rewritten, signature: onnx.ModelProto, graph, cfg:
             comparison.add(ref, cand)
     outputs = {c.name: c.result() for c in comparisons}
     worst = max((o.get("max_rel", 0.0) for o in outputs.values()), default=0.0)
-    report = {"inputs": source, "samples": samples,
-              "outputs": outputs, "max_rel": worst}
-    if boundaries:  # streamed: where the error grows, block by block
-        report["blocks"] = {name: c.result() for name, c in boundaries.items()}
-    if cfg.time_seconds > 0 and not streamed:
-        report["latency"] = time_both(original, rewritten, feeds[0], runs[0], cfg.time_seconds)
+    blocks = {name: c.result() for name, c in boundaries.items()} or None  # streamed: where the error grows
+    latency = time_both(original, rewritten, feeds[0], runs[0], cfg.time_seconds) \
+        if cfg.time_seconds > 0 and not streamed else None
     log.info("verify: max relative error %.3g over %d output(s) (%s)", worst, len(outputs), source)
     if cfg.max_error is not None and worst > cfg.max_error:
         bad = max(outputs, key=lambda n: outputs[n].get("max_rel", 0.0))
         raise VerificationError(f"verification failed: max relative error {worst:.4g} on output '{bad}' "
                                 f"exceeds --max-error {cfg.max_error:g}")
-    return report
+    return Verification(source, samples, outputs, worst, blocks, latency)
 
 
 def time_both(original, rewritten, one: dict, batch: dict, seconds: float) -> dict[str, dict[str, float]]:

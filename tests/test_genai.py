@@ -21,11 +21,11 @@ pytestmark = pytest.mark.real
 IDS = [0] + list(range(3, 60))  # a teacher-forced window of token ids
 # Lowest per-position cosine of the logits against the fp32 folder's, through onnxruntime-genai,
 # measured on this random model with every layer rewritten (the tied embedding / lm_head too) and
-# the folder defaults (min/max scales, int8 activations): defaults 0.9594, --calib 0.9655,
-# --target-bpw 3 --lowering lrq 0.8985 (its table at 4 bits, the grid below 4 bits per weight:
-# 0.9259 when it took 8; 0.9122 measuring the allocation on each line alone instead of lines
-# joined into one prompt). Broken caches or wrong weights give cosines near 0.
-MIN_COSINE = {"defaults": 0.95, "calib": 0.955, "bpw3-lrq": 0.88}
+# the folder defaults (min/max scales, int8 activations): defaults 0.9594, --calib 0.9637,
+# --target-bpw 3 --lowering lrq --latency-budget off 0.8823 (0.8985 under the budget; its table
+# at 4 bits, the grid below 4 bits per weight: 0.9259 when it took 8). Broken caches or wrong
+# weights give cosines near 0; the margins allow for other CPUs' BLAS in the calibrated fits.
+MIN_COSINE = {"defaults": 0.95, "calib": 0.955, "bpw3-lrq": 0.87}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,11 @@ def test_measurement_prompts_join_lines_into_one_sequence(folder, lines):
 
 
 @pytest.mark.parametrize("name,options", [("defaults", []), ("calib", ["--calib", "LINES"]),
-                                          ("bpw3-lrq", ["--calib", "LINES", "--target-bpw", 3, "--lowering", "lrq"])])
+                                          # (the folder handling, not the latency budget: timings of
+                                          # this toy decoder's tiny layers are noise on a busy machine,
+                                          # where the budget once dropped every candidate below 14 bpw)
+                                          ("bpw3-lrq", ["--calib", "LINES", "--target-bpw", 3, "--lowering", "lrq",
+                                                        "--latency-budget", "off"])])
 def test_a_genai_folder_in_a_genai_folder_out(folder, lines, tmp_path, name, options):
     out = tmp_path / name
     done = _cli("optimize", folder, "-o", out, "-q", *[lines if o == "LINES" else o for o in options])
@@ -252,7 +256,7 @@ def test_verify_compares_the_cache_positions_a_run_wrote(monkeypatch):
     real = verify.open_session
     monkeypatch.setattr(verify, "open_session", lambda model: Unwritten(real(model)))
     model = _gqa_model(32)
-    report = verify.compare_outputs(model, model, model, ModelState(model).graph, VerifyConfig(samples=2))
+    report = verify.compare_outputs(model, model, model, ModelState(model).graph, VerifyConfig(samples=2)).as_report()
     presents = [report["outputs"][name] for name in ("present_key", "present_value")]
     assert all(p["non_finite"] == 0 and p["max_rel"] == 0 and p["cosine_min"] > 0.99999 for p in presents)
 

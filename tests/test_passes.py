@@ -69,7 +69,7 @@ def test_cleanup_drops_dead_nodes_and_initializers_but_keeps_inputs():
 def test_verify_reports_every_output_and_enforces_max_error():
     ctx = context(builders.matmul_model())
     PassManager("discover,factorize,lower,cleanup,verify").run(ctx)
-    out = ctx.verification["outputs"]["y"]
+    out = ctx.verification.outputs["y"]
     assert 0 < out["max_abs"] and 0 < out["max_rel"] < 0.5 and 0.98 < out["cosine_min"] <= out["cosine_mean"] <= 1
     strict = Context(ModelState(builders.matmul_model()),
                      OptimizeConfig(verify=VerifyConfig(max_error=1e-9)), original=builders.matmul_model())
@@ -80,7 +80,7 @@ def test_verify_reports_every_output_and_enforces_max_error():
 def test_verify_of_an_unchanged_model_is_exact():
     ctx = context(builders.gemm_model())
     PassManager("verify").run(ctx)
-    assert ctx.verification["max_rel"] == 0.0
+    assert ctx.verification.max_rel == 0.0
 
 
 def _calib_file(tmp_path, model, samples=64, seed=0):

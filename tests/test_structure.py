@@ -56,9 +56,9 @@ def layer(name: str) -> str:
     return "top" if name in TOP else "core"
 
 
-def test_leaves_import_nothing_of_lrqgraph():
+def test_leaves_import_nothing_of_lrqgraph_but_leaves():
     for name in LEAVES:
-        assert imports(name, MODULES[name], module_level_only=False) == set()
+        assert imports(name, MODULES[name], module_level_only=False) <= LEAVES - {name}, name
 
 
 def test_every_module_is_found():
@@ -74,7 +74,8 @@ def test_no_module_level_import_cycle():
     assert list(nx.simple_cycles(g)) == []
 
 
-LEAVES = {"lrqgraph.errors", "lrqgraph.cache", "lrqgraph.version"}  # import nothing of lrqgraph; all may use them
+# import nothing of lrqgraph but each other; all may use them
+LEAVES = {"lrqgraph.errors", "lrqgraph.cache", "lrqgraph.version", "lrqgraph.atomic"}
 ALLOWED = {"numerics": {"numerics"}, "runtime": {"runtime", "numerics"}, "core": {"numerics", "core", "runtime"},
            "passes": {"numerics", "core", "runtime", "passes"}, "top": {"numerics", "core", "runtime", "passes", "top"}}
 
