@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from .config import AllocateConfig, OptimizeConfig, SelectConfig, VerifyConfig
+from .config import GOALS, AllocateConfig, OptimizeConfig, SelectConfig, VerifyConfig
 from .errors import InternalError, LrqError
 from .executor import KINDS, ExecutorConfig
 from .methods import LOWERINGS, METHODS, GPTQConfig, QLRConfig, method_config
@@ -229,8 +229,7 @@ def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
              if getattr(args, k, None) is not None}
     factorize = method_config(args.method, **given)
     verify = verify_config(args) if hasattr(args, "samples") else VerifyConfig()
-    allocate = AllocateConfig(**{k: getattr(args, k, None) for k in ("target_bpw", "target_size", "min_cosine",
-                                                                      "max_kl", "labels")},
+    allocate = AllocateConfig(**{k: getattr(args, k, None) for k in GOALS if k != "max_metric"},
                               families=getattr(args, "families", None) or (), measure=getattr(args, "measure", None),
                               tables_in_budget=getattr(args, "tables_in_budget", None),
                               latency_budget=getattr(args, "latency_budget", "on") == "on",

@@ -64,6 +64,10 @@ class VerifyConfig:
             raise LrqError(f"--time-seconds must be 0 (no timing) or more, got {self.time_seconds}")
 
 
+# the allocation goals, one of which makes the allocate pass run (max_metric: Python only, with metric)
+GOALS = ("target_bpw", "target_size", "min_cosine", "max_kl", "max_metric", "labels")
+
+
 @dataclass(frozen=True)
 class AllocateConfig:
     """Per-layer choice of representation against a goal (the ``allocate`` pass).
@@ -124,9 +128,7 @@ class AllocateConfig:
     repair_steps: int = 64       # compact mode: most upgrades of the worst layers before giving up
 
     def __post_init__(self) -> None:
-        goals = [g for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl, self.max_metric,
-                             self.labels) if g is not None]
-        if len(goals) > 1:
+        if len(self.goals()) > 1:
             raise LrqError("give one goal: --target-bpw, --target-size, --min-cosine, --max-kl or --labels")
         if (self.metric is None) != (self.max_metric is None):
             raise LrqError("a custom metric needs both metric (a callable) and max_metric")
@@ -159,10 +161,13 @@ class AllocateConfig:
         if unknown:
             raise LrqError(f"unknown representation family {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
 
+    def goals(self) -> dict[str, Any]:
+        """The goals given (GOALS that are set)."""
+        return {name: getattr(self, name) for name in GOALS if getattr(self, name) is not None}
+
     @property
     def active(self) -> bool:
-        return any(g is not None for g in (self.target_bpw, self.target_size, self.min_cosine, self.max_kl,
-                                           self.max_metric, self.labels))
+        return bool(self.goals())
 
     def metric_for(self, first_output: str) -> str:
         """The built-in metric the allocation measures (``measure``, resolved)."""
@@ -179,6 +184,8 @@ class AllocateConfig:
 
     @property
     def mode(self) -> str:
+        """quality: least degradation within a size; compact: smallest within a degradation;
+        lossless: smallest that keeps the labelled accuracy."""
         if self.labels is not None:
             return "lossless"
         return "quality" if self.target_bpw is not None or self.target_size is not None else "compact"

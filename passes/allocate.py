@@ -96,22 +96,22 @@ def knapsack_costs(config, tols: list[LayerTolerance]) -> list[np.ndarray]:
 
 
 def _goal(ctx: Context, cfg, tols: list[LayerTolerance]) -> tuple[str, float]:
-    """('budget', bits) or ('loss', max predicted degradation)."""
+    """(cfg.mode, its target): ('quality', bits), ('compact', max predicted degradation) or ('lossless', 0)."""
     params, fixed = budgeted_params(tols)
     if cfg.target_bpw is not None:
-        return "budget", cfg.target_bpw * params + fixed
+        return "quality", cfg.target_bpw * params + fixed
     if cfg.target_size is not None:
         selected_bytes = sum(t.candidates[-1].bits for t in tols) / 8  # their float storage today
         other = ctx.model.constant_bytes() - selected_bytes + ctx.model.structure_bytes + rewrite_overhead(ctx.config, tols)
         if cfg.target_size <= other:
             raise LrqError(f"--target-size {cfg.target_size} bytes is below the {int(other)} bytes the model "
                            f"keeps outside the selected layers (its graph included); raise it or select more layers")
-        return "budget", (cfg.target_size - other) * 8
+        return "quality", (cfg.target_size - other) * 8
     if cfg.labels is not None:
         return "lossless", 0.0
     if cfg.min_cosine is not None:
-        return "loss", 1.0 - cfg.min_cosine
-    return "loss", cfg.max_kl if cfg.max_kl is not None else cfg.max_metric
+        return "compact", 1.0 - cfg.min_cosine
+    return "compact", cfg.max_kl if cfg.max_kl is not None else cfg.max_metric
 
 
 def _refit(ctx: Context, tols: list[LayerTolerance], choice: list[int], hessians: dict, sweeps: int) -> None:
@@ -224,7 +224,7 @@ class Allocate(Pass):
             found = _lossless_search(tols, costs, losses, lost)
         else:
             found = _solve(kind, target, costs, losses)
-        if kind == "budget":
+        if kind == "quality":
             if found is None:
                 cheapest = per_weight(sum(c.min() for c in costs))
                 within = " within the latency budget" if latency is not None else ""
@@ -236,11 +236,11 @@ class Allocate(Pass):
             raise LrqError("no choice of representations meets the quality goal")
         choice = [int(i) for i in found.choice]
         # candidates were fitted without the measured samples: every comparison below is out of sample
-        compare = kind == "budget"  # a budget's measurements before the refit only compare choices
+        compare = kind == "quality"  # a budget's measurements before the refit only compare choices
         measured = measure(tols, choice, compare)
         log.info("allocate: the joint choice measures %s %.4g (predicted %.4g)", measure.metric, measured, found.loss)
         repairs = 0
-        if kind == "loss":
+        if kind == "compact":
             while measured > target and repairs < cfg.repair_steps and _upgrade(tols, choice):
                 repairs += 1
                 measured = measure(tols, choice)
@@ -256,7 +256,7 @@ class Allocate(Pass):
                 entry["alone"] = {"bpw": per_weight(alone.cost), "predicted": alone.loss, "measured": got}
                 # a budget: the joint choice stands unless one family alone measures better
                 # (predictions of small one-layer effects add up with noise)
-                if kind == "budget" and got < measured:
+                if kind == "quality" and got < measured:
                     choice, measured = picks, got
             families[family] = entry
         for family, entry in families.items():
@@ -273,7 +273,7 @@ class Allocate(Pass):
                 repairs += 1
             measured = measure(tols, choice)
             labelled = _labelled_entry(tols, choice, search, validation)
-        met = measured <= target if kind == "loss" else True
+        met = measured <= target if kind == "compact" else True
         if labelled is not None:
             v = labelled["validation"]
             met = v["accuracy"] >= v["original"]["accuracy"]  # the task's metric; the log-loss is reported beside it
@@ -317,12 +317,10 @@ class Allocate(Pass):
         metric = measure.metric
         checks = [t.check for t in tols if t.check is not None]
         ctx.allocation = AllocationSummary(
-            mode=cfg.mode, metric=metric, goal={k: v for k, v in dataclasses.asdict(cfg).items()
-                                                if k in ("target_bpw", "target_size", "min_cosine", "max_kl",
-                                                         "max_metric", "labels", "labels_seed") and v is not None},
+            mode=cfg.mode, metric=metric, goal={**cfg.goals(), "labels_seed": cfg.labels_seed},
             bpw=per_weight(sum(t.candidates[c].bits for t, c in zip(tols, choice))),
             predicted=float(sum(t.candidates[c].predicted for t, c in zip(tols, choice))),
-            measured=measured, joint_measured=joint, held_out=held_out, target_loss=target if kind == "loss" else None, met=met,
+            measured=measured, joint_measured=joint, held_out=held_out, target_loss=target if kind == "compact" else None, met=met,
             repairs=repairs,
             spearman=spearman([c[1] for c in checks], [c[2] for c in checks]) if len(checks) > 2 else None,
             spearman_by_family=_spearman_by_family(measured_tols or tols),
@@ -440,7 +438,7 @@ def _labelled_entry(tols: list[LayerTolerance], choice: list[int], search, valid
 
 def _solve(kind: str, target: float, costs: list[np.ndarray], losses: list[np.ndarray]):
     """The knapsack for the goal: least loss within a budget, or least cost within a loss."""
-    if kind == "budget":
+    if kind == "quality":
         found = within_budget(costs, losses, target)
     else:
         found = within_loss(costs, losses, target)
