@@ -42,7 +42,7 @@ from lrqgraph.progress import progress
 
 from .factorize import factorize_weight
 from .latency_budget import screen
-from .lower import FOLD, widened
+from .lower import FOLD, LEVEL_TABLE_BITS, widened
 from .tolerance import LayerTolerance, allocation_scales, spearman, stored_layout
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ WIDEN_BYTES, WIDEN_TABLE_BYTES = 1280, 4096
 # ... and for a weight rebuilt when the session loads (lower.FOLD): about 10 nodes and 200 bytes of
 # shapes a factor; the ops that make its table of levels once per code width (Emitter.level_table,
 # about 1.5 KB; other widths' integer constants under 512 bytes)
-FOLD_BYTES = 2560
-LEVEL_TABLE_BYTES = {2: 1536, 4: 1536, 8: 1536}
+FOLD_BYTES, LEVEL_TABLE_BYTES, UNPACK_BYTES = 2560, 1536, 512
 
 
 def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
@@ -75,9 +74,9 @@ def rewrite_overhead(config, tols: list[LayerTolerance]) -> int:
     big = sum(1 for t in tols if max((c.bits for c in t.candidates if c.rep is not None), default=0) / 8 >= ALIGN_FROM)
     metadata = len(json.dumps(describe_config(config), sort_keys=True, default=str)) + 1024
     factors = [(c, q) for t in tols for c in t.candidates if c.rep is not None for chain in c.rep.chains for q in chain]
-    widen = {q.bits for c, q in factors if widened(q) and config.lowering == "ort" and c.lowering != FOLD}
+    widen = any(widened(q) and config.lowering == "ort" and c.lowering != FOLD for c, q in factors)
     fold = {q.bits for c, q in factors if c.lowering == FOLD}
-    tables = (WIDEN_TABLE_BYTES if widen else 0) + sum(LEVEL_TABLE_BYTES.get(b, 512) for b in fold)
+    tables = WIDEN_TABLE_BYTES * widen + sum(LEVEL_TABLE_BYTES if b in LEVEL_TABLE_BITS else UNPACK_BYTES for b in fold)
     return NODE_BYTES * len(tols) + 2 * ALIGN * big + metadata + tables
 
 

@@ -321,7 +321,7 @@ class Emitter:
         codes = q.padded_codes()
         shape = lambda *dims: self.array(f"{name}.shape", np.array(dims, np.int64))  # noqa: E731
         center = 0 if q.zero_points is not None else 1 << (q.bits - 1)
-        if q.bits in (2, 4, 8):
+        if q.bits in LEVEL_TABLE_BITS:
             stored = self.array(f"{name}.q{q.bits}", pack_bits(codes.reshape(1, -1), q.bits)[0])
             self._folded.append(stored)  # counted as stored; the float weight exists only in the session
             w = self.node("Gather", "fold", [self.level_table(q.bits, center), self.cast(stored, np.int32, "fold")],
@@ -505,6 +505,7 @@ rule(("chains",), ("lrq",))(_chains(_lrq_matmul))
 
 
 FOLD = FOLDED  # a per-layer lowering (LayerPlan.lowering), never a model's: see _fold
+LEVEL_TABLE_BITS = (2, 4, 8)  # code widths a folded weight reads through a table of levels per byte
 
 
 @rule(("dense", "lowrank", "dense+lowrank", "chains"), (FOLD,), rotates=True)
